@@ -1,0 +1,54 @@
+"""Small file helpers shared by the whole project."""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections import OrderedDict
+from pathlib import Path
+from typing import Any
+
+import torch
+
+
+class ConfigError(ValueError):
+    """A user-facing error about a config, a file or a value; printed as one line."""
+
+
+def read_json(path: str | Path) -> OrderedDict:
+    """Read a JSON file, keeping key order; errors name the file."""
+    path = Path(path)
+    try:
+        with path.open("rt") as handle:
+            return json.load(handle, object_hook=OrderedDict)
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: file not found") from None
+    except json.JSONDecodeError as err:
+        raise ConfigError(f"{path}: invalid JSON at line {err.lineno} column {err.colno}: {err.msg}") from None
+
+
+def _atomic_write(path: Path, write) -> None:
+    """Write through a temporary file in the same folder, then rename over ``path``."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            write(handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def write_json(content: Any, path: str | Path) -> None:
+    """Write JSON atomically (indent 4, key order kept)."""
+    data = json.dumps(content, indent=4, sort_keys=False).encode() + b"\n"
+    _atomic_write(Path(path), lambda handle: handle.write(data))
+
+
+def atomic_torch_save(obj: Any, path: str | Path) -> None:
+    """``torch.save`` to a temp file, then rename: a crash never leaves a half-written file."""
+    _atomic_write(Path(path), lambda handle: torch.save(obj, handle))
