@@ -1,0 +1,42 @@
+"""Calibrated nearest-prototype inference (Apollonius calibration)."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def squared_distances(features: torch.Tensor, prototypes: torch.Tensor) -> torch.Tensor:
+    """Squared L2 distances N x K x H x W between pixel features N x C x H x W and prototypes K x C."""
+    features = features.float()
+    prototypes = prototypes.float()
+    cross = torch.einsum("nchw,kc->nkhw", features, prototypes)
+    return (features.pow(2).sum(1, keepdim=True) - 2 * cross
+            + prototypes.pow(2).sum(1)[None, :, None, None])
+
+
+def calibrated_nearest_prototype(features: torch.Tensor, prototypes: torch.Tensor, unseen_mask: torch.Tensor,
+                                 sigma: float | torch.Tensor, size: tuple[int, int] | None = None) -> torch.Tensor:
+    """Class index per pixel by the nearest prototype, with Apollonius calibration.
+
+    Among each pixel's two nearest classes, the *squared* distances of unseen classes are
+    multiplied by ``sigma`` before choosing (official). ``features`` (N x C x h x w) are first
+    upsampled bilinearly (``align_corners=False``) to ``size`` when given. ``sigma`` may be a
+    float (returns N x H x W) or a 1-D tensor of S values (returns S x N x H x W), all from
+    one distance computation.
+    """
+    if size is not None and tuple(features.shape[-2:]) != tuple(size):
+        features = F.interpolate(features.float(), size=tuple(size), mode="bilinear", align_corners=False)
+    distances = squared_distances(features, prototypes)
+    unseen_mask = unseen_mask.to(device=distances.device, dtype=torch.bool)
+    sigmas = torch.as_tensor(sigma, dtype=distances.dtype, device=distances.device)
+    single = sigmas.dim() == 0
+    sigmas = sigmas.reshape(-1)
+    if distances.shape[1] < 2:
+        pred = distances.argmin(1)
+        return pred if single else pred.expand(len(sigmas), *pred.shape).clone()
+    values, indices = distances.topk(2, dim=1, largest=False)        # N x 2 x H x W
+    is_unseen = unseen_mask[indices]
+    scale = torch.where(is_unseen[None], sigmas[:, None, None, None, None], 1.0)  # S x N x 2 x H x W
+    choice = (values[None] * scale).argmin(2, keepdim=True)           # S x N x 1 x H x W
+    pred = indices[None].expand_as(scale).gather(2, choice)[:, :, 0]
+    return pred[0] if single else pred

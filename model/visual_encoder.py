@@ -1,0 +1,193 @@
+"""DeepLabV3+ visual encoder on torchvision's ResNet and ASPP, with the official JoEm names.
+
+Module names follow the official JoEm code (``backbone.*`` torchvision-style ResNet,
+``aspp.*`` torchvision ASPP, ``decoder.project / last_conv / pred_conv``), so an official
+ResNet-101 checkpoint loads with ``strict=True``.
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torchvision.models import resnet
+from torchvision.models.segmentation.deeplabv3 import ASPP
+
+from utils.util import ConfigError
+
+_RESNETS = {18: resnet.resnet18, 34: resnet.resnet34, 50: resnet.resnet50, 101: resnet.resnet101}
+# Official multi-grid unit of the last stage: dilations rate * (1, 2, 4).
+_MULTI_GRID = (1, 2, 4)
+logger = logging.getLogger(__name__)
+
+
+def _dilate_stage(stage: nn.Sequential, dilations: Sequence[int]) -> None:
+    """Remove the stage's stride and give block ``i`` the 3x3 dilation ``dilations[i]``.
+
+    torchvision's ``replace_stride_with_dilation`` gives the first block of a stage the
+    previous dilation and every later block the same one, and refuses BasicBlocks; the
+    official code uses per-block (multi-grid) dilations, so the convs are patched here.
+    """
+    for index, block in enumerate(stage):
+        rate = dilations[min(index, len(dilations) - 1)]
+        for conv in block.modules():
+            if isinstance(conv, nn.Conv2d):
+                if conv.stride != (1, 1):
+                    conv.stride = (1, 1)
+                if conv.kernel_size == (3, 3):
+                    conv.dilation = (rate, rate)
+                    conv.padding = (rate, rate)
+
+
+class Backbone(nn.Module):
+    """A torchvision ResNet trunk returning (low-level stride-4 feature, high-level feature)."""
+
+    def __init__(self, depth: int = 101, output_stride: int = 16):
+        super().__init__()
+        if depth not in _RESNETS:
+            raise ConfigError(f"model.args.backbone: unsupported ResNet depth {depth}; valid: {sorted(_RESNETS)}")
+        if output_stride not in (8, 16):
+            raise ConfigError(f"model.args.output_stride: must be 8 or 16, got {output_stride}")
+        net = _RESNETS[depth](weights=None)
+        for name in ("conv1", "bn1", "relu", "maxpool", "layer1", "layer2", "layer3", "layer4"):
+            setattr(self, name, getattr(net, name))
+        if output_stride == 16:
+            _dilate_stage(self.layer4, [2 * g for g in _MULTI_GRID])
+        else:
+            _dilate_stage(self.layer3, [2])
+            _dilate_stage(self.layer4, [4 * g for g in _MULTI_GRID])
+        self.out_channels = 2048 if depth >= 50 else 512
+        self.low_level_channels = 256 if depth >= 50 else 64
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
+        low = self.layer1(x)
+        return low, self.layer4(self.layer3(self.layer2(low)))
+
+
+class _PoolingNoBN(nn.Sequential):
+    """ASPP image-pool branch without BN (``global_avg_pool_bn: false``)."""
+
+    def __init__(self, in_channels: int, out_channels: int):
+        super().__init__(nn.AdaptiveAvgPool2d(1), nn.Conv2d(in_channels, out_channels, 1, bias=False), nn.ReLU())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        size = x.shape[-2:]
+        return F.interpolate(super().forward(x), size=size, mode="bilinear", align_corners=True)
+
+
+class Decoder(nn.Module):
+    """DeepLabV3+ decoder: 48-channel low-level projection, two 3x3 blocks, 1x1 classifier."""
+
+    def __init__(self, low_level_channels: int, num_classes: int, aspp_channels: int = 256,
+                 feature_dim: int = 256):
+        super().__init__()
+        self.project = nn.Sequential(nn.Conv2d(low_level_channels, 48, 1, bias=False),
+                                     nn.BatchNorm2d(48), nn.ReLU(inplace=True))
+        self.last_conv = nn.Sequential(
+            nn.Conv2d(aspp_channels + 48, feature_dim, 3, padding=1, bias=False),
+            nn.BatchNorm2d(feature_dim), nn.ReLU(inplace=True), nn.Dropout(0.5),
+            nn.Conv2d(feature_dim, feature_dim, 3, padding=1, bias=False),
+            nn.BatchNorm2d(feature_dim), nn.ReLU(inplace=True), nn.Dropout(0.1))
+        self.pred_conv = nn.Conv2d(feature_dim, num_classes, 1)
+
+    def forward(self, high: torch.Tensor, low: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        low = self.project(low)
+        high = F.interpolate(high, size=low.shape[-2:], mode="bilinear", align_corners=True)
+        feature = self.last_conv(torch.cat([high, low], dim=1))
+        return self.pred_conv(feature), feature
+
+
+class DeepLabV3Plus(nn.Module):
+    """DeepLabV3+ visual encoder: ``forward(images) -> (logits at input size, features at stride 4)``.
+
+    Args:
+        num_classes: classes of the 1x1 classifier (seen + unseen; used only by the CE loss).
+        backbone: ResNet depth (18, 34, 50 or 101).
+        output_stride: 16 (ASPP rates 6/12/18) or 8 (12/24/36).
+        freeze_backbone_bn: keep backbone BN layers in eval mode (statistics frozen) in training.
+        global_avg_pool_bn: BN in the ASPP image-pool branch (official: true).
+        pretrained_backbone: path to a torchvision-named ImageNet ResNet state_dict, or None.
+        feature_dim: channels of the returned feature map (the joint embedding space).
+    """
+
+    def __init__(self, num_classes: int, backbone: int = 101, output_stride: int = 16,
+                 freeze_backbone_bn: bool = True, global_avg_pool_bn: bool = True,
+                 pretrained_backbone: str | None = None, feature_dim: int = 256):
+        super().__init__()
+        self.freeze_backbone_bn = freeze_backbone_bn
+        self.backbone = Backbone(backbone, output_stride)
+        rates = [6, 12, 18] if output_stride == 16 else [12, 24, 36]
+        self.aspp = ASPP(self.backbone.out_channels, rates, out_channels=256)
+        if not global_avg_pool_bn:
+            self.aspp.convs[4] = _PoolingNoBN(self.backbone.out_channels, 256)
+        self.decoder = Decoder(self.backbone.low_level_channels, num_classes, 256, feature_dim)
+        self._init_head()
+        if pretrained_backbone:
+            self.load_pretrained_backbone(pretrained_backbone)
+
+    def _init_head(self) -> None:
+        """Official initialisation of the new layers: Kaiming-normal convs, BN weight 1 / bias 0."""
+        for module in self.head_modules():
+            for m in module.modules():
+                if isinstance(m, nn.Conv2d):
+                    nn.init.kaiming_normal_(m.weight)
+                elif isinstance(m, nn.BatchNorm2d):
+                    nn.init.ones_(m.weight)
+                    nn.init.zeros_(m.bias)
+
+    def load_pretrained_backbone(self, path: str | Path) -> None:
+        """Load a torchvision-named ImageNet ResNet state_dict into the backbone (fc.* ignored)."""
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"model.args.pretrained_backbone: file not found: {path}")
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as err:  # noqa: BLE001
+            raise ConfigError(f"model.args.pretrained_backbone: cannot read {path} ({type(err).__name__}: {err})") from None
+        if isinstance(state, dict) and "state_dict" in state:
+            state = state["state_dict"]
+        if not isinstance(state, dict):
+            raise ConfigError(f"model.args.pretrained_backbone: {path} does not hold a state_dict")
+        state = {k.removeprefix("module.").removeprefix("backbone."): v for k, v in state.items()}
+        state = {k: v for k, v in state.items() if not k.startswith("fc.")}
+        try:
+            result = self.backbone.load_state_dict(state, strict=False)
+        except RuntimeError as err:
+            raise ConfigError(f"model.args.pretrained_backbone: {path} does not match the backbone: "
+                              f"{str(err).splitlines()[1].strip() if len(str(err).splitlines()) > 1 else err}") from None
+        logger.info("pretrained backbone %s: %d tensors loaded; missing keys: %s; unexpected keys: %s",
+                    path, len(state) - len(result.unexpected_keys), result.missing_keys or "none",
+                    result.unexpected_keys or "none")
+
+    def head_modules(self) -> list[nn.Module]:
+        """ASPP and decoder: the modules trained at the 10x learning rate."""
+        return [self.aspp, self.decoder]
+
+    def backbone_parameters(self) -> Iterator[nn.Parameter]:
+        return (p for p in self.backbone.parameters() if p.requires_grad)
+
+    def head_parameters(self) -> Iterator[nn.Parameter]:
+        return (p for m in self.head_modules() for p in m.parameters() if p.requires_grad)
+
+    def param_groups(self, lr: float, head_lr_mult: float = 10.0) -> list[dict]:
+        """Optimizer groups: backbone at ``lr``, ASPP + decoder at ``lr * head_lr_mult``."""
+        return [{"params": list(self.backbone_parameters()), "lr": lr, "name": "backbone"},
+                {"params": list(self.head_parameters()), "lr": lr * head_lr_mult, "name": "head"}]
+
+    def train(self, mode: bool = True) -> "DeepLabV3Plus":
+        super().train(mode)
+        if mode and self.freeze_backbone_bn:
+            for m in self.backbone.modules():
+                if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                    m.eval()
+        return self
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        low, high = self.backbone(images)
+        logits, features = self.decoder(self.aspp(high), low)
+        logits = F.interpolate(logits, size=images.shape[-2:], mode="bilinear", align_corners=True)
+        return logits, features
