@@ -91,18 +91,18 @@ class ConfigParser:
         listing the valid names.
         """
         spec = self[name]
-        factory = _lookup(module, spec, name)
+        factory = lookup_type(module, spec, name)
         module_args = dict(spec.get("args", {}))
         overlap = set(kwargs) & set(module_args)
         if overlap:
             raise ConfigError(f"config key {name}.args: {sorted(overlap)} may not be set here (set by the program)")
         module_args.update(kwargs)
-        return factory(*args, **module_args)
+        return call_with_config_args(factory, name, *args, **module_args)
 
     def init_ftn(self, name: str, module: Any, *args, **kwargs) -> Callable:
         """Like :meth:`init_obj`, but returns a ``functools.partial`` instead of calling it."""
         spec = self[name]
-        factory = _lookup(module, spec, name)
+        factory = lookup_type(module, spec, name)
         module_args = dict(spec.get("args", {}))
         module_args.update(kwargs)
         return partial(factory, *args, **module_args)
@@ -147,7 +147,19 @@ def _dest(flags: list) -> str:
     return flags[0].lstrip("-").replace("-", "_")
 
 
-def _lookup(module: Any, spec: Any, name: str) -> Callable:
+def call_with_config_args(factory: Callable, name: str, *args, **kwargs) -> Any:
+    """Call ``factory``; an unknown keyword becomes a ConfigError naming ``name.args``."""
+    try:
+        return factory(*args, **kwargs)
+    except TypeError as err:
+        if "unexpected keyword argument" in str(err):
+            bad = str(err).split("unexpected keyword argument", 1)[1].strip()
+            raise ConfigError(f"config key {name}.args: unexpected argument {bad} for {factory.__name__}") from None
+        raise
+
+
+def lookup_type(module: Any, spec: Any, name: str) -> Callable:
+    """The class named by ``spec['type']`` in ``module`` (a module or a dict of classes)."""
     if not isinstance(spec, dict) or "type" not in spec:
         raise ConfigError(f"config key {name!r} must be an object with a 'type' (and optional 'args')")
     type_name = spec["type"]

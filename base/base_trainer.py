@@ -1,0 +1,87 @@
+"""pytorch-template's BaseTrainer: the epoch loop, monitoring, early stop and checkpoints."""
+from __future__ import annotations
+
+import logging
+import math
+from abc import abstractmethod
+from pathlib import Path
+
+from utils.util import ConfigError
+
+logger = logging.getLogger("joem")
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN or Inf."""
+
+
+class BaseTrainer:
+    """Runs ``_train_epoch`` for each epoch, tracks the monitored metric, saves checkpoints.
+
+    Subclasses implement ``_train_epoch(epoch) -> dict`` (with the monitored key when the
+    epoch was evaluated) and ``_save_checkpoint(path, epoch)``.
+    """
+
+    def __init__(self, trainer_cfg: dict, run_dir: Path, is_main: bool = True):
+        self.run_dir = Path(run_dir)
+        self.is_main = is_main
+        self.epochs = int(trainer_cfg["epochs"])
+        self.save_period = int(trainer_cfg.get("save_period", 1))
+        monitor = trainer_cfg.get("monitor", "off")
+        if monitor == "off":
+            self.mnt_mode, self.mnt_metric = "off", None
+        else:
+            parts = monitor.split()
+            if len(parts) != 2 or parts[0] not in ("min", "max"):
+                raise ConfigError(f"trainer.monitor: expected 'max <metric>', 'min <metric>' or 'off', got {monitor!r}")
+            self.mnt_mode, self.mnt_metric = parts
+        self.mnt_best = -math.inf if self.mnt_mode == "max" else math.inf
+        self.early_stop = int(trainer_cfg.get("early_stop", 0) or 0)
+        self.start_epoch = 1
+        self.epoch = 0
+        self.completed_epoch = 0
+        self.best_path: Path | None = None
+
+    @abstractmethod
+    def _train_epoch(self, epoch: int) -> dict:
+        raise NotImplementedError
+
+    @abstractmethod
+    def _save_checkpoint(self, path: Path, epoch: int) -> None:
+        raise NotImplementedError
+
+    def _improved(self, value: float) -> bool:
+        if value is None or math.isnan(value):
+            return False
+        return value > self.mnt_best if self.mnt_mode == "max" else value < self.mnt_best
+
+    def train(self) -> None:
+        """The full training loop. Ctrl-C saves ``checkpoint-interrupted.pth`` (resumable)."""
+        not_improved = 0
+        try:
+            for epoch in range(self.start_epoch, self.epochs + 1):
+                self.epoch = epoch
+                log = self._train_epoch(epoch)
+                self.completed_epoch = epoch
+                best = False
+                if self.mnt_mode != "off" and self.mnt_metric in log:
+                    if self._improved(log[self.mnt_metric]):
+                        self.mnt_best, not_improved, best = log[self.mnt_metric], 0, True
+                    else:
+                        not_improved += 1
+                if self.is_main and epoch % self.save_period == 0:
+                    self._save_checkpoint(self.run_dir / f"checkpoint-epoch{epoch}.pth", epoch)
+                if self.is_main and best:
+                    self.best_path = self.run_dir / "model_best.pth"
+                    self._save_checkpoint(self.best_path, epoch)
+                    logger.info("saved model_best.pth (%s = %.2f)", self.mnt_metric, self.mnt_best)
+                if self.early_stop and not_improved >= self.early_stop:
+                    logger.info("%s did not improve for %d evaluations: early stop", self.mnt_metric, not_improved)
+                    break
+        except KeyboardInterrupt:
+            if self.is_main:
+                path = self.run_dir / "checkpoint-interrupted.pth"
+                self._save_checkpoint(path, self.completed_epoch)
+                logger.warning("interrupted in epoch %d: saved %s (resume with -r; it restarts epoch %d)",
+                               self.epoch, path, self.completed_epoch + 1)
+            raise

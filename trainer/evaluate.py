@@ -1,0 +1,117 @@
+"""Evaluation: prototypes from the semantic encoder, calibrated nearest prototype, metrics."""
+from __future__ import annotations
+
+import contextlib
+import math
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import torch
+from tqdm import tqdm
+
+from model.inference import calibrated_nearest_prototype
+from model.metric import Evaluator
+from utils.distributed import all_reduce_sum
+from utils.logger import progress_enabled
+
+
+def autocast_context(device: torch.device, amp: str | bool | None):
+    """``torch.autocast`` for ``"bf16"``/``"fp16"`` on the device type, else a null context."""
+    dtype = amp_dtype(amp)
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def amp_dtype(amp: str | bool | None) -> torch.dtype | None:
+    if amp in (None, False, "false", "none", "fp32"):
+        return None
+    table = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16}
+    if amp not in table:
+        from utils.util import ConfigError
+        raise ConfigError(f"trainer.amp: unknown value {amp!r}; valid: \"bf16\", \"fp16\", false")
+    return table[amp]
+
+
+@dataclass
+class EvalResult:
+    """Confusion matrices for each sigma, plus a few samples for visualisation."""
+
+    sigmas: list[float]
+    evaluators: list[Evaluator]
+    samples: list[dict] = field(default_factory=list)
+
+
+@torch.inference_mode()
+def evaluate(model: torch.nn.Module, semantic_encoder: torch.nn.Module, loader, embeddings: torch.Tensor,
+             seen: Sequence[int], unseen: Sequence[int], sigmas: Sequence[float], *, device: torch.device,
+             amp: str | bool | None = None, channels_last: bool = False, keep_samples: int = 0,
+             desc: str = "eval") -> EvalResult:
+    """Run the visual encoder over ``loader`` and accumulate one confusion matrix per sigma.
+
+    Features and distances are computed once per batch; every sigma reuses them. In a
+    distributed run each process evaluates its own shard and the matrices are summed.
+    """
+    model.eval()
+    semantic_encoder.eval()
+    num_classes = embeddings.shape[0]
+    prototypes = semantic_encoder(embeddings.to(device)).float()
+    unseen_mask = torch.zeros(num_classes, dtype=torch.bool, device=device)
+    unseen_mask[list(unseen)] = True
+    sigma_tensor = torch.tensor(list(sigmas), dtype=torch.float32, device=device)
+    evaluators = [Evaluator(num_classes, seen, unseen, device=device) for _ in sigmas]
+    samples: list[dict] = []
+    for batch in tqdm(loader, desc=desc, leave=False, disable=not progress_enabled()):
+        images = batch["image"].to(device, non_blocking=True)
+        labels = batch["label"].to(device, non_blocking=True)
+        if channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        with autocast_context(device, amp):
+            features = model.features(images)
+        preds = calibrated_nearest_prototype(features.float(), prototypes, unseen_mask, sigma_tensor,
+                                             size=labels.shape[-2:])
+        for evaluator, pred in zip(evaluators, preds):
+            evaluator.add_batch(labels, pred)
+        if len(samples) < keep_samples:
+            for i in range(min(keep_samples - len(samples), images.shape[0])):
+                samples.append({"image": images[i].float().cpu(), "label": labels[i].cpu(),
+                                "pred": preds[:, i].cpu()})
+    for evaluator in evaluators:
+        all_reduce_sum(evaluator.confusion_matrix)
+    return EvalResult(list(map(float, sigmas)), evaluators, samples)
+
+
+def _pct(value: float) -> float | None:
+    return None if value is None or math.isnan(value) else round(100.0 * value, 4)
+
+
+def metrics_record(evaluator: Evaluator, class_names: Sequence[str], sigma: float) -> dict:
+    """Flat metric record in percent (NaN -> None), with per-class IoU by class name."""
+    record: dict = {"sigma": sigma}
+    for prefix, values in (("mIoU", evaluator.mean_iou()), ("pixel_acc", evaluator.pixel_accuracy()),
+                           ("class_acc", evaluator.pixel_accuracy_class())):
+        for group in ("seen", "unseen", "harmonic", "overall"):
+            record[f"{prefix}_{group}"] = _pct(values[group])
+    record["iou_by_class"] = {name: _pct(v) for name, v in zip(class_names, evaluator.mean_iou()["by_class"])}
+    return record
+
+
+def format_metrics_table(record: dict) -> str:
+    """Three-line summary: pixel acc, class acc and mIoU for seen / unseen / harmonic / overall."""
+    def fmt(v):
+        return "   n/a" if v is None else f"{v:6.2f}"
+    rows = [f"{'':10s} {'seen':>6s} {'unseen':>6s} {'harm.':>6s} {'all':>6s}"]
+    for label, prefix in (("pixel acc", "pixel_acc"), ("class acc", "class_acc"), ("mIoU", "mIoU")):
+        rows.append(f"{label:10s} " + " ".join(fmt(record[f'{prefix}_{g}'])
+                                              for g in ("seen", "unseen", "harmonic", "overall")))
+    return "\n".join(rows)
+
+
+def format_class_table(record: dict, unseen_names: Sequence[str]) -> str:
+    """Per-class IoU table, unseen classes marked with '*'."""
+    lines = ["class                    IoU"]
+    for name, value in record["iou_by_class"].items():
+        mark = "*" if name in unseen_names else " "
+        lines.append(f"{mark}{name:22s} {'n/a' if value is None else f'{value:6.2f}'}")
+    lines.append("(* = unseen class)")
+    return "\n".join(lines)

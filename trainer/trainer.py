@@ -1,0 +1,241 @@
+"""The one JoEm Trainer used for every dataset."""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import random
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+from torch.nn.parallel import DistributedDataParallel
+from tqdm import tqdm
+
+from base.base_trainer import BaseTrainer, TrainingDiverged
+from model.loss import joem_loss
+from trainer.evaluate import (amp_dtype, autocast_context, evaluate, format_class_table, format_metrics_table,
+                              metrics_record)
+from utils.checkpoint import architecture, save_checkpoint, set_rng_state
+from utils.distributed import DistContext, all_reduce_sum
+from utils.logger import progress_enabled
+from utils.visualization import colorize, denormalize
+
+logger = logging.getLogger("joem")
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2 ** 32)
+    torch.manual_seed(seed)
+
+
+def json_safe(value):
+    """Replace NaN/Inf floats with None so the JSON is valid."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    return value
+
+
+class Trainer(BaseTrainer):
+    """CE + BAR + alpha * SC training of both encoders, calibrated evaluation, checkpoints.
+
+    Args:
+        config: the ConfigParser; ctx: process/device; model / semantic_encoder: the encoders
+        (already on ``ctx.device``); split: the ClassSplit; embeddings: class embeddings
+        (num_classes x D); train_loader / val_loader; optimizer, optimizer_gen, scheduler
+        (+ its ``interval``); writer: a TensorBoard SummaryWriter or None.
+    """
+
+    def __init__(self, config, ctx: DistContext, model: nn.Module, semantic_encoder: nn.Module, split, embeddings,
+                 train_loader, val_loader, optimizer, optimizer_gen, scheduler, interval: str, writer=None):
+        super().__init__(config["trainer"], config.run_dir, ctx.is_main)
+        self.config, self.ctx, self.split = config, ctx, split
+        self.device = ctx.device
+        self.model, self.semantic_encoder = model, semantic_encoder
+        self.train_model = model
+        if ctx.distributed:
+            self.train_model = DistributedDataParallel(model, device_ids=[ctx.device.index]
+                                                       if ctx.device.type == "cuda" else None)
+        self.embeddings = embeddings.to(self.device)
+        self.seen_object = torch.tensor(split.seen_object, device=self.device)
+        self.train_loader, self.val_loader = train_loader, val_loader
+        self.optimizer, self.optimizer_gen = optimizer, optimizer_gen
+        self.scheduler, self.interval = scheduler, interval
+        self.writer = writer
+        trainer_cfg, loss_cfg = config["trainer"], config["loss"]
+        self.amp = trainer_cfg.get("amp", False)
+        self.channels_last = bool(trainer_cfg.get("channels_last", False))
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=amp_dtype(self.amp) == torch.float16)
+        self.val_period = int(trainer_cfg.get("val_period", 1))
+        self.vis_images = int(trainer_cfg.get("tensorboard_images", 4))
+        self.log_step = int(trainer_cfg.get("log_step", 50))
+        self.seed = int(config.get("seed", 0))
+        self.loss_args = {"ratio": float(loss_cfg["ratio"]), "temperature": float(loss_cfg["temperature"]),
+                          "alpha": float(loss_cfg["alpha"]),
+                          "sc_divide_by_num_classes": bool(loss_cfg.get("sc_divide_by_num_classes", False))}
+        self.bar_weight = float(loss_cfg.get("bar_weight", 1.0))
+        self.ce_weight = float(loss_cfg.get("ce_weight", 1.0))
+        # Ablation switch: BAR trains only the semantic encoder (features detached).
+        self.bar_detach_features = bool(loss_cfg.get("bar_detach_features", False))
+        self.sigma = float(config["inference"]["sigma"])
+        # extra sigmas evaluated with every validation (one pass; recorded in metrics.jsonl)
+        self.sweep = [float(s) for s in config["inference"].get("sweep", []) if float(s) != self.sigma]
+        self.metrics_path = config.run_dir / "metrics.jsonl"
+        self.global_step = 0
+
+    # --- training ------------------------------------------------------------------
+    def _train_step(self, batch: dict) -> dict[str, torch.Tensor]:
+        images = batch["image"].to(self.device, non_blocking=True)
+        labels = batch["label"].to(self.device, non_blocking=True)
+        if self.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        with autocast_context(self.device, self.amp):
+            logits, features = self.train_model(images)
+        features = features.float()
+        losses = joem_loss(logits.float(), features.detach() if self.bar_detach_features else features, labels,
+                           self.embeddings, self.semantic_encoder, self.seen_object, **self.loss_args)
+        total = (self.ce_weight * losses["ce"] + self.bar_weight * losses["bar"]
+                 + self.loss_args["alpha"] * losses["sc"])
+        losses["total"] = total
+        if not torch.isfinite(total):
+            values = ", ".join(f"{k}={float(v):.4g}" for k, v in losses.items())
+            raise TrainingDiverged(f"loss is not finite at epoch {self.epoch}, step {self.global_step} ({values}); "
+                                   f"training stopped, the last good checkpoint in {self.run_dir} is kept")
+        self.optimizer.zero_grad(set_to_none=True)
+        self.optimizer_gen.zero_grad(set_to_none=True)
+        self.scaler.scale(total).backward()
+        if self.ctx.distributed:  # the semantic encoder is not DDP-wrapped: average its gradients here
+            for param in self.semantic_encoder.parameters():
+                if param.grad is not None:
+                    all_reduce_sum(param.grad).div_(self.ctx.world_size)
+        self.scaler.step(self.optimizer)
+        self.scaler.step(self.optimizer_gen)
+        self.scaler.update()
+        if self.scheduler is not None and self.interval == "step":
+            self.scheduler.step()
+        return {k: v.detach() for k, v in losses.items()}
+
+    def _begin_epoch(self, epoch: int) -> None:
+        """Per-epoch seeding: the same epoch sees the same data order, augmentation and dropout
+        whether the run was resumed or not."""
+        seed_everything(self.seed * 100003 + epoch * 1009 + self.ctx.rank)
+        sampler = getattr(self.train_loader, "sampler", None)
+        if hasattr(sampler, "set_epoch"):
+            sampler.set_epoch(epoch)
+        generator = getattr(self.train_loader, "generator", None)
+        if generator is not None:
+            generator.manual_seed(self.seed * 100003 + epoch)
+
+    def _train_epoch(self, epoch: int) -> dict:
+        self._begin_epoch(epoch)
+        self.model.train()
+        self.semantic_encoder.train()
+        sums: dict[str, torch.Tensor] = {}
+        steps = 0
+        start = time.perf_counter()
+        bar = tqdm(self.train_loader, desc=f"epoch {epoch}/{self.epochs}", leave=False,
+                   disable=not (self.is_main and progress_enabled()))
+        for batch in bar:
+            losses = self._train_step(batch)
+            steps += 1
+            self.global_step += 1
+            for key, value in losses.items():
+                sums[key] = sums.get(key, 0.0) + value
+            if self.writer is not None and self.global_step % self.log_step == 0:
+                for key, value in losses.items():
+                    self.writer.add_scalar(f"train/loss_{key}", float(value), self.global_step)
+            if steps % 10 == 0:
+                bar.set_postfix(loss=f"{float(losses['total']):.3f}")
+        if steps == 0:
+            raise TrainingDiverged("the training loader yielded no batch: the training set is smaller than "
+                                   "one batch (lower data_loader.batch_size or check the split)")
+        means = {f"loss_{k}": float(all_reduce_sum(v.clone()) / (steps * self.ctx.world_size))
+                 for k, v in sums.items()}
+        lrs = self._learning_rates()
+        if self.scheduler is not None and self.interval == "epoch":
+            self.scheduler.step()
+        elapsed = time.perf_counter() - start
+        logger.info("epoch %d/%d  loss %.4f (ce %.4f, bar %.4f, sc %.4f)  lr %s  %.1fs (%.2f s/step)",
+                    epoch, self.epochs, means["loss_total"], means["loss_ce"], means["loss_bar"], means["loss_sc"],
+                    " ".join(f"{k}={v:.3g}" for k, v in lrs.items()), elapsed, elapsed / steps)
+        if self.writer is not None:
+            for key, value in {**means, **{f"lr_{k}": v for k, v in lrs.items()}}.items():
+                self.writer.add_scalar(f"epoch/{key}", value, epoch)
+        log = dict(means)
+        if self.val_loader is not None and (epoch % self.val_period == 0 or epoch == self.epochs):
+            log.update(self.validate(epoch, "val"))
+        return log
+
+    def _learning_rates(self) -> dict[str, float]:
+        rates = {group.get("name", str(i)): group["lr"] for i, group in enumerate(self.optimizer.param_groups)}
+        rates["semantic"] = self.optimizer_gen.param_groups[0]["lr"]
+        return rates
+
+    # --- evaluation -------------------------------------------------------------------
+    def validate(self, epoch: int, split_name: str, sigmas: list[float] | None = None) -> dict:
+        """Evaluate on the validation loader; log tables, TensorBoard and metrics.jsonl.
+        Returns the record at the configured sigma (percent values)."""
+        sigmas = sigmas or [self.sigma, *self.sweep]
+        result = evaluate(self.model, self.semantic_encoder, self.val_loader, self.embeddings, self.split.seen,
+                          self.split.unseen, sigmas, device=self.device, amp=self.amp,
+                          channels_last=self.channels_last,
+                          keep_samples=self.vis_images if self.writer is not None else 0, desc=split_name)
+        records = [metrics_record(ev, self.split.names, s) for ev, s in zip(result.evaluators, result.sigmas)]
+        main = records[0]
+        if self.is_main:
+            logger.info("%s (epoch %d, sigma %g):\n%s", split_name, epoch, main["sigma"], format_metrics_table(main))
+            logger.info("per-class IoU:\n%s", format_class_table(main, self.split.unseen_names))
+            with self.metrics_path.open("a") as handle:
+                for record in records:
+                    handle.write(json.dumps(json_safe({"epoch": epoch, "split": split_name, **record})) + "\n")
+            if self.writer is not None:
+                for key, value in main.items():
+                    if isinstance(value, float):
+                        self.writer.add_scalar(f"{split_name}/{key}", value, epoch)
+                self._log_images(result.samples, split_name, epoch)
+        self.model.train()
+        self.semantic_encoder.train()
+        return {k: v for k, v in main.items() if isinstance(v, float) or v is None}
+
+    def _log_images(self, samples: list[dict], tag: str, epoch: int) -> None:
+        for index, sample in enumerate(samples):
+            panel = torch.cat([denormalize(sample["image"]), colorize(sample["label"]),
+                               colorize(sample["pred"][0])], dim=2)
+            self.writer.add_image(f"{tag}/image_truth_prediction_{index}", panel, epoch)
+
+    # --- checkpoints ------------------------------------------------------------------
+    def checkpoint_content(self, epoch: int) -> dict:
+        return {"epoch": epoch, "visual_encoder": self.model.state_dict(),
+                "semantic_encoder": self.semantic_encoder.state_dict(),
+                "optimizer": self.optimizer.state_dict(), "optimizer_gen": self.optimizer_gen.state_dict(),
+                "lr_scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
+                "scaler": self.scaler.state_dict(), "monitor_best": self.mnt_best, "global_step": self.global_step,
+                "config": json.loads(json.dumps(self.config.config)), "class_split": self.split.to_dict(),
+                "architecture": architecture(self.config.config)}
+
+    def _save_checkpoint(self, path: Path, epoch: int) -> None:
+        save_checkpoint(path, **self.checkpoint_content(epoch))
+        logger.debug("saved %s", path)
+
+    def resume(self, checkpoint: dict) -> None:
+        """Continue from a full training checkpoint (already validated and loaded weights)."""
+        self.optimizer.load_state_dict(checkpoint["optimizer"])
+        self.optimizer_gen.load_state_dict(checkpoint["optimizer_gen"])
+        if self.scheduler is not None and checkpoint.get("lr_scheduler") is not None:
+            self.scheduler.load_state_dict(checkpoint["lr_scheduler"])
+        if checkpoint.get("scaler"):
+            self.scaler.load_state_dict(checkpoint["scaler"])
+        self.start_epoch = int(checkpoint["epoch"]) + 1
+        self.completed_epoch = int(checkpoint["epoch"])
+        self.mnt_best = float(checkpoint.get("monitor_best", self.mnt_best))
+        self.global_step = int(checkpoint.get("global_step", 0))
+        if "rng" in checkpoint:
+            set_rng_state(checkpoint["rng"])
+        logger.info("resumed from epoch %d (best %s = %s)", checkpoint["epoch"], self.mnt_metric, self.mnt_best)

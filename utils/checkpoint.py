@@ -1,0 +1,113 @@
+"""Checkpoint files: one file with both encoders, optimizers, schedule, split and config.
+
+Written atomically; read with ``torch.load(..., weights_only=True)``; every failure is a
+one-line :class:`ConfigError` naming the file.
+"""
+from __future__ import annotations
+
+import pickle
+import random
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from utils.util import ConfigError, atomic_torch_save
+
+FORMAT = "joem-checkpoint"
+VERSION = 1
+# Model options that change the architecture (and so the state_dict); others may differ.
+_ARCH_KEYS = {"model": ("type", "backbone", "output_stride", "global_avg_pool_bn", "feature_dim"),
+              "semantic_encoder": ("type", "hidden_size")}
+
+
+def rng_state() -> dict:
+    """Python, numpy, torch (and CUDA) RNG states in weights_only-loadable types."""
+    np_state = np.random.get_state()
+    state = {"python": random.getstate(), "torch": torch.get_rng_state(),
+             "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *map(_plain, np_state[2:])]}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _plain(value):
+    return value.item() if hasattr(value, "item") else value
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(_tuples(state["python"]))
+    torch.set_rng_state(state["torch"])
+    name, keys, *rest = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), *rest))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _tuples(value):
+    return tuple(_tuples(v) for v in value) if isinstance(value, (list, tuple)) else value
+
+
+def architecture(config: dict) -> dict:
+    """The config entries that determine the checkpoint's tensor shapes."""
+    arch = {}
+    for section, keys in _ARCH_KEYS.items():
+        spec = config.get(section, {})
+        merged = {"type": spec.get("type"), **spec.get("args", {})}
+        arch[section] = {k: merged.get(k) for k in keys if k in merged}
+    return arch
+
+
+def save_checkpoint(path: str | Path, **content: Any) -> None:
+    """Atomically write a checkpoint dict (plus format tag and RNG states)."""
+    atomic_torch_save({"format": FORMAT, "version": VERSION, "rng": rng_state(), **content}, path)
+
+
+def load_checkpoint(path: str | Path) -> dict:
+    """Read a checkpoint safely (weights only); clear errors for missing, truncated or foreign files."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: checkpoint not found")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ConfigError(f"{path}: refused: not a weights-only checkpoint ({first[:200]})") from None
+    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as err:
+        raise ConfigError(f"{path}: corrupted or truncated checkpoint ({type(err).__name__}: "
+                          f"{str(err).splitlines()[0][:200] if str(err) else ''})") from None
+    if not isinstance(checkpoint, dict):
+        raise ConfigError(f"{path}: not a checkpoint (holds a {type(checkpoint).__name__})")
+    return checkpoint
+
+
+def check_compatible(checkpoint: dict, path: str | Path, config: dict, split_dict: dict) -> None:
+    """Refuse a checkpoint whose class list, unseen split or architecture differs from the config."""
+    if checkpoint.get("format") != FORMAT:
+        raise ConfigError(f"{path}: not a checkpoint of this project (no '{FORMAT}' tag)")
+    saved_split = checkpoint.get("class_split", {})
+    if list(saved_split.get("names", [])) != list(split_dict["names"]):
+        raise ConfigError(f"{path}: class list differs from the config's "
+                          f"({len(saved_split.get('names', []))} vs {len(split_dict['names'])} classes)")
+    if list(saved_split.get("unseen", [])) != list(split_dict["unseen"]):
+        names = split_dict["names"]
+        saved = [names[i] for i in saved_split.get("unseen", [])]
+        wanted = [names[i] for i in split_dict["unseen"]]
+        raise ConfigError(f"{path}: trained with unseen classes {saved}, but the config's split is {wanted}")
+    saved_arch, wanted_arch = checkpoint.get("architecture", {}), architecture(config)
+    for section, spec in wanted_arch.items():
+        for key, value in spec.items():
+            if key in saved_arch.get(section, {}) and saved_arch[section][key] != value:
+                raise ConfigError(f"{path}: architecture differs: {section}.{key} is {saved_arch[section][key]!r} "
+                                  f"in the checkpoint, {value!r} in the config")
+
+
+def load_state(module: torch.nn.Module, state: dict, path: str | Path, what: str) -> None:
+    """``load_state_dict(strict=True)`` with a one-line error naming the file."""
+    try:
+        module.load_state_dict(state, strict=True)
+    except RuntimeError as err:
+        lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+        raise ConfigError(f"{path}: {what} weights do not fit the model: {' '.join(lines[1:3])[:300]}") from None

@@ -1,0 +1,101 @@
+"""Device selection and DistributedDataParallel set-up (self-launched or under torchrun)."""
+from __future__ import annotations
+
+import os
+import socket
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from utils.util import ConfigError
+
+
+@dataclass
+class DistContext:
+    """Where this process runs: rank, world size and its device."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def parse_devices(spec: str | None) -> list[int] | None:
+    """``"0,1,2"`` -> ``[0, 1, 2]``; ``"cpu"`` or no GPU -> ``None`` (CPU)."""
+    if spec is None:
+        return [0] if torch.cuda.is_available() else None
+    spec = str(spec).strip().lower()
+    if spec in ("cpu", ""):
+        return None
+    try:
+        ids = [int(part) for part in spec.split(",") if part.strip()]
+    except ValueError:
+        raise ConfigError(f"-d/--device: expected GPU ids like 0,1,2 or 'cpu', got {spec!r}") from None
+    if not torch.cuda.is_available():
+        raise ConfigError(f"-d/--device {spec}: no CUDA GPU is available here; use -d cpu")
+    if len(set(ids)) != len(ids) or any(i < 0 or i >= torch.cuda.device_count() for i in ids):
+        raise ConfigError(f"-d/--device {spec}: invalid GPU ids; this machine has {torch.cuda.device_count()} GPU(s)")
+    return ids
+
+
+def launched_by_torchrun() -> bool:
+    return "RANK" in os.environ and "WORLD_SIZE" in os.environ and "LOCAL_RANK" in os.environ
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def init_process(devices: list[int] | None, rank: int | None = None, world_size: int | None = None) -> DistContext:
+    """Initialise this process: the process group when distributed, and its device.
+
+    Under torchrun the rank comes from the environment; a self-launched worker passes it.
+    On CPU the gloo backend is used, on GPU NCCL.
+    """
+    if launched_by_torchrun():
+        rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+        local_rank = int(os.environ["LOCAL_RANK"])
+    else:
+        rank, world_size = rank or 0, world_size or 1
+        local_rank = rank
+    if devices is not None:
+        gpu = devices[local_rank] if local_rank < len(devices) else local_rank
+        torch.cuda.set_device(gpu)
+        device = torch.device("cuda", gpu)
+    else:
+        device = torch.device("cpu")
+    if world_size > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=rank, world_size=world_size)
+    return DistContext(rank, world_size, local_rank, device)
+
+
+def cleanup() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
+    """Sum a tensor over processes in place (no-op when not distributed)."""
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    return tensor
+
+
+def broadcast_object(obj):
+    """Rank 0's Python object on every rank (identity when not distributed)."""
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        holder = [obj]
+        dist.broadcast_object_list(holder, src=0)
+        return holder[0]
+    return obj
