@@ -83,21 +83,25 @@ class Decoder(nn.Module):
     """DeepLabV3+ decoder: 48-channel low-level projection, two 3x3 blocks, 1x1 classifier."""
 
     def __init__(self, low_level_channels: int, num_classes: int, aspp_channels: int = 256,
-                 feature_dim: int = 256):
+                 feature_dim: int = 256, dropout: bool = True):
         super().__init__()
+        p1, p2 = (0.5, 0.1) if dropout else (0.0, 0.0)
         self.project = nn.Sequential(nn.Conv2d(low_level_channels, 48, 1, bias=False),
                                      nn.BatchNorm2d(48), nn.ReLU(inplace=True))
         self.last_conv = nn.Sequential(
             nn.Conv2d(aspp_channels + 48, feature_dim, 3, padding=1, bias=False),
-            nn.BatchNorm2d(feature_dim), nn.ReLU(inplace=True), nn.Dropout(0.5),
+            nn.BatchNorm2d(feature_dim), nn.ReLU(inplace=True), nn.Dropout(p1),
             nn.Conv2d(feature_dim, feature_dim, 3, padding=1, bias=False),
-            nn.BatchNorm2d(feature_dim), nn.ReLU(inplace=True), nn.Dropout(0.1))
+            nn.BatchNorm2d(feature_dim), nn.ReLU(inplace=True), nn.Dropout(p2))
         self.pred_conv = nn.Conv2d(feature_dim, num_classes, 1)
 
-    def forward(self, high: torch.Tensor, low: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def features(self, high: torch.Tensor, low: torch.Tensor) -> torch.Tensor:
         low = self.project(low)
         high = F.interpolate(high, size=low.shape[-2:], mode="bilinear", align_corners=True)
-        feature = self.last_conv(torch.cat([high, low], dim=1))
+        return self.last_conv(torch.cat([high, low], dim=1))
+
+    def forward(self, high: torch.Tensor, low: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        feature = self.features(high, low)
         return self.pred_conv(feature), feature
 
 
@@ -112,19 +116,26 @@ class DeepLabV3Plus(nn.Module):
         global_avg_pool_bn: BN in the ASPP image-pool branch (official: true).
         pretrained_backbone: path to a torchvision-named ImageNet ResNet state_dict, or None.
         feature_dim: channels of the returned feature map (the joint embedding space).
+        freeze_bn: keep *every* BN layer in eval mode (the official DeepLab ``freeze_bn``).
+        dropout: the official dropouts (0.5 after ASPP, 0.5 and 0.1 in the decoder); false
+            turns them off (deterministic training, e.g. for distributed-equivalence checks).
     """
 
     def __init__(self, num_classes: int, backbone: int = 101, output_stride: int = 16,
                  freeze_backbone_bn: bool = True, global_avg_pool_bn: bool = True,
-                 pretrained_backbone: str | None = None, feature_dim: int = 256):
+                 pretrained_backbone: str | None = None, feature_dim: int = 256, freeze_bn: bool = False,
+                 dropout: bool = True):
         super().__init__()
         self.freeze_backbone_bn = freeze_backbone_bn
+        self.freeze_bn = freeze_bn
         self.backbone = Backbone(backbone, output_stride)
         rates = [6, 12, 18] if output_stride == 16 else [12, 24, 36]
         self.aspp = ASPP(self.backbone.out_channels, rates, out_channels=256)
         if not global_avg_pool_bn:
             self.aspp.convs[4] = _PoolingNoBN(self.backbone.out_channels, 256)
-        self.decoder = Decoder(self.backbone.low_level_channels, num_classes, 256, feature_dim)
+        if not dropout:
+            self.aspp.project[3].p = 0.0
+        self.decoder = Decoder(self.backbone.low_level_channels, num_classes, 256, feature_dim, dropout)
         self._init_head()
         if pretrained_backbone:
             self.load_pretrained_backbone(pretrained_backbone)
@@ -180,14 +191,20 @@ class DeepLabV3Plus(nn.Module):
 
     def train(self, mode: bool = True) -> "DeepLabV3Plus":
         super().train(mode)
-        if mode and self.freeze_backbone_bn:
-            for m in self.backbone.modules():
+        if mode and (self.freeze_backbone_bn or self.freeze_bn):
+            for m in (self if self.freeze_bn else self.backbone).modules():
                 if isinstance(m, nn.modules.batchnorm._BatchNorm):
                     m.eval()
         return self
 
+    def features(self, images: torch.Tensor) -> torch.Tensor:
+        """Only the 256-d stride-4 feature map (what inference needs; skips the classifier)."""
+        low, high = self.backbone(images)
+        return self.decoder.features(self.aspp(high), low)
+
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         low, high = self.backbone(images)
-        logits, features = self.decoder(self.aspp(high), low)
+        features = self.decoder.features(self.aspp(high), low)
+        logits = self.decoder.pred_conv(features)
         logits = F.interpolate(logits, size=images.shape[-2:], mode="bilinear", align_corners=True)
         return logits, features

@@ -116,7 +116,8 @@ def run(config: ConfigParser, ctx: DistContext, test_only: bool = False) -> dict
         return record
 
     train_loader = build_dataloader(bundle.train_set, batch_size=batch_size // ctx.world_size, train=True,
-                                    distributed=ctx.distributed, seed=seed, **loader_args)
+                                    distributed=ctx.distributed, seed=seed,
+                                    shuffle=bool(config["data_loader"].get("shuffle", True)), **loader_args)
     optimizer, optimizer_gen = build_optimizers(config, model, semantic_encoder)
     scheduler, interval = build_scheduler(config, optimizer, len(train_loader))
     trainer = Trainer(config, ctx, model, semantic_encoder, split, bundle.embeddings, train_loader, val_loader,

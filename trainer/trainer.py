@@ -218,18 +218,33 @@ class Trainer(BaseTrainer):
                 "lr_scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
                 "scaler": self.scaler.state_dict(), "monitor_best": self.mnt_best, "global_step": self.global_step,
                 "config": json.loads(json.dumps(self.config.config)), "class_split": self.split.to_dict(),
+                "embeddings": self.embeddings.detach().cpu(),
                 "architecture": architecture(self.config.config)}
 
     def _save_checkpoint(self, path: Path, epoch: int) -> None:
         save_checkpoint(path, **self.checkpoint_content(epoch))
         logger.debug("saved %s", path)
 
+    def _rebase_schedule(self, total_iters: int) -> None:
+        """The run's length changed on resume (e.g. ``--epochs``): recompute the poly LR in
+        closed form for the new length at the current position."""
+        scheduler = self.scheduler
+        logger.info("schedule length changed from %d to %d: poly LR recomputed", scheduler.total_iters, total_iters)
+        scheduler.total_iters = total_iters
+        factor = (1.0 - min(scheduler.last_epoch, total_iters) / total_iters) ** scheduler.power
+        for group, base in zip(self.optimizer.param_groups, scheduler.base_lrs):
+            group["lr"] = base * factor
+        scheduler._last_lr = [group["lr"] for group in self.optimizer.param_groups]
+
     def resume(self, checkpoint: dict) -> None:
         """Continue from a full training checkpoint (already validated and loaded weights)."""
         self.optimizer.load_state_dict(checkpoint["optimizer"])
         self.optimizer_gen.load_state_dict(checkpoint["optimizer_gen"])
         if self.scheduler is not None and checkpoint.get("lr_scheduler") is not None:
+            expected_total = self.scheduler.total_iters
             self.scheduler.load_state_dict(checkpoint["lr_scheduler"])
+            if self.scheduler.total_iters != expected_total:
+                self._rebase_schedule(expected_total)
         if checkpoint.get("scaler"):
             self.scaler.load_state_dict(checkpoint["scaler"])
         self.start_epoch = int(checkpoint["epoch"]) + 1

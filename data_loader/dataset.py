@@ -1,0 +1,201 @@
+"""The segmentation dataset: reads an image and its label, checks them, remaps and transforms.
+
+Label values are checked on every read: a value that is neither a class index of the
+label file's class list nor 255 is a :class:`DataError` naming the file, as is a missing
+or unreadable file and an image/label size mismatch. With ``skip_bad_samples`` the
+sample is logged and the next one is returned instead.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+from torch.utils.data import Dataset
+
+from data_loader.classes import canonical_name, class_index
+from data_loader.transforms import IGNORE_INDEX, apply
+from utils.util import ConfigError
+
+log = logging.getLogger(__name__)
+
+
+class DataError(ConfigError):
+    """A bad data file (missing, unreadable, bad label values, size mismatch); names the file."""
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One image and where its label is: a PNG path, or a key into a label dictionary."""
+
+    name: str
+    image: Path
+    label: Path | str
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {text[0]}" if text else type(err).__name__
+
+
+def read_image(path: Path) -> torch.Tensor:
+    """Decode an RGB image file to a uint8 tensor 3xHxW; DataError naming the file on failure."""
+    if not path.is_file():
+        raise DataError(f"{path}: image file not found")
+    try:
+        with Image.open(path) as img:
+            array = np.array(img if img.mode == "RGB" else img.convert("RGB"))
+    except (OSError, UnidentifiedImageError, ValueError) as err:
+        raise DataError(f"{path}: cannot read image ({_first_line(err)})") from None
+    return torch.from_numpy(array).permute(2, 0, 1)
+
+
+def read_png_label(path: Path) -> np.ndarray:
+    """Read a single-channel class-index PNG (grayscale or palette) as an integer array."""
+    if not path.is_file():
+        raise DataError(f"{path}: label file not found")
+    try:
+        with Image.open(path) as img:
+            if img.mode not in ("L", "P", "I", "I;16"):
+                raise DataError(f"{path}: label must be a single-channel class-index PNG (grayscale or "
+                                f"palette), got mode {img.mode}")
+            return np.asarray(img)
+    except DataError:
+        raise
+    except (OSError, UnidentifiedImageError, ValueError) as err:
+        raise DataError(f"{path}: cannot read label ({_first_line(err)})") from None
+
+
+class LabelFiles:
+    """Labels stored as one PNG per image (``Sample.label`` is the path)."""
+
+    def read(self, sample: Sample) -> np.ndarray:
+        return read_png_label(Path(sample.label))
+
+    def describe(self, sample: Sample) -> str:
+        return str(sample.label)
+
+    def missing(self, sample: Sample) -> str | None:
+        """An error line when the label file does not exist, else None."""
+        return None if Path(sample.label).is_file() else f"{sample.label}: label file not found"
+
+
+class LabelDict:
+    """Labels stored in one dictionary file, file stem -> HxW label (``Sample.label`` is the key)."""
+
+    def __init__(self, path: Path, labels: Mapping[str, Any]):
+        self.path = Path(path)
+        self.labels = labels
+
+    def read(self, sample: Sample) -> np.ndarray:
+        error = self.missing(sample)
+        if error:
+            raise DataError(error)
+        label = self.labels[sample.label]
+        array = label.numpy() if isinstance(label, torch.Tensor) else np.asarray(label)
+        if array.ndim != 2:
+            raise DataError(f"{self.describe(sample)}: label must be 2-D, got shape {tuple(array.shape)}")
+        return array
+
+    def describe(self, sample: Sample) -> str:
+        return f"{self.path}[{sample.label!r}]"
+
+    def missing(self, sample: Sample) -> str | None:
+        """An error line when the dictionary has no label for the sample, else None."""
+        return None if sample.label in self.labels else f"{self.describe(sample)}: no label for this image"
+
+
+def remap_table(label_names: Sequence[str], target_names: Sequence[str], where: str) -> np.ndarray:
+    """Lookup table raw value -> class index in ``target_names`` (matched by name), 255 -> 255,
+    anything else -> -1 (invalid). Every label class must exist in the target list."""
+    table = np.full(256, -1, dtype=np.int16)
+    target = class_index(target_names)
+    for raw, name in enumerate(label_names):
+        if canonical_name(name) not in target:
+            raise ConfigError(f"{where}: label class {name!r} is not in the class list "
+                              f"({', '.join(target_names)})")
+        table[raw] = target[canonical_name(name)]
+    table[IGNORE_INDEX] = IGNORE_INDEX
+    return table
+
+
+def ignore_table(ignored: Sequence[int]) -> np.ndarray:
+    """Lookup table class index -> itself, or 255 for the ``ignored`` classes."""
+    table = np.arange(256, dtype=np.uint8)
+    table[list(ignored)] = IGNORE_INDEX
+    return table
+
+
+class SegmentationDataset(Dataset):
+    """Items ``{"image": float32 3xHxW, "label": int64 HxW (255 = ignore), "name": str}``.
+
+    ``remap``: raw label value -> class index (see :func:`remap_table`); ``ignore``: class
+    index -> training target (see :func:`ignore_table`); ``transform``: a joint v2 transform.
+    """
+
+    def __init__(self, samples: Sequence[Sample], labels: LabelFiles | LabelDict, remap: np.ndarray,
+                 ignore: np.ndarray, transform: Callable, skip_bad_samples: bool = False):
+        self.samples = list(samples)
+        self.labels = labels
+        self.remap = remap
+        self.ignore = ignore
+        self.transform = transform
+        self.skip_bad_samples = skip_bad_samples
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def missing(self, index: int) -> str | None:
+        """An error line when the image or label of sample ``index`` does not exist, else None."""
+        sample = self.samples[index]
+        if not sample.image.is_file():
+            return f"{sample.image}: image file not found"
+        return self.labels.missing(sample)
+
+    def read_label(self, index: int) -> np.ndarray:
+        """The label of sample ``index`` as class indices (uint8, 255 = ignore), before ignoring."""
+        sample = self.samples[index]
+        raw = self.labels.read(sample)
+        if raw.dtype != np.uint8:
+            raw = raw.astype(np.int64)
+            if raw.size and (raw.min() < 0 or raw.max() > 255):
+                bad = np.unique(raw[(raw < 0) | (raw > 255)])[:5].tolist()
+                raise DataError(f"{self.labels.describe(sample)}: label values {bad} are neither class "
+                                f"indices nor {IGNORE_INDEX}")
+        mapped = self.remap[raw]
+        if (mapped < 0).any():
+            bad = np.unique(raw[mapped < 0])[:5].tolist()
+            valid = int((self.remap[:IGNORE_INDEX] >= 0).sum())
+            raise DataError(f"{self.labels.describe(sample)}: label values {bad} are neither class indices "
+                            f"0..{valid - 1} nor {IGNORE_INDEX}")
+        return mapped.astype(np.uint8)
+
+    def read(self, index: int) -> tuple[torch.Tensor, np.ndarray]:
+        """Checked uint8 image (3xHxW) and class-index label (HxW) of sample ``index``."""
+        sample = self.samples[index]
+        image = read_image(sample.image)
+        label = self.read_label(index)
+        if tuple(image.shape[1:]) != label.shape:
+            raise DataError(f"{self.labels.describe(sample)}: label size {label.shape[1]}x{label.shape[0]} "
+                            f"differs from image {sample.image} size {image.shape[2]}x{image.shape[1]}")
+        return image, label
+
+    def __getitem__(self, index: int) -> dict:
+        for attempt in range(len(self.samples)):
+            current = (index + attempt) % len(self.samples)
+            try:
+                image, label = self.read(current)
+                break
+            except DataError as err:
+                if not self.skip_bad_samples:
+                    raise
+                log.warning("skipping bad sample: %s", err)
+        else:
+            raise DataError("every sample of the dataset is bad (see the warnings above)")
+        target = torch.from_numpy(self.ignore[label])
+        image, target = apply(self.transform, image, target)
+        return {"image": image, "label": target, "name": self.samples[current].name}

@@ -1,0 +1,279 @@
+"""A procedural colour x texture segmentation benchmark where zero-shot transfer is learnable.
+
+Each object class is a (colour, texture) pair, e.g. "blue checker"; both attributes are
+local, so they are visible inside a pixel's receptive field. Class embeddings are
+``[one-hot colour | one-hot texture | background flag]`` through a fixed random orthogonal
+projection plus small noise, so an unseen class's embedding is the composition of
+attributes that seen classes carry. The generator is deterministic from its parameters
+and writes a VOC-layout tree (PNG images) with ``classes.txt`` and ``embeddings.npy``.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Callable, Iterator
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from tqdm import tqdm
+
+from utils.util import ConfigError
+
+GENERATOR_VERSION = 1
+PALETTE: dict[str, tuple[int, int, int]] = {
+    "red": (210, 40, 40), "green": (40, 170, 60), "blue": (45, 85, 215), "yellow": (225, 200, 45),
+    "magenta": (200, 50, 190), "cyan": (45, 195, 205), "orange": (235, 130, 35), "purple": (120, 50, 170),
+}
+DARK = 0.35  # brightness of the dark half of a texture
+
+
+def _texture_solid(yy: np.ndarray, xx: np.ndarray, period: int) -> np.ndarray:
+    return np.ones(np.broadcast(yy, xx).shape, dtype=bool)
+
+
+def _texture_hstripe(yy: np.ndarray, xx: np.ndarray, period: int) -> np.ndarray:
+    return np.broadcast_to((yy % period) < period // 2, np.broadcast(yy, xx).shape)
+
+
+def _texture_vstripe(yy: np.ndarray, xx: np.ndarray, period: int) -> np.ndarray:
+    return np.broadcast_to((xx % period) < period // 2, np.broadcast(yy, xx).shape)
+
+
+def _texture_checker(yy: np.ndarray, xx: np.ndarray, period: int) -> np.ndarray:
+    return ((yy % period) < period // 2) ^ ((xx % period) < period // 2)
+
+
+def _texture_diagonal(yy: np.ndarray, xx: np.ndarray, period: int) -> np.ndarray:
+    return ((yy + xx) % period) < period // 2
+
+
+TEXTURES: dict[str, Callable[[np.ndarray, np.ndarray, int], np.ndarray]] = {
+    "solid": _texture_solid, "hstripe": _texture_hstripe, "vstripe": _texture_vstripe,
+    "checker": _texture_checker, "diagonal": _texture_diagonal,
+}
+
+
+@dataclass(frozen=True)
+class SyntheticParams:
+    """Generator parameters (``data.synthetic`` in the config). ``cache_dir`` is not hashed."""
+
+    seed: int = 0
+    num_train: int = 2000
+    num_val: int = 300
+    image_size: int = 64
+    colours: tuple[str, ...] = ("red", "green", "blue", "yellow")
+    textures: tuple[str, ...] = ("solid", "hstripe", "vstripe", "checker")
+    stripe_period: int = 6
+    objects_per_image: tuple[int, int] = (1, 3)
+    object_radius: tuple[float, float] = (0.15, 0.3)
+    colour_jitter: float = 0.12
+    noise_std: float = 8.0
+    embed_dim: int = 300
+    embed_noise: float = 0.05
+    cache_dir: str = ".cache/synthetic"
+
+    @classmethod
+    def from_config(cls, cfg: dict | None, source: str = "config") -> "SyntheticParams":
+        """Build from ``data.synthetic``; unknown keys and bad values are ConfigErrors."""
+        cfg = dict(cfg or {})
+        valid = {f.name for f in fields(cls)}
+        for key in cfg:
+            if key not in valid:
+                raise ConfigError(f"data.synthetic.{key}: unknown key (file {source}); valid: {', '.join(valid)}")
+        values = {k: tuple(v) if isinstance(v, list) else v for k, v in cfg.items()}
+        params = cls(**values)
+        params.validate(source)
+        return params
+
+    def validate(self, source: str = "config") -> None:
+        def bad(key: str, why: str) -> ConfigError:
+            return ConfigError(f"data.synthetic.{key}: {getattr(self, key)!r} {why} (file {source})")
+        for key, options in (("colours", PALETTE), ("textures", TEXTURES)):
+            values = getattr(self, key)
+            if not values or len(set(values)) != len(values) or not set(values) <= set(options):
+                raise bad(key, f"must be distinct names from {', '.join(options)}")
+        if len(self.colours) * len(self.textures) > 254:
+            raise bad("colours", "x textures gives more than 254 classes")
+        low, high = self.objects_per_image
+        if not 1 <= low <= high:
+            raise bad("objects_per_image", "must be [min, max] with 1 <= min <= max")
+        if not 0 < self.object_radius[0] <= self.object_radius[1] < 1:
+            raise bad("object_radius", "must be [min, max] fractions of the image size in (0, 1)")
+        if self.image_size < 16:
+            raise bad("image_size", "must be at least 16")
+        if self.stripe_period < 2:
+            raise bad("stripe_period", "must be at least 2")
+        if self.num_train < 1 or self.num_val < 1:
+            raise bad("num_train" if self.num_train < 1 else "num_val", "must be at least 1")
+
+    def identity(self) -> dict:
+        """Everything that changes the generated data (not ``cache_dir``), with the generator version."""
+        content = {k: v for k, v in asdict(self).items() if k != "cache_dir"}
+        content["version"] = GENERATOR_VERSION
+        return content
+
+    def digest(self) -> str:
+        return hashlib.sha256(json.dumps(self.identity(), sort_keys=True).encode()).hexdigest()[:12]
+
+    def folder(self) -> Path:
+        return Path(self.cache_dir) / f"synthetic-{self.digest()}"
+
+
+def class_names(params: SyntheticParams) -> list[str]:
+    """``background`` then ``"<colour> <texture>"``, colour-major."""
+    return ["background"] + [f"{c} {t}" for c in params.colours for t in params.textures]
+
+
+def class_attributes(params: SyntheticParams) -> np.ndarray:
+    """Rows ``[one-hot colour | one-hot texture | background flag]`` for every class."""
+    n_col, n_tex = len(params.colours), len(params.textures)
+    attrs = np.zeros((1 + n_col * n_tex, n_col + n_tex + 1), dtype=np.float64)
+    attrs[0, -1] = 1.0
+    for c in range(n_col):
+        for t in range(n_tex):
+            row = 1 + c * n_tex + t
+            attrs[row, c] = attrs[row, n_col + t] = 1.0
+    return attrs
+
+
+def attribute_projection(params: SyntheticParams) -> np.ndarray:
+    """The fixed random orthonormal ``embed_dim x num_attributes`` projection."""
+    rng = np.random.default_rng([params.seed, 1])
+    k = len(params.colours) + len(params.textures) + 1
+    q, r = np.linalg.qr(rng.standard_normal((params.embed_dim, k)))
+    return q * np.sign(np.diag(r))
+
+
+def class_embeddings(params: SyntheticParams) -> np.ndarray:
+    """``num_classes x embed_dim`` float32: projected attributes + noise of norm ~``embed_noise``."""
+    rng = np.random.default_rng([params.seed, 2])
+    attrs = class_attributes(params)
+    noise = rng.standard_normal((attrs.shape[0], params.embed_dim)) * params.embed_noise / np.sqrt(params.embed_dim)
+    return (attrs @ attribute_projection(params).T + noise).astype(np.float32)
+
+
+def _background(rng: np.random.Generator, size: int) -> np.ndarray:
+    """A desaturated grey with smooth low-frequency blotches, HxWx3 float."""
+    coarse = torch.from_numpy(rng.standard_normal((1, 1, 6, 6))).float() * 22.0
+    smooth = F.interpolate(coarse, size=(size, size), mode="bicubic", align_corners=False)[0, 0].numpy()
+    level = rng.uniform(70, 170)
+    tint = rng.uniform(-10, 10, size=3)
+    return level + smooth[..., None] + tint
+
+
+def _shape_mask(rng: np.random.Generator, size: int, radius_range: tuple[float, float]) -> np.ndarray:
+    """A random ellipse, regular polygon or blob at a random position, size and rotation."""
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float64)
+    cy, cx = rng.uniform(0.15, 0.85, size=2) * size
+    r0 = rng.uniform(*radius_range) * size
+    angle = rng.uniform(0, 2 * np.pi)
+    u = (xx - cx) * np.cos(angle) + (yy - cy) * np.sin(angle)
+    v = -(xx - cx) * np.sin(angle) + (yy - cy) * np.cos(angle)
+    kind = rng.integers(3)
+    if kind == 0:  # ellipse
+        aspect = rng.uniform(0.45, 1.0)
+        return (u / r0) ** 2 + (v / (aspect * r0)) ** 2 <= 1.0
+    phi, rho = np.arctan2(v, u), np.hypot(u, v)
+    if kind == 1:  # regular polygon
+        n = int(rng.integers(3, 7))
+        sector = 2 * np.pi / n
+        return rho <= r0 * np.cos(np.pi / n) / np.cos(np.mod(phi, sector) - np.pi / n)
+    harmonics = sum(rng.uniform(-0.2, 0.2) * np.cos(k * phi + rng.uniform(0, 2 * np.pi)) for k in range(2, 5))
+    return rho <= r0 * (1.0 + harmonics)  # blob
+
+
+def render(params: SyntheticParams, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """One image (HxWx3 uint8) and its label (HxW uint8, 0 = background)."""
+    size, n_tex = params.image_size, len(params.textures)
+    num_classes = 1 + len(params.colours) * n_tex
+    image = _background(rng, size)
+    label = np.zeros((size, size), dtype=np.uint8)
+    yy, xx = np.mgrid[0:size, 0:size]
+    low, high = params.objects_per_image
+    for _ in range(int(rng.integers(low, high + 1))):
+        cls = int(rng.integers(1, num_classes))
+        colour, texture = divmod(cls - 1, n_tex)
+        mask = _shape_mask(rng, size, params.object_radius)
+        dy, dx = rng.integers(0, params.stripe_period, size=2)
+        pattern = TEXTURES[params.textures[texture]](yy + dy, xx + dx, params.stripe_period)
+        rgb = np.array(PALETTE[params.colours[colour]], dtype=np.float64)
+        rgb = rgb * rng.uniform(1 - params.colour_jitter, 1 + params.colour_jitter, size=3)
+        shade = np.where(pattern, 1.0, DARK)[..., None] * rgb
+        image[mask] = shade[mask]
+        label[mask] = cls
+    image = image + rng.standard_normal(image.shape) * params.noise_std
+    return np.clip(np.rint(image), 0, 255).astype(np.uint8), label
+
+
+def samples(params: SyntheticParams) -> Iterator[tuple[str, str, np.ndarray, np.ndarray]]:
+    """Every ``(split, name, image, label)``; sample i of a split depends only on (seed, split, i)."""
+    for split_id, (split, count) in enumerate((("train", params.num_train), ("val", params.num_val))):
+        for i in range(count):
+            rng = np.random.default_rng([params.seed, 100 + split_id, i])
+            image, label = render(params, rng)
+            yield split, f"{split}_{i:06d}", image, label
+
+
+def _voc_palette() -> list[int]:
+    palette = []
+    for index in range(256):
+        r = g = b = 0
+        bits = index
+        for shift in range(8):
+            r |= ((bits >> 0) & 1) << (7 - shift)
+            g |= ((bits >> 1) & 1) << (7 - shift)
+            b |= ((bits >> 2) & 1) << (7 - shift)
+            bits >>= 3
+        palette += [r, g, b]
+    return palette
+
+
+def write_tree(params: SyntheticParams, folder: Path, progress: bool = True) -> None:
+    """Write the VOC-layout tree, ``classes.txt``, ``embeddings.npy`` and ``params.json``."""
+    (folder / "JPEGImages").mkdir(parents=True)
+    (folder / "SegmentationClass").mkdir()
+    (folder / "ImageSets" / "Segmentation").mkdir(parents=True)
+    palette, lists = _voc_palette(), {"train": [], "val": []}
+    total = params.num_train + params.num_val
+    for split, name, image, label in tqdm(samples(params), total=total, desc="generating synthetic data",
+                                          disable=not progress, leave=False):
+        Image.fromarray(image).save(folder / "JPEGImages" / f"{name}.png", compress_level=1)
+        label_png = Image.frombytes("P", label.shape[::-1], label.tobytes())
+        label_png.putpalette(palette)
+        label_png.save(folder / "SegmentationClass" / f"{name}.png", compress_level=1)
+        lists[split].append(name)
+    for split, names in lists.items():
+        (folder / "ImageSets" / "Segmentation" / f"{split}.txt").write_text("\n".join(names) + "\n")
+    (folder / "classes.txt").write_text("\n".join(class_names(params)) + "\n")
+    np.save(folder / "embeddings.npy", class_embeddings(params))
+    (folder / "params.json").write_text(json.dumps(params.identity(), indent=2) + "\n")
+
+
+def ensure_synthetic(params: SyntheticParams, progress: bool = True) -> Path:
+    """Generate the dataset into its cache folder unless it is there; return the folder.
+
+    Generation writes to a temporary folder that is renamed into place, so concurrent
+    callers never see a half-written tree (the loser of the race discards its copy).
+    """
+    folder = params.folder()
+    if folder.is_dir():
+        return folder
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-", dir=folder.parent))
+    try:
+        write_tree(params, tmp / "tree", progress)
+        try:
+            os.rename(tmp / "tree", folder)
+        except OSError:
+            if not folder.is_dir():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return folder

@@ -1,0 +1,46 @@
+"""Joint image/label transforms (torchvision.transforms.v2 with ``tv_tensors.Mask``).
+
+Inputs are a uint8 ``tv_tensors.Image`` (3xHxW) and a uint8 ``tv_tensors.Mask`` (HxW);
+outputs a float32 ImageNet-normalised image and an int64 label (255 = ignore).
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from torchvision import tv_tensors
+from torchvision.transforms import v2
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+IGNORE_INDEX = 255
+
+
+def _to_float_normalised() -> list[v2.Transform]:
+    return [
+        v2.ToDtype({tv_tensors.Image: torch.float32, tv_tensors.Mask: torch.int64, "others": None}, scale=True),
+        v2.Normalize(IMAGENET_MEAN, IMAGENET_STD),
+    ]
+
+
+def train_transform(base_size: int, crop_size: int, scale_range: Sequence[float], hflip: bool = True) -> v2.Compose:
+    """Random scale (short side = ``base_size`` x U(scale_range)), pad (image 0, label 255),
+    random ``crop_size`` crop, random horizontal flip (unless ``hflip`` is false), normalisation."""
+    low, high = (int(base_size * s) for s in scale_range)
+    return v2.Compose([
+        v2.RandomResize(low, high + 1, antialias=True),
+        v2.RandomCrop(crop_size, pad_if_needed=True, fill={tv_tensors.Image: 0, tv_tensors.Mask: IGNORE_INDEX}),
+        v2.RandomHorizontalFlip(0.5 if hflip else 0.0),
+        *_to_float_normalised(),
+    ])
+
+
+def val_transform() -> v2.Compose:
+    """Full resolution, no resize: only normalisation (as the official test)."""
+    return v2.Compose(_to_float_normalised())
+
+
+def apply(transform: v2.Transform, image: torch.Tensor, label: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Run ``transform`` on a uint8 image (3xHxW) and label (HxW); return plain tensors."""
+    image, label = transform(tv_tensors.Image(image), tv_tensors.Mask(label))
+    return image.as_subclass(torch.Tensor), label.as_subclass(torch.Tensor)

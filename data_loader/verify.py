@@ -1,0 +1,70 @@
+"""Check a configured dataset before a long run: ``python -m data_loader.verify -c CONFIG``.
+
+Reads every image and label of the train and val splits, checks label values and sizes,
+loads the class embeddings, and prints per-split counts (listed, bad, with unseen-class
+pixels, used after unseen removal). Exits 1 when a file is bad or a count differs from
+``data.expected_counts``, 2 on a config error; problems are printed one line each.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import TextIO
+
+from data_loader.build import count, flag, resolve
+from data_loader.scan import scan
+from utils.util import ConfigError, read_json
+
+SPLIT_KEYS = ("train_split", "val_split")
+
+
+def verify(data_cfg: dict, source: str = "config", out: TextIO | None = None, progress: bool = True) -> list[str]:
+    """Walk the configured splits, print the count table to ``out`` (stdout); return the problems found."""
+    out = out or sys.stdout
+    ds = resolve(data_cfg, source, progress)
+    embeddings = ds.embeddings()
+    print(f"{data_cfg['type']} at {ds.root}: {ds.split.num_classes} classes, embeddings "
+          f"{tuple(embeddings.shape)}, unseen: {', '.join(ds.split.unseen_names) or 'none'}", file=out)
+    expected = data_cfg.get("expected_counts", {})
+    remove = flag(ds.cfg, "remove_unseen_images", True, source)
+    header = f"{'split':<12}{'listed':>8}{'bad':>6}{'with unseen':>13}{'used':>8}{'expected':>10}"
+    print(header, file=out)
+    problems: list[str] = []
+    for key in SPLIT_KEYS:
+        if key not in ds.cfg:
+            continue
+        name, is_train = ds.cfg[key], key == "train_split"
+        dataset = ds.dataset(key, train=False)
+        desc = f"checking {name}" if progress else None
+        counts = count(scan(dataset, read_image=True, desc=desc), ds.split.unseen, remove and is_train)
+        want = expected.get(name)
+        print(f"{name:<12}{counts.total:>8}{len(counts.bad):>6}{counts.with_unseen:>13}{len(counts.kept):>8}"
+              f"{'-' if want is None else want:>10}", file=out)
+        problems += counts.bad
+        if want is not None and want != counts.total:
+            problems.append(f"data.{key} {name!r}: {counts.total} images listed, expected {want} "
+                            f"(data.expected_counts in {source})")
+    return problems
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("-c", "--config", required=True, help="config JSON file with a 'data' section")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    args = parser.parse_args(argv)
+    try:
+        config = read_json(args.config)
+        if "data" not in config:
+            raise ConfigError(f"{args.config}: no 'data' section")
+        problems = verify(config["data"], args.config, progress=not args.quiet)
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    for problem in problems:
+        print(f"error: {problem}", file=sys.stderr)
+    print(f"{len(problems)} problem(s) found" if problems else "data OK", file=sys.stderr if problems else sys.stdout)
+    return 1 if problems else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,113 @@
+"""End-to-end command-line runs on tiny synthetic data (CPU)."""
+import pickle
+import re
+
+import pytest
+import torch
+
+from tests.tiny import read_metrics, write_tiny_config
+from trainer.cli import main
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    return tmp_path_factory.mktemp("synthetic_cache")
+
+
+def _run(*argv):
+    return main(default_config=None, argv=[*map(str, argv), "-d", "cpu"])
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, cache):
+    tmp = tmp_path_factory.mktemp("train")
+    config = write_tiny_config(tmp, cache, trainer__epochs=3, trainer__tensorboard=True)
+    assert _run("-c", config, "--run_id", "r1") == 0
+    return tmp, tmp / "saved" / "tiny" / "r1"
+
+
+def test_training_writes_run_directory_and_loss_decreases(trained):
+    _, run = trained
+    names = {p.name for p in run.iterdir()}
+    assert {"config.json", "train.log", "metrics.jsonl", "model_best.pth", "checkpoint-epoch1.pth",
+            "checkpoint-epoch3.pth", "tensorboard"} <= names
+    assert not [n for n in names if n.endswith(".tmp")]
+    log = (run / "train.log").read_text()
+    losses = [float(x) for x in re.findall(r"epoch \d+/3  loss ([0-9.]+)", log)]
+    assert len(losses) == 3 and losses[-1] < losses[0]
+    assert "unseen: red checker, green vstripe" in log and "effective batch size: 4" in log
+    records = read_metrics(run)
+    assert [r["split"] for r in records] == ["val", "val", "val", "test"]
+    last = records[-1]
+    for key in ("mIoU_seen", "mIoU_unseen", "mIoU_harmonic", "pixel_acc_overall", "class_acc_seen"):
+        assert 0.0 <= last[key] <= 100.0
+    assert last["sigma"] == 0.5 and len(last["iou_by_class"]) == 10
+    checkpoint = torch.load(run / "model_best.pth", weights_only=True)
+    assert {"visual_encoder", "semantic_encoder", "optimizer", "optimizer_gen", "lr_scheduler", "epoch",
+            "monitor_best", "config", "class_split", "rng"} <= set(checkpoint)
+    assert checkpoint["class_split"]["unseen"] == [3, 5]
+
+
+def test_test_mode_reproduces_final_evaluation(trained, capsys):
+    tmp, run = trained
+    assert _run("-r", run / "model_best.pth", "--test", "--run_id", "t1") == 0
+    out = capsys.readouterr().out.strip().splitlines()
+    test_run = tmp / "saved" / "tiny" / "test_t1"
+    assert out[-1] == f"metrics: {test_run / 'metrics.jsonl'}"
+    assert read_metrics(test_run)[0] == read_metrics(run)[-1]
+
+
+def test_resume_equals_straight_training(tmp_path, cache):
+    config = write_tiny_config(tmp_path, cache)
+    assert _run("-c", config, "--run_id", "straight") == 0
+    runs = tmp_path / "saved" / "tiny"
+    assert _run("-r", runs / "straight" / "checkpoint-epoch1.pth", "--run_id", "resumed") == 0
+    a = torch.load(runs / "straight" / "checkpoint-epoch2.pth", weights_only=True)
+    b = torch.load(runs / "resumed" / "checkpoint-epoch2.pth", weights_only=True)
+    assert b["epoch"] == 2 and not (runs / "resumed" / "checkpoint-epoch1.pth").exists()
+    for part in ("visual_encoder", "semantic_encoder"):
+        for key in a[part]:
+            assert torch.equal(a[part][key], b[part][key]), key
+    assert a["optimizer"]["param_groups"][0]["lr"] == b["optimizer"]["param_groups"][0]["lr"]
+    straight, resumed = read_metrics(runs / "straight"), read_metrics(runs / "resumed")
+    assert [r["epoch"] for r in resumed] == [2, 2]  # validation of epoch 2, then the final test
+    assert straight[1] == resumed[0] and straight[-1] == resumed[-1]
+
+
+def test_resume_with_more_epochs_rebases_the_poly_schedule(tmp_path, cache):
+    config = write_tiny_config(tmp_path, cache, trainer__epochs=1, trainer__test_after_train=False)
+    assert _run("-c", config, "--run_id", "one") == 0
+    runs = tmp_path / "saved" / "tiny"
+    assert _run("-r", runs / "one" / "checkpoint-epoch1.pth", "--epochs", "2", "--run_id", "more") == 0
+    checkpoint = torch.load(runs / "more" / "checkpoint-epoch2.pth", weights_only=True)
+    assert checkpoint["epoch"] == 2
+    # epoch 2 of 2 ran at 1e-3 * (1 - 1/2) ** 0.9, not at the exhausted 1-epoch schedule's 0
+    assert "lr backbone=0.000536" in (runs / "more" / "train.log").read_text()
+
+
+def test_bad_checkpoints_give_clear_errors(trained, tmp_path, capsys):
+    tmp, run = trained
+    good = run / "model_best.pth"
+    truncated = tmp_path / "truncated.pth"
+    truncated.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
+    assert _run("-r", truncated, "--test") == 2
+    assert "corrupted or truncated checkpoint" in capsys.readouterr().err
+
+    class Payload:
+        pass
+    evil = tmp_path / "evil.pth"
+    evil.write_bytes(pickle.dumps({"config": Payload()}))
+    assert _run("-r", evil, "--test") == 2
+    assert "refused: not a weights-only checkpoint" in capsys.readouterr().err
+
+    other_split = write_tiny_config(tmp_path, tmp / "unused", data__unseen_classes=["blue solid"])
+    before = good.read_bytes()
+    assert _run("-r", good, "-c", other_split, "--test") == 2
+    err = capsys.readouterr().err
+    assert "trained with unseen classes ['red checker', 'green vstripe']" in err and "['blue solid']" in err
+    assert good.read_bytes() == before
+    other_arch = write_tiny_config(tmp_path, tmp / "unused", model__args__backbone=34)
+    assert _run("-r", good, "-c", other_arch, "--test") == 2
+    assert "model.backbone is 18 in the checkpoint, 34 in the config" in capsys.readouterr().err
+    assert _run("-r", tmp_path / "missing.pth", "--test") == 2
+    assert "checkpoint not found" in capsys.readouterr().err
