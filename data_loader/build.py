@@ -61,10 +61,7 @@ class DataSource:
         return label_source(self.root, self.settings)
 
     def embeddings(self) -> torch.Tensor:
-        spec = require(self.cfg, "embeddings", self.source, dict)
-        if "paths" not in spec or "normalize" not in spec:
-            raise ConfigError(f"data.embeddings: needs 'paths' and 'normalize' (file {self.source})")
-        return load_class_embeddings(spec["paths"], normalize=spec["normalize"], num_classes=self.split.num_classes)
+        return _embeddings(self.cfg, self.source, self.split.num_classes)
 
     def dataset(self, split_key: str, train: bool) -> SegmentationDataset:
         """Every sample listed for ``data.<split_key>``, with train or val transforms."""
@@ -170,6 +167,23 @@ class DataBundle:
     embeddings: torch.Tensor
     train_set: Dataset | None
     val_set: Dataset | None
+
+
+def _embeddings(cfg: dict, source: str, num_classes: int) -> torch.Tensor:
+    spec = require(cfg, "embeddings", source, dict)
+    if "paths" not in spec or "normalize" not in spec:
+        raise ConfigError(f"data.embeddings: needs 'paths' and 'normalize' (file {source})")
+    return load_class_embeddings(spec["paths"], normalize=spec["normalize"], num_classes=num_classes)
+
+
+def load_split_and_embeddings(data_cfg: dict, source: str = "config") -> tuple[ClassSplit, torch.Tensor]:
+    """The class split and class embeddings alone: no dataset folder is needed (except that
+    the synthetic benchmark is generated, since its class list and embeddings come from it)."""
+    if data_cfg.get("type") == "Synthetic":
+        ds = resolve(data_cfg, source)
+        return ds.split, ds.embeddings()
+    split = parse_class_split(data_cfg, source)
+    return split, _embeddings(data_cfg, source, split.num_classes)
 
 
 def prepare_data(data_cfg: dict, *, train: bool = True, val: bool = True, source: str = "config",

@@ -14,19 +14,13 @@ def squared_distances(features: torch.Tensor, prototypes: torch.Tensor) -> torch
             + prototypes.pow(2).sum(1)[None, :, None, None])
 
 
-def calibrated_nearest_prototype(features: torch.Tensor, prototypes: torch.Tensor, unseen_mask: torch.Tensor,
-                                 sigma: float | torch.Tensor, size: tuple[int, int] | None = None) -> torch.Tensor:
-    """Class index per pixel by the nearest prototype, with Apollonius calibration.
+def calibrate(distances: torch.Tensor, unseen_mask: torch.Tensor, sigma: float | torch.Tensor) -> torch.Tensor:
+    """Apollonius calibration of squared distances N x K x H x W -> class indices.
 
-    Among each pixel's two nearest classes, the *squared* distances of unseen classes are
-    multiplied by ``sigma`` before choosing (official). ``features`` (N x C x h x w) are first
-    upsampled bilinearly (``align_corners=False``) to ``size`` when given. ``sigma`` may be a
-    float (returns N x H x W) or a 1-D tensor of S values (returns S x N x H x W), all from
-    one distance computation.
+    Among each pixel's two nearest classes, unseen classes' squared distances are multiplied
+    by ``sigma`` before choosing (official). A float ``sigma`` gives N x H x W; a 1-D tensor
+    of S values gives S x N x H x W from the same distances.
     """
-    if size is not None and tuple(features.shape[-2:]) != tuple(size):
-        features = F.interpolate(features.float(), size=tuple(size), mode="bilinear", align_corners=False)
-    distances = squared_distances(features, prototypes)
     unseen_mask = unseen_mask.to(device=distances.device, dtype=torch.bool)
     sigmas = torch.as_tensor(sigma, dtype=distances.dtype, device=distances.device)
     single = sigmas.dim() == 0
@@ -40,3 +34,31 @@ def calibrated_nearest_prototype(features: torch.Tensor, prototypes: torch.Tenso
     choice = (values[None] * scale).argmin(2, keepdim=True)           # S x N x 1 x H x W
     pred = indices[None].expand_as(scale).gather(2, choice)[:, :, 0]
     return pred[0] if single else pred
+
+
+def restricted_nearest(distances: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
+    """Nearest class among ``allowed`` (bool K) only: the ends of a calibration sweep
+    (every pixel to a seen class, or every pixel to an unseen class)."""
+    allowed = allowed.to(device=distances.device, dtype=torch.bool)
+    return distances.masked_fill(~allowed[None, :, None, None], float("inf")).argmin(1)
+
+
+def upsample_features(features: torch.Tensor, size: tuple[int, int] | None) -> torch.Tensor:
+    """Bilinear upsampling (``align_corners=False``, official test) to ``size`` when given."""
+    if size is not None and tuple(features.shape[-2:]) != tuple(size):
+        return F.interpolate(features.float(), size=tuple(size), mode="bilinear", align_corners=False)
+    return features
+
+
+def calibrated_nearest_prototype(features: torch.Tensor, prototypes: torch.Tensor, unseen_mask: torch.Tensor,
+                                 sigma: float | torch.Tensor, size: tuple[int, int] | None = None) -> torch.Tensor:
+    """Class index per pixel by the nearest prototype, with Apollonius calibration.
+
+    Among each pixel's two nearest classes, the *squared* distances of unseen classes are
+    multiplied by ``sigma`` before choosing (official). ``features`` (N x C x h x w) are first
+    upsampled bilinearly (``align_corners=False``) to ``size`` when given. ``sigma`` may be a
+    float (returns N x H x W) or a 1-D tensor of S values (returns S x N x H x W), all from
+    one distance computation.
+    """
+    distances = squared_distances(upsample_features(features, size), prototypes)
+    return calibrate(distances, unseen_mask, sigma)

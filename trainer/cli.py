@@ -22,6 +22,22 @@ def _n_unseen(value: str) -> str:
     return f"zs3-{int(value)}"
 
 
+def _sigma(value: str):
+    """``0.5`` -> 0.5; ``0.3,0.5,0.7`` -> a sweep list."""
+    from trainer.calibration import sigma_values
+    values = sigma_values(value, "--sigma")
+    return values[0] if len(values) == 1 else values
+
+
+def _sweep(value: str) -> dict:
+    """``lo:hi:num`` -> a log-spaced sweep."""
+    try:
+        low, high, num = value.split(":")
+        return {"log_range": [float(low), float(high)], "num": int(num)}
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--sweep expects low:high:num, e.g. 0.05:20:25, got {value!r}") from None
+
+
 def _amp(value: str):
     return False if value.lower() in ("false", "none", "fp32", "0", "off") else value
 
@@ -31,7 +47,8 @@ OVERRIDES = [
     CustomArgs(["--ratio"], float, "loss;ratio", "BAR downsampling ratio"),
     CustomArgs(["--temp"], float, "loss;temperature", "SC temperature"),
     CustomArgs(["--alpha"], float, "loss;alpha", "SC weight"),
-    CustomArgs(["--sigma"], float, "inference;sigma", "Apollonius calibration factor"),
+    CustomArgs(["--sigma"], _sigma, "inference;sigma", "calibration factor, or several (0.3,0.5,0.7) for a sweep"),
+    CustomArgs(["--sweep"], _sweep, "inference;sweep", "also evaluate a log-spaced sigma sweep low:high:num"),
     CustomArgs(["--seed"], int, "seed", "random seed"),
     CustomArgs(["--lr"], float, "optimizer;args;lr", "visual-encoder base learning rate"),
     CustomArgs(["--bs"], int, "data_loader;batch_size", "total batch size over all processes"),

@@ -9,7 +9,7 @@ from typing import Sequence
 import torch
 from tqdm import tqdm
 
-from model.inference import calibrated_nearest_prototype
+from model.inference import calibrate, restricted_nearest, squared_distances, upsample_features
 from model.metric import Evaluator
 from utils.distributed import all_reduce_sum
 from utils.logger import progress_enabled
@@ -40,17 +40,21 @@ class EvalResult:
     sigmas: list[float]
     evaluators: list[Evaluator]
     samples: list[dict] = field(default_factory=list)
+    # sweep ends: every pixel to its nearest seen class / nearest unseen class
+    extremes: dict[str, Evaluator] = field(default_factory=dict)
 
 
 @torch.inference_mode()
 def evaluate(model: torch.nn.Module, semantic_encoder: torch.nn.Module, loader, embeddings: torch.Tensor,
              seen: Sequence[int], unseen: Sequence[int], sigmas: Sequence[float], *, device: torch.device,
              amp: str | bool | None = None, channels_last: bool = False, keep_samples: int = 0,
-             desc: str = "eval") -> EvalResult:
+             extremes: bool = False, excluded: Sequence[int] = (), desc: str = "eval") -> EvalResult:
     """Run the visual encoder over ``loader`` and accumulate one confusion matrix per sigma.
 
-    Features and distances are computed once per batch; every sigma reuses them. In a
-    distributed run each process evaluates its own shard and the matrices are summed.
+    Features and distances are computed once per batch; every sigma reuses them. With
+    ``extremes`` two more matrices hold the sweep's ends (seen-only and unseen-only
+    predictions). ``excluded`` classes are never predicted (background when it is ignored).
+    In a distributed run each process evaluates its own shard and the matrices are summed.
     """
     model.eval()
     semantic_encoder.eval()
@@ -58,8 +62,12 @@ def evaluate(model: torch.nn.Module, semantic_encoder: torch.nn.Module, loader, 
     prototypes = semantic_encoder(embeddings.to(device)).float()
     unseen_mask = torch.zeros(num_classes, dtype=torch.bool, device=device)
     unseen_mask[list(unseen)] = True
+    allowed = torch.ones(num_classes, dtype=torch.bool, device=device)
+    allowed[list(excluded)] = False
     sigma_tensor = torch.tensor(list(sigmas), dtype=torch.float32, device=device)
     evaluators = [Evaluator(num_classes, seen, unseen, device=device) for _ in sigmas]
+    ends = {name: Evaluator(num_classes, seen, unseen, device=device) for name in ("seen_only", "unseen_only")
+            } if extremes else {}
     samples: list[dict] = []
     for batch in tqdm(loader, desc=desc, leave=False, disable=not progress_enabled()):
         images = batch["image"].to(device, non_blocking=True)
@@ -68,17 +76,22 @@ def evaluate(model: torch.nn.Module, semantic_encoder: torch.nn.Module, loader, 
             images = images.contiguous(memory_format=torch.channels_last)
         with autocast_context(device, amp):
             features = model.features(images)
-        preds = calibrated_nearest_prototype(features.float(), prototypes, unseen_mask, sigma_tensor,
-                                             size=labels.shape[-2:])
+        distances = squared_distances(upsample_features(features.float(), labels.shape[-2:]), prototypes)
+        if excluded:
+            distances.masked_fill_(~allowed[None, :, None, None], float("inf"))
+        preds = calibrate(distances, unseen_mask, sigma_tensor)
         for evaluator, pred in zip(evaluators, preds):
             evaluator.add_batch(labels, pred)
+        for name, evaluator in ends.items():
+            group = ~unseen_mask if name == "seen_only" else unseen_mask
+            evaluator.add_batch(labels, restricted_nearest(distances, group & allowed))
         if len(samples) < keep_samples:
             for i in range(min(keep_samples - len(samples), images.shape[0])):
                 samples.append({"image": images[i].float().cpu(), "label": labels[i].cpu(),
                                 "pred": preds[:, i].cpu()})
-    for evaluator in evaluators:
+    for evaluator in [*evaluators, *ends.values()]:
         all_reduce_sum(evaluator.confusion_matrix)
-    return EvalResult(list(map(float, sigmas)), evaluators, samples)
+    return EvalResult(list(map(float, sigmas)), evaluators, samples, ends)
 
 
 def _pct(value: float) -> float | None:

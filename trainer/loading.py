@@ -8,6 +8,7 @@ import torch
 
 from data_loader.classes import ClassSplit
 from trainer.builders import build_semantic_encoder, build_visual_encoder
+from trainer.official import convert_official, is_official
 from utils.checkpoint import FORMAT, load_checkpoint, load_state
 from utils.parse_config import ConfigParser
 from utils.util import ConfigError
@@ -32,9 +33,18 @@ class TrainedModel:
         return self.semantic_encoder(table.to(device).float()).float()
 
 
-def load_trained_model(path: str | Path, device: torch.device | str = "cpu") -> TrainedModel:
-    """Build the encoders described by a checkpoint of this project and load its weights."""
+def load_trained_model(path: str | Path, device: torch.device | str = "cpu", config: dict | None = None,
+                       config_source: str = "config") -> TrainedModel:
+    """Build the encoders described by a checkpoint and load its weights.
+
+    Official JoEm files (``model_best_fe.pth`` with ``model_best_gen.pth`` beside it) are
+    converted on the fly and need ``config`` for the class list, split and embeddings.
+    """
     checkpoint = load_checkpoint(path)
+    if is_official(checkpoint):
+        if config is None:
+            raise ConfigError(f"{path}: an official JoEm checkpoint holds no class list; give the config (-c)")
+        checkpoint = convert_official(path, config, config_source)
     if checkpoint.get("format") != FORMAT or "visual_encoder" not in checkpoint:
         raise ConfigError(f"{path}: not a checkpoint of this project")
     config = ConfigParser(checkpoint["config"], create_dirs=False)

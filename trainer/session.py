@@ -9,6 +9,7 @@ import torch
 import torch.nn as nn
 
 from data_loader import build_dataloader, prepare_data
+from trainer.official import convert_official, is_official
 from trainer.builders import build_optimizers, build_scheduler, build_semantic_encoder, build_visual_encoder
 from trainer.trainer import Trainer, seed_everything
 from utils.checkpoint import check_compatible, load_checkpoint, load_state
@@ -22,6 +23,8 @@ logger = logging.getLogger("joem")
 def load_resume_config(path: str | Path) -> dict:
     """The config stored in a checkpoint (used for ``-r`` without ``-c``)."""
     checkpoint = load_checkpoint(path)
+    if is_official(checkpoint):
+        raise ConfigError(f"{path}: an official JoEm checkpoint holds no config or class split; pass -c CONFIG")
     if not isinstance(checkpoint.get("config"), dict):
         raise ConfigError(f"{path}: holds no config; pass the training config with -c")
     return checkpoint["config"]
@@ -84,6 +87,8 @@ def run(config: ConfigParser, ctx: DistContext, test_only: bool = False) -> dict
     checkpoint = None
     if config.resume is not None:
         checkpoint = load_checkpoint(config.resume)
+        if is_official(checkpoint):
+            checkpoint = convert_official(config.resume, config.config, source)
         if "visual_encoder" not in checkpoint:
             raise ConfigError(f"{config.resume}: not a checkpoint of this project (no 'visual_encoder')")
         check_compatible(checkpoint, config.resume, config.config, split.to_dict())
@@ -122,8 +127,10 @@ def run(config: ConfigParser, ctx: DistContext, test_only: bool = False) -> dict
     scheduler, interval = build_scheduler(config, optimizer, len(train_loader))
     trainer = Trainer(config, ctx, model, semantic_encoder, split, bundle.embeddings, train_loader, val_loader,
                       optimizer, optimizer_gen, scheduler, interval, writer)
-    if checkpoint is not None:
+    if checkpoint is not None and "optimizer" in checkpoint:
         trainer.resume(checkpoint)
+    elif checkpoint is not None:
+        logger.info("training starts at epoch 1 from the weights of %s (it holds no optimizer state)", config.resume)
     try:
         trainer.train()
     finally:
@@ -161,5 +168,5 @@ def _finish(trainer: Trainer, record: dict) -> None:
     if record:
         logger.info("seen / unseen / harmonic mIoU: %s / %s / %s (sigma %g)", *(
             "n/a" if record.get(k) is None else f"{record[k]:.2f}"
-            for k in ("mIoU_seen", "mIoU_unseen", "mIoU_harmonic")), trainer.sigma)
+            for k in ("mIoU_seen", "mIoU_unseen", "mIoU_harmonic")), record["sigma"])
     logger.info("metrics: %s", trainer.metrics_path)

@@ -21,6 +21,8 @@ from trainer.evaluate import (amp_dtype, autocast_context, evaluate, format_clas
 from utils.checkpoint import architecture, save_checkpoint, set_rng_state
 from utils.distributed import DistContext, all_reduce_sum
 from utils.logger import progress_enabled
+from trainer.calibration import format_sweep_table, summarize, sigma_values, sweep_figure, write_sweep
+from utils.util import ConfigError
 from utils.visualization import colorize, denormalize
 
 logger = logging.getLogger("joem")
@@ -84,9 +86,16 @@ class Trainer(BaseTrainer):
         self.ce_weight = float(loss_cfg.get("ce_weight", 1.0))
         # Ablation switch: BAR trains only the semantic encoder (features detached).
         self.bar_detach_features = bool(loss_cfg.get("bar_detach_features", False))
-        self.sigma = float(config["inference"]["sigma"])
-        # extra sigmas evaluated with every validation (one pass; recorded in metrics.jsonl)
-        self.sweep = [float(s) for s in config["inference"].get("sweep", []) if float(s) != self.sigma]
+        # inference.sigma: one value, or several (a sweep whose best harmonic mIoU is reported);
+        # inference.sweep: extra sigmas evaluated in the same pass (recorded in metrics.jsonl).
+        sigmas = sigma_values(config["inference"]["sigma"])
+        if not sigmas:
+            raise ConfigError("inference.sigma: missing")
+        self.sigma = sigmas[0] if len(sigmas) == 1 else None
+        extra = sigma_values(config["inference"].get("sweep"), "inference.sweep")
+        self.sweep = sigmas if self.sigma is None else [s for s in extra if s != self.sigma]
+        self.excluded = [0] if split.ignore_bg else []  # ignored background is never predicted
+        self.eval_seen = [c for c in split.seen if c not in self.excluded]
         self.metrics_path = config.run_dir / "metrics.jsonl"
         self.global_step = 0
 
@@ -179,30 +188,50 @@ class Trainer(BaseTrainer):
         return rates
 
     # --- evaluation -------------------------------------------------------------------
-    def validate(self, epoch: int, split_name: str, sigmas: list[float] | None = None) -> dict:
+    def validate(self, epoch: int, split_name: str) -> dict:
         """Evaluate on the validation loader; log tables, TensorBoard and metrics.jsonl.
-        Returns the record at the configured sigma (percent values)."""
-        sigmas = sigmas or [self.sigma, *self.sweep]
-        result = evaluate(self.model, self.semantic_encoder, self.val_loader, self.embeddings, self.split.seen,
+        Returns the headline record (percent values): at the configured sigma, or the best
+        harmonic mIoU of a sweep given as ``inference.sigma``."""
+        sigmas = ([self.sigma] if self.sigma is not None else []) + self.sweep
+        result = evaluate(self.model, self.semantic_encoder, self.val_loader, self.embeddings, self.eval_seen,
                           self.split.unseen, sigmas, device=self.device, amp=self.amp,
-                          channels_last=self.channels_last,
+                          channels_last=self.channels_last, extremes=bool(self.sweep), excluded=self.excluded,
                           keep_samples=self.vis_images if self.writer is not None else 0, desc=split_name)
         records = [metrics_record(ev, self.split.names, s) for ev, s in zip(result.evaluators, result.sigmas)]
-        main = records[0]
+        summary = None
+        if self.sweep:
+            ends = {name: metrics_record(ev, self.split.names, float("nan")) for name, ev in result.extremes.items()}
+            summary = summarize(records, ends)
+        main = records[0] if self.sigma is not None else next(
+            r for r in records if r["sigma"] == summary["best"]["sigma"])
+        if summary is not None:
+            main = {**main, "ausuc": summary["ausuc"], "best_sigma": summary["best"]["sigma"]}
         if self.is_main:
-            logger.info("%s (epoch %d, sigma %g):\n%s", split_name, epoch, main["sigma"], format_metrics_table(main))
-            logger.info("per-class IoU:\n%s", format_class_table(main, self.split.unseen_names))
-            with self.metrics_path.open("a") as handle:
-                for record in records:
-                    handle.write(json.dumps(json_safe({"epoch": epoch, "split": split_name, **record})) + "\n")
-            if self.writer is not None:
-                for key, value in main.items():
-                    if isinstance(value, float):
-                        self.writer.add_scalar(f"{split_name}/{key}", value, epoch)
-                self._log_images(result.samples, split_name, epoch)
+            self._report(epoch, split_name, main, records, summary, result.samples)
         self.model.train()
         self.semantic_encoder.train()
         return {k: v for k, v in main.items() if isinstance(v, float) or v is None}
+
+    def _report(self, epoch: int, split_name: str, main: dict, records: list[dict], summary: dict | None,
+                samples: list[dict]) -> None:
+        """Console/file tables, metrics.jsonl, sweep files and TensorBoard for one evaluation."""
+        logger.info("%s (epoch %d, sigma %g):\n%s", split_name, epoch, main["sigma"], format_metrics_table(main))
+        logger.info("per-class IoU:\n%s", format_class_table(main, self.split.unseen_names))
+        with self.metrics_path.open("a") as handle:
+            for record in records:
+                record = main if record["sigma"] == main["sigma"] else record
+                handle.write(json.dumps(json_safe({"epoch": epoch, "split": split_name, **record})) + "\n")
+        if summary is not None:
+            logger.info("calibration sweep (%s, epoch %d):\n%s", split_name, epoch, format_sweep_table(summary))
+            paths = write_sweep(self.run_dir, summary, f"sweep_{split_name}")
+            logger.info("sweep written: %s", ", ".join(str(p) for p in paths))
+        if self.writer is not None:
+            for key, value in main.items():
+                if isinstance(value, float):
+                    self.writer.add_scalar(f"{split_name}/{key}", value, epoch)
+            if summary is not None:
+                self.writer.add_figure(f"{split_name}/seen_unseen_curve", sweep_figure(summary), epoch)
+            self._log_images(samples, split_name, epoch)
 
     def _log_images(self, samples: list[dict], tag: str, epoch: int) -> None:
         for index, sample in enumerate(samples):

@@ -1,0 +1,39 @@
+"""Convert an official JoEm checkpoint pair (fe_ + gen_) into this project's single file.
+
+    python convert_official_checkpoint.py -c configs/config_pascal_zs3setting.json \
+        -r saved/official/model_best_fe.pth --out converted.pth
+"""
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from trainer.official import convert_official
+from utils.checkpoint import save_checkpoint
+from utils.util import ConfigError, read_json
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("-c", "--config", required=True, help="the config naming the classes, split and embeddings")
+    parser.add_argument("-r", "--resume", required=True, help="official fe_checkpoint-epochN.pth or model_best_fe.pth")
+    parser.add_argument("--out", required=True, help="output checkpoint (refuses to overwrite an existing file)")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    try:
+        out = Path(args.out)
+        if out.exists():
+            raise ConfigError(f"{out}: exists; choose another --out (nothing is overwritten)")
+        content = convert_official(args.resume, read_json(args.config), args.config)
+        for key in ("format", "version"):  # save_checkpoint writes its own
+            del content[key]
+        save_checkpoint(out, **content)
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,112 @@
+"""Calibration sweeps: sigma grids, the seen-unseen mIoU curve, AUSUC, and its files."""
+from __future__ import annotations
+
+import csv
+import json
+import math
+from pathlib import Path
+from typing import Any, Sequence
+
+from utils.util import ConfigError
+
+
+def sigma_values(spec: Any, key: str = "inference.sigma") -> list[float]:
+    """Sigmas from a number, a list, a ``"0.3,0.5"`` string, or ``{"log_range": [lo, hi], "num": n}``."""
+    if spec is None:
+        return []
+    if isinstance(spec, (int, float)) and not isinstance(spec, bool):
+        values = [float(spec)]
+    elif isinstance(spec, str):
+        try:
+            values = [float(part) for part in spec.split(",") if part.strip()]
+        except ValueError:
+            raise ConfigError(f"{key}: expected numbers like 0.3,0.5,0.7, got {spec!r}") from None
+    elif isinstance(spec, (list, tuple)):
+        values = [float(v) for v in spec]
+    elif isinstance(spec, dict) and "log_range" in spec:
+        low, high = map(float, spec["log_range"])
+        num = int(spec.get("num", 25))
+        if not 0 < low < high or num < 2:
+            raise ConfigError(f"{key}: log_range needs 0 < low < high and num >= 2, got {dict(spec)}")
+        values = [math.exp(math.log(low) + i * (math.log(high) - math.log(low)) / (num - 1)) for i in range(num)]
+    else:
+        raise ConfigError(f"{key}: expected a number, a list, or {{\"log_range\": [lo, hi], \"num\": n}}; got {spec!r}")
+    if not values or any(v <= 0 or not math.isfinite(v) for v in values):
+        raise ConfigError(f"{key}: sigma values must be positive, got {spec!r}")
+    return [round(v, 6) for v in values]
+
+
+def ausuc(points: Sequence[tuple[float, float]]) -> float:
+    """Area under the seen-unseen curve: ``points`` are (unseen, seen) pairs in [0, 1];
+    sorted by unseen and integrated with the trapezoid rule (Chao et al., 2016)."""
+    ordered = sorted(points)
+    return sum((u1 - u0) * (s0 + s1) / 2 for (u0, s0), (u1, s1) in zip(ordered, ordered[1:]))
+
+
+def summarize(records: Sequence[dict], ends: dict[str, dict]) -> dict:
+    """Sweep summary from per-sigma metric records (percent) and the two end records."""
+    rows = [{"sigma": r["sigma"], "mIoU_seen": r["mIoU_seen"], "mIoU_unseen": r["mIoU_unseen"],
+             "mIoU_harmonic": r["mIoU_harmonic"]} for r in sorted(records, key=lambda r: r["sigma"])]
+    best = max(rows, key=lambda r: (r["mIoU_harmonic"] or 0.0))
+    points = [((r["mIoU_unseen"] or 0.0) / 100, (r["mIoU_seen"] or 0.0) / 100) for r in rows]
+    end_rows = {name: {"mIoU_seen": rec["mIoU_seen"], "mIoU_unseen": rec["mIoU_unseen"]} for name, rec in ends.items()}
+    points += [((e["mIoU_unseen"] or 0.0) / 100, (e["mIoU_seen"] or 0.0) / 100) for e in end_rows.values()]
+    return {"rows": rows, "best": best, "ends": end_rows, "ausuc": round(ausuc(points), 6)}
+
+
+def format_sweep_table(summary: dict) -> str:
+    """sigma | seen | unseen | harmonic, the best row marked, then AUSUC."""
+    lines = [f"{'sigma':>8s} {'seen':>7s} {'unseen':>7s} {'harm.':>7s}"]
+    for row in summary["rows"]:
+        mark = "  <- best" if row is summary["best"] else ""
+        lines.append(f"{row['sigma']:8.4g} " + " ".join(
+            f"{row[k]:7.2f}" for k in ("mIoU_seen", "mIoU_unseen", "mIoU_harmonic")) + mark)
+    for name, end in summary["ends"].items():
+        lines.append(f"{name:>8s} {end['mIoU_seen']:7.2f} {end['mIoU_unseen']:7.2f}")
+    lines.append(f"AUSUC (seen-unseen mIoU curve, ends included): {summary['ausuc']:.4f}")
+    return "\n".join(lines)
+
+
+def sweep_figure(summary: dict, title: str = ""):
+    """Matplotlib figure of the seen-vs-unseen mIoU curve with the best sigma marked."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    rows = summary["rows"]
+    ends = summary["ends"]
+    xs = [r["mIoU_unseen"] for r in rows]
+    ys = [r["mIoU_seen"] for r in rows]
+    figure, axis = plt.subplots(figsize=(5.2, 4.2), dpi=110)
+    curve = sorted(zip(xs, ys))
+    if ends:
+        curve = sorted(curve + [(e["mIoU_unseen"], e["mIoU_seen"]) for e in ends.values()])
+    axis.plot([p[0] for p in curve], [p[1] for p in curve], "-", color="0.6", lw=1, zorder=1)
+    axis.scatter(xs, ys, c="tab:blue", s=14, zorder=2, label="sigma values")
+    best = summary["best"]
+    axis.scatter([best["mIoU_unseen"]], [best["mIoU_seen"]], marker="*", s=180, c="tab:red", zorder=3,
+                 label=f"best harmonic: sigma {best['sigma']:.3g} ({best['mIoU_harmonic']:.1f})")
+    axis.set_xlabel("unseen mIoU (%)")
+    axis.set_ylabel("seen mIoU (%)")
+    axis.set_xlim(0, 100)
+    axis.set_ylim(0, 100)
+    axis.grid(alpha=0.3)
+    axis.legend(loc="upper right", fontsize=8)
+    axis.set_title(f"{title}AUSUC {summary['ausuc']:.4f}", fontsize=10)
+    figure.tight_layout()
+    return figure
+
+
+def write_sweep(run_dir: Path, summary: dict, stem: str) -> list[Path]:
+    """Write ``<stem>.json``, ``<stem>.csv`` and ``<stem>.png`` into the run directory."""
+    run_dir = Path(run_dir)
+    paths = [run_dir / f"{stem}.json", run_dir / f"{stem}.csv", run_dir / f"{stem}.png"]
+    paths[0].write_text(json.dumps(summary, indent=2) + "\n")
+    with paths[1].open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=["sigma", "mIoU_seen", "mIoU_unseen", "mIoU_harmonic"])
+        writer.writeheader()
+        writer.writerows(summary["rows"])
+    figure = sweep_figure(summary, title=f"{stem}: ")
+    figure.savefig(paths[2])
+    import matplotlib.pyplot as plt
+    plt.close(figure)
+    return paths
