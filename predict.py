@@ -23,10 +23,11 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFont, ImageOps, UnidentifiedImageError
 
 from data_loader.classes import canonical_name, class_index, load_class_names
-from model.sliding_window import (AMP_DTYPES, full_resolution_labels, model_features, sliding_window_features,
+from model.sliding_window import (full_resolution_labels, model_features, sliding_window_features,
                                   tile_boxes)
 from trainer.loading import TrainedModel, load_trained_model
 from utils.embeddings import load_class_embeddings, normalize_embeddings
+from utils.amp import AMP_DTYPES
 from utils.util import ConfigError, read_json
 from utils.visualization import IMAGENET_MEAN, IMAGENET_STD, colorize, palette
 

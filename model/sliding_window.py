@@ -9,29 +9,17 @@ one band of rows at a time, so a large image never holds a full-resolution 256-c
 """
 from __future__ import annotations
 
-import contextlib
 from typing import Iterator
 
 import torch
 import torch.nn.functional as F
 
 from model.inference import calibrated_nearest_prototype
-
-AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-def autocast_context(device_type: str, amp: str | None) -> contextlib.AbstractContextManager:
-    """``torch.autocast`` for ``amp`` ("bf16" or "fp16"), or a no-op context for None."""
-    if amp is None:
-        return contextlib.nullcontext()
-    if amp not in AMP_DTYPES:
-        raise ValueError(f"amp: expected one of {sorted(AMP_DTYPES)} or None, got {amp!r}")
-    return torch.autocast(device_type=device_type, dtype=AMP_DTYPES[amp])
-
+from utils.amp import autocast_context
 
 def model_features(model: torch.nn.Module, images: torch.Tensor, amp: str | None = None) -> torch.Tensor:
     """The encoder's stride-4 feature map (``model.features``), under autocast when asked; float32."""
-    with autocast_context(images.device.type, amp):
+    with autocast_context(images.device, amp):
         features = model.features(images)
     return features.float()
 

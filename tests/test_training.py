@@ -1,4 +1,5 @@
 """End-to-end command-line runs on tiny synthetic data (CPU)."""
+import json
 import pickle
 import re
 
@@ -111,3 +112,42 @@ def test_bad_checkpoints_give_clear_errors(trained, tmp_path, capsys):
     assert "model.backbone is 18 in the checkpoint, 34 in the config" in capsys.readouterr().err
     assert _run("-r", tmp_path / "missing.pth", "--test") == 2
     assert "checkpoint not found" in capsys.readouterr().err
+
+
+def test_sigma_sweep_in_one_pass_writes_table_plot_and_ausuc(trained, capsys):
+    tmp, run = trained
+    assert _run("-r", run / "model_best.pth", "--test", "--sigma", "0.3,0.5,1.0", "--run_id", "sweep") == 0
+    out = capsys.readouterr().out
+    sweep_run = tmp / "saved" / "tiny" / "test_sweep"
+    summary = json.loads((sweep_run / "sweep_test.json").read_text())
+    assert [row["sigma"] for row in summary["rows"]] == [0.3, 0.5, 1.0]
+    assert 0.0 <= summary["ausuc"] <= 1.0 and "AUSUC" in out
+    assert summary["best"]["mIoU_harmonic"] == max(r["mIoU_harmonic"] for r in summary["rows"])
+    assert summary["ends"]["seen_only"]["mIoU_unseen"] == 0.0
+    assert summary["ends"]["unseen_only"]["mIoU_seen"] == 0.0
+    assert (sweep_run / "sweep_test.png").read_bytes()[:4] == b"\x89PNG"
+    assert (sweep_run / "sweep_test.csv").read_text().splitlines()[0] == "sigma,mIoU_seen,mIoU_unseen,mIoU_harmonic"
+    single = read_metrics(run)[-1]  # the sigma-0.5 evaluation of the same checkpoint
+    row = next(r for r in summary["rows"] if r["sigma"] == 0.5)
+    assert row["mIoU_harmonic"] == single["mIoU_harmonic"] and row["mIoU_unseen"] == single["mIoU_unseen"]
+    records = read_metrics(sweep_run)
+    assert len(records) == 3 and sum("ausuc" in r for r in records) == 1
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, cache, monkeypatch, capsys):
+    import trainer.trainer as trainer_module
+    real_loss, calls = trainer_module.joem_loss, {"n": 0}
+
+    def poisoned(*args, **kwargs):
+        losses = real_loss(*args, **kwargs)
+        calls["n"] += 1
+        if calls["n"] > 8:  # epoch 2 (epoch 1 has 7 steps)
+            losses["ce"] = losses["ce"] * float("nan")
+        return losses
+    monkeypatch.setattr(trainer_module, "joem_loss", poisoned)
+    config = write_tiny_config(tmp_path, cache, trainer__epochs=3)
+    assert _run("-c", config, "--run_id", "nan") == 3
+    run = tmp_path / "saved" / "tiny" / "nan"
+    assert "loss is not finite at epoch 2" in (run / "train.log").read_text()
+    assert sorted(p.name for p in run.glob("*.pth")) == ["checkpoint-epoch1.pth", "model_best.pth"]
+    assert torch.load(run / "checkpoint-epoch1.pth", weights_only=True)["epoch"] == 1

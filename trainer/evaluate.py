@@ -1,7 +1,6 @@
 """Evaluation: prototypes from the semantic encoder, calibrated nearest prototype, metrics."""
 from __future__ import annotations
 
-import contextlib
 import math
 from dataclasses import dataclass, field
 from typing import Sequence
@@ -11,26 +10,9 @@ from tqdm import tqdm
 
 from model.inference import calibrate, restricted_nearest, squared_distances, upsample_features
 from model.metric import Evaluator
+from utils.amp import autocast_context
 from utils.distributed import all_reduce_sum
 from utils.logger import progress_enabled
-
-
-def autocast_context(device: torch.device, amp: str | bool | None):
-    """``torch.autocast`` for ``"bf16"``/``"fp16"`` on the device type, else a null context."""
-    dtype = amp_dtype(amp)
-    if dtype is None:
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=dtype)
-
-
-def amp_dtype(amp: str | bool | None) -> torch.dtype | None:
-    if amp in (None, False, "false", "none", "fp32"):
-        return None
-    table = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16}
-    if amp not in table:
-        from utils.util import ConfigError
-        raise ConfigError(f"trainer.amp: unknown value {amp!r}; valid: \"bf16\", \"fp16\", false")
-    return table[amp]
 
 
 @dataclass

@@ -16,8 +16,9 @@ from tqdm import tqdm
 
 from base.base_trainer import BaseTrainer, TrainingDiverged
 from model.loss import joem_loss
-from trainer.evaluate import (amp_dtype, autocast_context, evaluate, format_class_table, format_metrics_table,
+from trainer.evaluate import (evaluate, format_class_table, format_metrics_table,
                               metrics_record)
+from utils.amp import amp_dtype, autocast_context
 from utils.checkpoint import architecture, save_checkpoint, set_rng_state
 from utils.distributed import DistContext, all_reduce_sum
 from utils.logger import progress_enabled

@@ -27,7 +27,7 @@ def read_json(path: str | Path) -> OrderedDict:
         raise ConfigError(f"{path}: invalid JSON at line {err.lineno} column {err.colno}: {err.msg}") from None
 
 
-def _atomic_write(path: Path, write) -> None:
+def atomic_write(path: Path, write) -> None:
     """Write through a temporary file in the same folder, then rename over ``path``."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -46,9 +46,9 @@ def _atomic_write(path: Path, write) -> None:
 def write_json(content: Any, path: str | Path) -> None:
     """Write JSON atomically (indent 4, key order kept)."""
     data = json.dumps(content, indent=4, sort_keys=False).encode() + b"\n"
-    _atomic_write(Path(path), lambda handle: handle.write(data))
+    atomic_write(Path(path), lambda handle: handle.write(data))
 
 
 def atomic_torch_save(obj: Any, path: str | Path) -> None:
     """``torch.save`` to a temp file, then rename: a crash never leaves a half-written file."""
-    _atomic_write(Path(path), lambda handle: torch.save(obj, handle))
+    atomic_write(Path(path), lambda handle: torch.save(obj, handle))

@@ -20,7 +20,6 @@ import importlib.util
 import os
 import re
 import struct
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, Callable, Iterable, Iterator, Sequence
@@ -29,7 +28,7 @@ import numpy as np
 import torch
 
 from utils.embeddings import NORMALIZATIONS, normalize_embeddings
-from utils.util import ConfigError, atomic_torch_save
+from utils.util import ConfigError, atomic_torch_save, atomic_write
 
 FORMATS = ("auto", "word2vec-bin", "word2vec-text", "glove", "fasttext")
 READERS = ("auto", "builtin", "gensim")
@@ -451,22 +450,6 @@ def read_class_list(spec: str) -> list[str]:
     return [name.strip() for name in spec.split(",") if name.strip()]
 
 
-def _atomic_write(path: Path, write: Callable[[BinaryIO], None]) -> None:
-    """Write a temporary file in the same folder, then rename it over ``path``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            write(handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def check_output_path(path: PathLike) -> Path:
     """Refuse an output suffix that ``load_class_embeddings`` would not read as intended."""
     path = Path(path)
@@ -480,10 +463,10 @@ def save_class_embeddings(array: np.ndarray, class_names: Sequence[str], path: P
     path = check_output_path(path)
     array = np.ascontiguousarray(array, dtype=np.float32)
     if path.suffix.lower() == ".npy":
-        _atomic_write(path, lambda handle: np.save(handle, array, allow_pickle=False))
+        atomic_write(path, lambda handle: np.save(handle, array, allow_pickle=False))
     else:
         atomic_torch_save(torch.from_numpy(array), path)
     sidecar = classes_sidecar(path)
     text = "".join(f"{name}\n" for name in class_names).encode("utf-8")
-    _atomic_write(sidecar, lambda handle: handle.write(text))
+    atomic_write(sidecar, lambda handle: handle.write(text))
     return sidecar
