@@ -14,17 +14,27 @@ def squared_distances(features: torch.Tensor, prototypes: torch.Tensor) -> torch
             + prototypes.pow(2).sum(1)[None, :, None, None])
 
 
-def calibrate(distances: torch.Tensor, unseen_mask: torch.Tensor, sigma: float | torch.Tensor) -> torch.Tensor:
+CALIBRATIONS = ("top2", "all")
+
+
+def calibrate(distances: torch.Tensor, unseen_mask: torch.Tensor, sigma: float | torch.Tensor,
+              mode: str = "top2") -> torch.Tensor:
     """Apollonius calibration of squared distances N x K x H x W -> class indices.
 
-    Among each pixel's two nearest classes, unseen classes' squared distances are multiplied
-    by ``sigma`` before choosing (official). A float ``sigma`` gives N x H x W; a 1-D tensor
-    of S values gives S x N x H x W from the same distances.
+    ``mode="top2"`` (official): among each pixel's two nearest classes, unseen classes' squared
+    distances are multiplied by ``sigma`` before choosing. ``mode="all"``: calibrated stacking
+    over every class (an unseen class ranked third or lower may win too). A float ``sigma``
+    gives N x H x W; a 1-D tensor of S values gives S x N x H x W from the same distances.
     """
+    if mode not in CALIBRATIONS:
+        raise ValueError(f"calibration mode must be one of {CALIBRATIONS}, got {mode!r}")
     unseen_mask = unseen_mask.to(device=distances.device, dtype=torch.bool)
     sigmas = torch.as_tensor(sigma, dtype=distances.dtype, device=distances.device)
     single = sigmas.dim() == 0
     sigmas = sigmas.reshape(-1)
+    if mode == "all":
+        pred = torch.stack([stacked_nearest(distances, unseen_mask, float(s)) for s in sigmas])
+        return pred[0] if single else pred
     if distances.shape[1] < 2:
         pred = distances.argmin(1)
         return pred if single else pred.expand(len(sigmas), *pred.shape).clone()
@@ -34,6 +44,15 @@ def calibrate(distances: torch.Tensor, unseen_mask: torch.Tensor, sigma: float |
     choice = (values[None] * scale).argmin(2, keepdim=True)           # S x N x 1 x H x W
     pred = indices[None].expand_as(scale).gather(2, choice)[:, :, 0]
     return pred[0] if single else pred
+
+
+def stacked_nearest(distances: torch.Tensor, unseen_mask: torch.Tensor, sigma: float) -> torch.Tensor:
+    """Calibrated stacking over *all* classes (Chao et al., 2016): unseen squared distances times
+    ``sigma``, then the nearest class. Its limits are the sweep's ends (sigma -> 0: every pixel
+    to an unseen class; sigma -> inf: to a seen class); used for AUSUC."""
+    unseen_mask = unseen_mask.to(device=distances.device, dtype=torch.bool)
+    scale = torch.where(unseen_mask, sigma, 1.0).to(distances.dtype)
+    return (distances * scale[None, :, None, None]).argmin(1)
 
 
 def restricted_nearest(distances: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
@@ -51,14 +70,15 @@ def upsample_features(features: torch.Tensor, size: tuple[int, int] | None) -> t
 
 
 def calibrated_nearest_prototype(features: torch.Tensor, prototypes: torch.Tensor, unseen_mask: torch.Tensor,
-                                 sigma: float | torch.Tensor, size: tuple[int, int] | None = None) -> torch.Tensor:
+                                 sigma: float | torch.Tensor, size: tuple[int, int] | None = None,
+                                 mode: str = "top2") -> torch.Tensor:
     """Class index per pixel by the nearest prototype, with Apollonius calibration.
 
     Among each pixel's two nearest classes, the *squared* distances of unseen classes are
     multiplied by ``sigma`` before choosing (official). ``features`` (N x C x h x w) are first
     upsampled bilinearly (``align_corners=False``) to ``size`` when given. ``sigma`` may be a
     float (returns N x H x W) or a 1-D tensor of S values (returns S x N x H x W), all from
-    one distance computation.
+    one distance computation. ``mode="all"`` calibrates over every class (see :func:`calibrate`).
     """
     distances = squared_distances(upsample_features(features, size), prototypes)
-    return calibrate(distances, unseen_mask, sigma)
+    return calibrate(distances, unseen_mask, sigma, mode)

@@ -37,21 +37,34 @@ def sigma_values(spec: Any, key: str = "inference.sigma") -> list[float]:
 
 
 def ausuc(points: Sequence[tuple[float, float]]) -> float:
-    """Area under the seen-unseen curve: ``points`` are (unseen, seen) pairs in [0, 1];
-    sorted by unseen and integrated with the trapezoid rule (Chao et al., 2016)."""
+    """Area under the seen-unseen curve (Chao et al., 2016): ``points`` are (unseen, seen)
+    pairs in [0, 1]. Sorted by unseen and integrated with the trapezoid rule over their upper
+    envelope (the best seen score reachable with at least that unseen score): mIoU curves
+    need not be monotone near the ends, and the envelope equals the curve where it is."""
     ordered = sorted(points)
-    return sum((u1 - u0) * (s0 + s1) / 2 for (u0, s0), (u1, s1) in zip(ordered, ordered[1:]))
+    envelope, best = [], 0.0
+    for unseen, seen in reversed(ordered):
+        best = max(best, seen)
+        envelope.append((unseen, best))
+    envelope.reverse()
+    return sum((u1 - u0) * (s0 + s1) / 2 for (u0, s0), (u1, s1) in zip(envelope, envelope[1:]))
 
 
-def summarize(records: Sequence[dict], ends: dict[str, dict]) -> dict:
-    """Sweep summary from per-sigma metric records (percent) and the two end records."""
-    rows = [{"sigma": r["sigma"], "mIoU_seen": r["mIoU_seen"], "mIoU_unseen": r["mIoU_unseen"],
-             "mIoU_harmonic": r["mIoU_harmonic"]} for r in sorted(records, key=lambda r: r["sigma"])]
-    best = max(rows, key=lambda r: (r["mIoU_harmonic"] or 0.0))
-    points = [((r["mIoU_unseen"] or 0.0) / 100, (r["mIoU_seen"] or 0.0) / 100) for r in rows]
-    end_rows = {name: {"mIoU_seen": rec["mIoU_seen"], "mIoU_unseen": rec["mIoU_unseen"]} for name, rec in ends.items()}
-    points += [((e["mIoU_unseen"] or 0.0) / 100, (e["mIoU_seen"] or 0.0) / 100) for e in end_rows.values()]
-    return {"rows": rows, "best": best, "ends": end_rows, "ausuc": round(ausuc(points), 6)}
+def _row(record: dict, sigma: float | None = None) -> dict:
+    row = {"mIoU_seen": record["mIoU_seen"] or 0.0, "mIoU_unseen": record["mIoU_unseen"] or 0.0,
+           "mIoU_harmonic": record["mIoU_harmonic"] or 0.0}
+    return row if sigma is None else {"sigma": sigma, **row}
+
+
+def summarize(records: Sequence[dict], ends: dict[str, dict], stacking: Sequence[dict] = ()) -> dict:
+    """Sweep summary from per-sigma metric records (percent), the two end records and the
+    calibrated-stacking records of the AUSUC grid (the AUSUC curve)."""
+    rows = [_row(r, r["sigma"]) for r in sorted(records, key=lambda r: r["sigma"])]
+    best = max(rows, key=lambda r: r["mIoU_harmonic"])
+    end_rows = {name: _row(rec) for name, rec in ends.items()}
+    curve = [_row(r, r["sigma"]) for r in stacking]
+    points = [(r["mIoU_unseen"] / 100, r["mIoU_seen"] / 100) for r in [*curve, *end_rows.values()]]
+    return {"rows": rows, "best": best, "ends": end_rows, "ausuc": round(ausuc(points), 6), "ausuc_curve": curve}
 
 
 def format_sweep_table(summary: dict) -> str:
@@ -63,7 +76,7 @@ def format_sweep_table(summary: dict) -> str:
             f"{row[k]:7.2f}" for k in ("mIoU_seen", "mIoU_unseen", "mIoU_harmonic")) + mark)
     for name, end in summary["ends"].items():
         lines.append(f"{name:>8s} {end['mIoU_seen']:7.2f} {end['mIoU_unseen']:7.2f}")
-    lines.append(f"AUSUC (seen-unseen mIoU curve, ends included): {summary['ausuc']:.4f}")
+    lines.append(f"AUSUC (calibrated stacking 1e-3..1e3, ends included): {summary['ausuc']:.4f}")
     return "\n".join(lines)
 
 
@@ -73,15 +86,17 @@ def sweep_figure(summary: dict, title: str = ""):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     rows = summary["rows"]
-    ends = summary["ends"]
     xs = [r["mIoU_unseen"] for r in rows]
     ys = [r["mIoU_seen"] for r in rows]
     figure, axis = plt.subplots(figsize=(5.2, 4.2), dpi=110)
-    curve = sorted(zip(xs, ys))
-    if ends:
-        curve = sorted(curve + [(e["mIoU_unseen"], e["mIoU_seen"]) for e in ends.values()])
-    axis.plot([p[0] for p in curve], [p[1] for p in curve], "-", color="0.6", lw=1, zorder=1)
-    axis.scatter(xs, ys, c="tab:blue", s=14, zorder=2, label="sigma values")
+    ends = summary["ends"]
+    stacking = sorted(summary.get("ausuc_curve", []), key=lambda r: -r["sigma"])  # seen end -> unseen end
+    curve = [*([ends["seen_only"]] if "seen_only" in ends else []), *stacking,
+             *([ends["unseen_only"]] if "unseen_only" in ends else [])]
+    if curve:
+        axis.plot([r["mIoU_unseen"] for r in curve], [r["mIoU_seen"] for r in curve], ".-", color="0.65", lw=1,
+                  ms=3, zorder=1, label="calibrated stacking, 1e-3..1e3 (AUSUC)")
+    axis.plot(xs, ys, "o-", c="tab:blue", ms=4, lw=1, zorder=2, label="sigma sweep (top-2 calibration)")
     best = summary["best"]
     axis.scatter([best["mIoU_unseen"]], [best["mIoU_seen"]], marker="*", s=180, c="tab:red", zorder=3,
                  label=f"best harmonic: sigma {best['sigma']:.3g} ({best['mIoU_harmonic']:.1f})")

@@ -8,7 +8,7 @@ from typing import Sequence
 import torch
 from tqdm import tqdm
 
-from model.inference import calibrate, restricted_nearest, squared_distances, upsample_features
+from model.inference import calibrate, restricted_nearest, squared_distances, stacked_nearest, upsample_features
 from model.metric import Evaluator
 from utils.amp import autocast_context
 from utils.distributed import all_reduce_sum
@@ -24,18 +24,25 @@ class EvalResult:
     samples: list[dict] = field(default_factory=list)
     # sweep ends: every pixel to its nearest seen class / nearest unseen class
     extremes: dict[str, Evaluator] = field(default_factory=dict)
+    # calibrated stacking over AUSUC_GRID (for the AUSUC curve)
+    stacking: list[Evaluator] = field(default_factory=list)
+
+
+# Fixed log-spaced grid (1e-3 .. 1e3) so AUSUC is comparable across models and sweeps.
+AUSUC_GRID = [10 ** (k / 8) for k in range(-24, 25)]
 
 
 @torch.inference_mode()
 def evaluate(model: torch.nn.Module, semantic_encoder: torch.nn.Module, loader, embeddings: torch.Tensor,
              seen: Sequence[int], unseen: Sequence[int], sigmas: Sequence[float], *, device: torch.device,
              amp: str | bool | None = None, channels_last: bool = False, keep_samples: int = 0,
-             extremes: bool = False, excluded: Sequence[int] = (), desc: str = "eval") -> EvalResult:
+             extremes: bool = False, excluded: Sequence[int] = (), calibration: str = "top2",
+             desc: str = "eval") -> EvalResult:
     """Run the visual encoder over ``loader`` and accumulate one confusion matrix per sigma.
 
     Features and distances are computed once per batch; every sigma reuses them. With
     ``extremes`` two more matrices hold the sweep's ends (seen-only and unseen-only
-    predictions). ``excluded`` classes are never predicted (background when it is ignored).
+    predictions) and one per ``AUSUC_GRID`` value of calibrated stacking. ``excluded`` classes are never predicted (background when it is ignored).
     In a distributed run each process evaluates its own shard and the matrices are summed.
     """
     model.eval()
@@ -50,6 +57,7 @@ def evaluate(model: torch.nn.Module, semantic_encoder: torch.nn.Module, loader, 
     evaluators = [Evaluator(num_classes, seen, unseen, device=device) for _ in sigmas]
     ends = {name: Evaluator(num_classes, seen, unseen, device=device) for name in ("seen_only", "unseen_only")
             } if extremes else {}
+    stacking = [Evaluator(num_classes, seen, unseen, device=device) for _ in AUSUC_GRID] if extremes else []
     samples: list[dict] = []
     for batch in tqdm(loader, desc=desc, leave=False, disable=not progress_enabled()):
         images = batch["image"].to(device, non_blocking=True)
@@ -61,19 +69,21 @@ def evaluate(model: torch.nn.Module, semantic_encoder: torch.nn.Module, loader, 
         distances = squared_distances(upsample_features(features.float(), labels.shape[-2:]), prototypes)
         if excluded:
             distances.masked_fill_(~allowed[None, :, None, None], float("inf"))
-        preds = calibrate(distances, unseen_mask, sigma_tensor)
+        preds = calibrate(distances, unseen_mask, sigma_tensor, calibration)
         for evaluator, pred in zip(evaluators, preds):
             evaluator.add_batch(labels, pred)
         for name, evaluator in ends.items():
             group = ~unseen_mask if name == "seen_only" else unseen_mask
             evaluator.add_batch(labels, restricted_nearest(distances, group & allowed))
+        for evaluator, sigma in zip(stacking, AUSUC_GRID):
+            evaluator.add_batch(labels, stacked_nearest(distances, unseen_mask, sigma))
         if len(samples) < keep_samples:
             for i in range(min(keep_samples - len(samples), images.shape[0])):
                 samples.append({"image": images[i].float().cpu(), "label": labels[i].cpu(),
                                 "pred": preds[:, i].cpu()})
-    for evaluator in [*evaluators, *ends.values()]:
+    for evaluator in [*evaluators, *ends.values(), *stacking]:
         all_reduce_sum(evaluator.confusion_matrix)
-    return EvalResult(list(map(float, sigmas)), evaluators, samples, ends)
+    return EvalResult(list(map(float, sigmas)), evaluators, samples, ends, stacking)
 
 
 def _pct(value: float) -> float | None:

@@ -15,8 +15,9 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from base.base_trainer import BaseTrainer, TrainingDiverged
+from model.inference import CALIBRATIONS
 from model.loss import joem_loss
-from trainer.evaluate import (evaluate, format_class_table, format_metrics_table,
+from trainer.evaluate import (AUSUC_GRID, evaluate, format_class_table, format_metrics_table,
                               metrics_record)
 from utils.amp import amp_dtype, autocast_context
 from utils.checkpoint import architecture, save_checkpoint, set_rng_state
@@ -95,6 +96,9 @@ class Trainer(BaseTrainer):
         self.sigma = sigmas[0] if len(sigmas) == 1 else None
         extra = sigma_values(config["inference"].get("sweep"), "inference.sweep")
         self.sweep = sigmas if self.sigma is None else [s for s in extra if s != self.sigma]
+        self.calibration = config["inference"].get("calibration", "top2")
+        if self.calibration not in CALIBRATIONS:
+            raise ConfigError(f"inference.calibration: {self.calibration!r}; valid: {', '.join(CALIBRATIONS)}")
         self.excluded = [0] if split.ignore_bg else []  # ignored background is never predicted
         self.eval_seen = [c for c in split.seen if c not in self.excluded]
         self.metrics_path = config.run_dir / "metrics.jsonl"
@@ -197,12 +201,14 @@ class Trainer(BaseTrainer):
         result = evaluate(self.model, self.semantic_encoder, self.val_loader, self.embeddings, self.eval_seen,
                           self.split.unseen, sigmas, device=self.device, amp=self.amp,
                           channels_last=self.channels_last, extremes=bool(self.sweep), excluded=self.excluded,
+                          calibration=self.calibration,
                           keep_samples=self.vis_images if self.writer is not None else 0, desc=split_name)
         records = [metrics_record(ev, self.split.names, s) for ev, s in zip(result.evaluators, result.sigmas)]
         summary = None
         if self.sweep:
             ends = {name: metrics_record(ev, self.split.names, float("nan")) for name, ev in result.extremes.items()}
-            summary = summarize(records, ends)
+            stacking = [metrics_record(ev, self.split.names, s) for ev, s in zip(result.stacking, AUSUC_GRID)]
+            summary = summarize(records, ends, stacking)
         main = records[0] if self.sigma is not None else next(
             r for r in records if r["sigma"] == summary["best"]["sigma"])
         if summary is not None:
