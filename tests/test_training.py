@@ -10,6 +10,10 @@ from tests.tiny import read_metrics, write_tiny_config
 from trainer.cli import main
 
 
+class Payload:
+    """An arbitrary object: a pickle holding it is not a weights-only checkpoint."""
+
+
 @pytest.fixture(scope="module")
 def cache(tmp_path_factory):
     return tmp_path_factory.mktemp("synthetic_cache")
@@ -93,9 +97,6 @@ def test_bad_checkpoints_give_clear_errors(trained, tmp_path, capsys):
     truncated.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
     assert _run("-r", truncated, "--test") == 2
     assert "corrupted or truncated checkpoint" in capsys.readouterr().err
-
-    class Payload:
-        pass
     evil = tmp_path / "evil.pth"
     evil.write_bytes(pickle.dumps({"config": Payload()}))
     assert _run("-r", evil, "--test") == 2

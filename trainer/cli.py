@@ -133,6 +133,8 @@ def _worker(rank: int | None, world_size: int | None, argv: list[str], default_c
     except KeyboardInterrupt:
         return 130
     finally:
+        from trainer.session import forget_loaded
+        forget_loaded()
         cleanup()
 
 

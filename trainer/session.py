@@ -20,9 +20,24 @@ from utils.util import ConfigError
 logger = logging.getLogger("joem")
 
 
+_LOADED: dict[Path, dict] = {}  # the -r checkpoint read for its config, reused by run()
+
+
+def _load_once(path: str | Path) -> dict:
+    """Read a checkpoint, reusing the copy already read for its config."""
+    path = Path(path)
+    return _LOADED.pop(path.resolve(), None) or load_checkpoint(path)
+
+
+def forget_loaded() -> None:
+    """Drop a checkpoint read for its config but not used (the run failed before)."""
+    _LOADED.clear()
+
+
 def load_resume_config(path: str | Path) -> dict:
     """The config stored in a checkpoint (used for ``-r`` without ``-c``)."""
     checkpoint = load_checkpoint(path)
+    _LOADED[Path(path).resolve()] = checkpoint
     if is_official(checkpoint):
         raise ConfigError(f"{path}: an official JoEm checkpoint holds no config or class split; pass -c CONFIG")
     if not isinstance(checkpoint.get("config"), dict):
@@ -86,7 +101,7 @@ def run(config: ConfigParser, ctx: DistContext, test_only: bool = False) -> dict
 
     checkpoint = None
     if config.resume is not None:
-        checkpoint = load_checkpoint(config.resume)
+        checkpoint = _load_once(config.resume)
         if is_official(checkpoint):
             checkpoint = convert_official(config.resume, config.config, source)
         if "visual_encoder" not in checkpoint:
