@@ -119,7 +119,7 @@ class Trainer(BaseTrainer):
                  + self.loss_args["alpha"] * losses["sc"])
         losses["total"] = total
         if not torch.isfinite(total):
-            values = ", ".join(f"{k}={float(v):.4g}" for k, v in losses.items())
+            values = ", ".join(f"{k}={v.item():.4g}" for k, v in losses.items())
             raise TrainingDiverged(f"loss is not finite at epoch {self.epoch}, step {self.global_step} ({values}); "
                                    f"training stopped, the last good checkpoint in {self.run_dir} is kept")
         self.optimizer.zero_grad(set_to_none=True)
