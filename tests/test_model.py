@@ -145,3 +145,18 @@ def test_semantic_encoder_init_and_mlp():
     assert [type(m).__name__ for m in mlp.model] == ["Linear", "LeakyReLU", "Dropout", "Linear"]
     assert mlp.model[1].negative_slope == 0.2 and mlp.model[2].p == 0.2
     assert mlp(torch.randn(4, 5, 300)).shape == (4, 5, 256)
+
+
+def test_dropout_masks_do_not_depend_on_memory_format_or_dtype():
+    from model.visual_encoder import Dropout
+    dropout = Dropout(0.5).train()
+    x = torch.randn(2, 8, 5, 5)
+    torch.manual_seed(0)
+    plain = dropout(x)
+    torch.manual_seed(0)
+    fast = dropout(x.contiguous(memory_format=torch.channels_last).bfloat16())
+    assert torch.equal(plain != 0, fast != 0)
+    assert torch.allclose(plain, fast.float(), atol=0.05)
+    assert torch.equal(dropout.eval()(x), x)
+    model = DeepLabV3Plus(5, backbone=18, dropout=False)
+    assert all(m.p == 0 for m in model.modules() if isinstance(m, torch.nn.Dropout))
