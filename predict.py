@@ -327,7 +327,7 @@ def pad_to_multiple(images: torch.Tensor, multiple: int = PAD_MULTIPLE) -> torch
 @torch.inference_mode()
 def segment(model: torch.nn.Module, image: torch.Tensor, prototypes: torch.Tensor, unseen_mask: torch.Tensor,
             sigma: float, max_size: int = 1024, tile: int = 512, overlap: int = 128,
-            amp: str | None = None, tile_batch: int = 4) -> tuple[torch.Tensor, int]:
+            amp: str | None = None, tile_batch: int = 4, calibration: str = "top2") -> tuple[torch.Tensor, int]:
     """Labels (H x W, int64, CPU) of one normalised 1 x 3 x H x W image at full resolution.
 
     The padded image goes through the encoder whole, or in tiles when its longer side
@@ -342,7 +342,7 @@ def segment(model: torch.nn.Module, image: torch.Tensor, prototypes: torch.Tenso
         features = model_features(model, padded, amp)
         tiles = 1
     labels = full_resolution_labels(features, prototypes, unseen_mask, sigma, tuple(padded.shape[-2:]),
-                                    crop=(height, width))
+                                    crop=(height, width), mode=calibration)
     return labels[0].cpu(), tiles
 
 
@@ -444,7 +444,8 @@ def run(args: argparse.Namespace) -> int:
             continue
         try:
             labels, tiles = segment(trained.model, image_to_tensor(image).to(device), prototypes, unseen_mask, sigma,
-                                    args.max_size, args.tile, args.overlap, args.amp, args.tile_batch)
+                                    args.max_size, args.tile, args.overlap, args.amp, args.tile_batch,
+                                    trained.config.get("inference", {}).get("calibration", "top2"))
         except torch.OutOfMemoryError:
             raise ConfigError(f"{path}: out of memory on {device} for a {image.width}x{image.height} image; "
                               f"lower --max-size/--tile (sliding window) or use --amp bf16") from None

@@ -120,7 +120,7 @@ def resize_rows(x: torch.Tensor, out_height: int, start: int, stop: int) -> torc
 
 def full_resolution_labels(features: torch.Tensor, prototypes: torch.Tensor, unseen_mask: torch.Tensor,
                            sigma: float, size: tuple[int, int], crop: tuple[int, int] | None = None,
-                           max_pixels: int = 1 << 18) -> torch.Tensor:
+                           max_pixels: int = 1 << 18, mode: str = "top2") -> torch.Tensor:
     """Calibrated nearest-prototype labels (N x h x w, int64) at full resolution.
 
     ``features`` (N x C x fh x fw) are bilinearly upsampled to ``size`` (``align_corners=False``)
@@ -128,6 +128,7 @@ def full_resolution_labels(features: torch.Tensor, prototypes: torch.Tensor, uns
     ``max_pixels`` pixels; the result equals ``calibrated_nearest_prototype(features, ...,
     size=size)[..., :h, :w]`` up to float rounding. Each band is resized vertically here and
     horizontally by ``F.interpolate`` (whose vertical scale is then 1, an exact identity).
+    ``mode`` is the calibration ("top2", official, or "all").
     """
     height, width = size
     out_h, out_w = crop if crop is not None else size
@@ -138,5 +139,6 @@ def full_resolution_labels(features: torch.Tensor, prototypes: torch.Tensor, uns
         bottom = min(out_h, top + rows_per_band)
         band = resize_rows(features, height, top, bottom)
         band = F.interpolate(band, size=(bottom - top, width), mode="bilinear", align_corners=False)
-        labels[:, top:bottom] = calibrated_nearest_prototype(band[..., :out_w], prototypes, unseen_mask, sigma)
+        labels[:, top:bottom] = calibrated_nearest_prototype(band[..., :out_w], prototypes, unseen_mask, sigma,
+                                                             mode=mode)
     return labels

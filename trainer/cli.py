@@ -49,6 +49,7 @@ OVERRIDES = [
     CustomArgs(["--alpha"], float, "loss;alpha", "SC weight"),
     CustomArgs(["--sigma"], _sigma, "inference;sigma", "calibration factor, or several (0.3,0.5,0.7) for a sweep"),
     CustomArgs(["--sweep"], _sweep, "inference;sweep", "also evaluate a log-spaced sigma sweep low:high:num"),
+    CustomArgs(["--calibration"], str, "inference;calibration", "top2 (official) or all (calibrated stacking)"),
     CustomArgs(["--seed"], int, "seed", "random seed"),
     CustomArgs(["--lr"], float, "optimizer;args;lr", "visual-encoder base learning rate"),
     CustomArgs(["--bs"], int, "data_loader;batch_size", "total batch size over all processes"),

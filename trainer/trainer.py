@@ -67,6 +67,8 @@ class Trainer(BaseTrainer):
         if ctx.distributed:
             self.train_model = DistributedDataParallel(model, device_ids=[ctx.device.index]
                                                        if ctx.device.type == "cuda" else None)
+        if config["trainer"].get("compile", False):  # the training forward only; evaluation stays eager
+            self.train_model = torch.compile(self.train_model)
         self.embeddings = embeddings.to(self.device)
         self.seen_object = torch.tensor(split.seen_object, device=self.device)
         self.train_loader, self.val_loader = train_loader, val_loader
