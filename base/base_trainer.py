@@ -69,12 +69,13 @@ class BaseTrainer:
                         self.mnt_best, not_improved, best = log[self.mnt_metric], 0, True
                     else:
                         not_improved += 1
-                if self.is_main and epoch % self.save_period == 0:
-                    self._save_checkpoint(self.run_dir / f"checkpoint-epoch{epoch}.pth", epoch)
-                if self.is_main and best:
+                if best:
                     self.best_path = self.run_dir / "model_best.pth"
+                if self.is_main and best:
                     self._save_checkpoint(self.best_path, epoch)
                     logger.info("saved model_best.pth (%s = %.2f)", self.mnt_metric, self.mnt_best)
+                if self.is_main and epoch % self.save_period == 0:
+                    self._save_checkpoint(self.run_dir / f"checkpoint-epoch{epoch}.pth", epoch)
                 if self.early_stop and not_improved >= self.early_stop:
                     logger.info("%s did not improve for %d evaluations: early stop", self.mnt_metric, not_improved)
                     break

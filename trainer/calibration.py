@@ -56,7 +56,8 @@ def _row(record: dict, sigma: float | None = None) -> dict:
     return row if sigma is None else {"sigma": sigma, **row}
 
 
-def summarize(records: Sequence[dict], ends: dict[str, dict], stacking: Sequence[dict] = ()) -> dict:
+def summarize(records: Sequence[dict], ends: dict[str, dict], stacking: Sequence[dict] = (),
+              calibration: str = "top2") -> dict:
     """Sweep summary from per-sigma metric records (percent), the two end records and the
     calibrated-stacking records of the AUSUC grid (the AUSUC curve)."""
     rows = [_row(r, r["sigma"]) for r in sorted(records, key=lambda r: r["sigma"])]
@@ -64,7 +65,8 @@ def summarize(records: Sequence[dict], ends: dict[str, dict], stacking: Sequence
     end_rows = {name: _row(rec) for name, rec in ends.items()}
     curve = [_row(r, r["sigma"]) for r in stacking]
     points = [(r["mIoU_unseen"] / 100, r["mIoU_seen"] / 100) for r in [*curve, *end_rows.values()]]
-    return {"rows": rows, "best": best, "ends": end_rows, "ausuc": round(ausuc(points), 6), "ausuc_curve": curve}
+    return {"calibration": calibration, "rows": rows, "best": best, "ends": end_rows,
+            "ausuc": round(ausuc(points), 6), "ausuc_curve": curve}
 
 
 def format_sweep_table(summary: dict) -> str:
@@ -96,7 +98,8 @@ def sweep_figure(summary: dict, title: str = ""):
     if curve:
         axis.plot([r["mIoU_unseen"] for r in curve], [r["mIoU_seen"] for r in curve], ".-", color="0.65", lw=1,
                   ms=3, zorder=1, label="calibrated stacking, 1e-3..1e3 (AUSUC)")
-    axis.plot(xs, ys, "o-", c="tab:blue", ms=4, lw=1, zorder=2, label="sigma sweep (top-2 calibration)")
+    rule = {"top2": "top-2", "all": "all-class"}.get(summary.get("calibration", "top2"), "top-2")
+    axis.plot(xs, ys, "o-", c="tab:blue", ms=4, lw=1, zorder=2, label=f"sigma sweep ({rule} calibration)")
     best = summary["best"]
     axis.scatter([best["mIoU_unseen"]], [best["mIoU_seen"]], marker="*", s=180, c="tab:red", zorder=3,
                  label=f"best harmonic: sigma {best['sigma']:.3g} ({best['mIoU_harmonic']:.1f})")

@@ -13,7 +13,7 @@ from trainer.official import convert_official, is_official
 from trainer.builders import build_optimizers, build_scheduler, build_semantic_encoder, build_visual_encoder
 from trainer.trainer import Trainer, seed_everything
 from utils.checkpoint import check_compatible, load_checkpoint, load_state
-from utils.distributed import DistContext
+from utils.distributed import DistContext, broadcast_object
 from utils.parse_config import ConfigParser
 from utils.util import ConfigError
 
@@ -163,12 +163,14 @@ def _dummy_optimizers(model, semantic_encoder):
 
 
 def _final_test(trainer: Trainer, ctx: DistContext) -> dict:
-    """Evaluate the best checkpoint (or the final weights when none was saved) as split 'test'."""
-    best = trainer.run_dir / "model_best.pth"
+    """Evaluate the best checkpoint (this run's, or the resumed run's when this one saved none;
+    else the final weights) as split 'test'."""
+    best = trainer.best_path
     if ctx.distributed:
         torch.distributed.barrier()
+        best = broadcast_object(best)
     epoch = trainer.completed_epoch
-    if best.is_file():
+    if best is not None and best.is_file():
         checkpoint = load_checkpoint(best)
         load_state(trainer.model, checkpoint["visual_encoder"], best, "visual encoder")
         load_state(trainer.semantic_encoder, checkpoint["semantic_encoder"], best, "semantic encoder")

@@ -210,7 +210,7 @@ class Trainer(BaseTrainer):
         if self.sweep:
             ends = {name: metrics_record(ev, self.split.names, float("nan")) for name, ev in result.extremes.items()}
             stacking = [metrics_record(ev, self.split.names, s) for ev, s in zip(result.stacking, AUSUC_GRID)]
-            summary = summarize(records, ends, stacking)
+            summary = summarize(records, ends, stacking, self.calibration)
         main = records[0] if self.sigma is not None else next(
             r for r in records if r["sigma"] == summary["best"]["sigma"])
         if summary is not None:
@@ -255,6 +255,7 @@ class Trainer(BaseTrainer):
                 "optimizer": self.optimizer.state_dict(), "optimizer_gen": self.optimizer_gen.state_dict(),
                 "lr_scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
                 "scaler": self.scaler.state_dict(), "monitor_best": self.mnt_best, "global_step": self.global_step,
+                "best_checkpoint": str(self.best_path) if self.best_path is not None else None,
                 "config": json.loads(json.dumps(self.config.config)), "class_split": self.split.to_dict(),
                 "embeddings": self.embeddings.detach().cpu(),
                 "architecture": architecture(self.config.config)}
@@ -288,6 +289,9 @@ class Trainer(BaseTrainer):
         self.start_epoch = int(checkpoint["epoch"]) + 1
         self.completed_epoch = int(checkpoint["epoch"])
         self.mnt_best = float(checkpoint.get("monitor_best", self.mnt_best))
+        # the best checkpoint so far may live in the run that is resumed
+        best = checkpoint.get("best_checkpoint")
+        self.best_path = Path(best) if best and Path(best).is_file() else None
         self.global_step = int(checkpoint.get("global_step", 0))
         if "rng" in checkpoint:
             set_rng_state(checkpoint["rng"])
