@@ -32,23 +32,10 @@ PEAK_TFLOPS: tuple[tuple[str, float, float], ...] = (
 )
 
 
-def _amp():
-    """``(amp_dtype, autocast_context)`` of the project (``utils.amp``; older trees: ``trainer.evaluate``)."""
-    try:
-        from utils.amp import amp_dtype, autocast_context
-    except ImportError:  # pragma: no cover - older layout
-        from trainer.evaluate import amp_dtype, autocast_context
-    return amp_dtype, autocast_context
-
-
 def config_sigma(inference: dict) -> float:
     """The (first) configured calibration factor ``inference.sigma``."""
-    spec = inference.get("sigma", 1.0)
-    try:
-        from trainer.calibration import sigma_values
-        values = sigma_values(spec)
-    except ImportError:  # pragma: no cover - older layout
-        values = [float(spec)]
+    from trainer.calibration import sigma_values
+    values = sigma_values(inference.get("sigma", 1.0))
     return float(values[0]) if values else 1.0
 
 
@@ -253,10 +240,7 @@ class Pieces:
     embeddings: torch.Tensor
     seen_object: torch.Tensor
     unseen_mask: torch.Tensor
-    loss_args: dict
-    ce_weight: float
-    bar_weight: float
-    bar_detach_features: bool
+    settings: object  # trainer.step.StepSettings
     sigma: float
     calibration: str
     split: object
@@ -291,20 +275,17 @@ def build_pieces(config: dict, problem: Problem, mode: Mode, device: torch.devic
     model.to(device, memory_format=mode.memory_format)
     semantic_encoder.to(device)
     optimizer, optimizer_gen = build_optimizers(parser, model, semantic_encoder)
-    amp_dtype, _ = _amp()
+    from trainer.step import StepSettings
+    from utils.amp import amp_dtype
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype(mode.amp) == torch.float16)
-    loss_cfg = config["loss"]
+    settings = StepSettings.from_config(config)
+    settings.amp, settings.channels_last = mode.amp, mode.channels_last
     unseen_mask = torch.zeros(split.num_classes, dtype=torch.bool, device=device)
     unseen_mask[list(split.unseen)] = True
     pieces = Pieces(
         mode=mode, device=device, model=model, semantic_encoder=semantic_encoder, optimizer=optimizer,
         optimizer_gen=optimizer_gen, scaler=scaler, embeddings=problem.embeddings.to(device),
-        seen_object=torch.tensor(split.seen_object, device=device), unseen_mask=unseen_mask,
-        loss_args={"ratio": float(loss_cfg["ratio"]), "temperature": float(loss_cfg["temperature"]),
-                   "alpha": float(loss_cfg["alpha"]),
-                   "sc_divide_by_num_classes": bool(loss_cfg.get("sc_divide_by_num_classes", False))},
-        ce_weight=float(loss_cfg.get("ce_weight", 1.0)), bar_weight=float(loss_cfg.get("bar_weight", 1.0)),
-        bar_detach_features=bool(loss_cfg.get("bar_detach_features", False)),
+        seen_object=torch.tensor(split.seen_object, device=device), unseen_mask=unseen_mask, settings=settings,
         sigma=config_sigma(config["inference"]), calibration=str(config["inference"].get("calibration", "top2")),
         split=split)
     if mode.compile:
@@ -313,27 +294,12 @@ def build_pieces(config: dict, problem: Problem, mode: Mode, device: torch.devic
 
 
 def train_step(p: Pieces, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """One training step exactly as ``Trainer._train_step`` (non-distributed, no scheduler):
-    visual encoder under autocast, losses in float32, SGD + Adam steps through the GradScaler."""
-    from model.loss import joem_loss
-    _, autocast_context = _amp()
-    if p.mode.channels_last:
-        images = images.contiguous(memory_format=torch.channels_last)
-    with autocast_context(p.device, p.mode.amp):
-        logits, features = p.train_fn(images)
-    features = features.float()
-    losses = joem_loss(logits.float(), features.detach() if p.bar_detach_features else features, labels,
-                       p.embeddings, p.semantic_encoder, p.seen_object, **p.loss_args)
-    total = p.ce_weight * losses["ce"] + p.bar_weight * losses["bar"] + p.loss_args["alpha"] * losses["sc"]
-    if not torch.isfinite(total):
-        raise FloatingPointError(f"loss is not finite ({float(total)})")
-    p.optimizer.zero_grad(set_to_none=True)
-    p.optimizer_gen.zero_grad(set_to_none=True)
-    p.scaler.scale(total).backward()
-    p.scaler.step(p.optimizer)
-    p.scaler.step(p.optimizer_gen)
-    p.scaler.update()
-    return total.detach()
+    """One training step: the Trainer's own ``trainer.step.train_step`` (non-distributed, no
+    scheduler) on the mode's (possibly compiled) visual encoder; returns the total loss."""
+    from trainer.step import train_step as joem_step
+    losses = joem_step(p.train_fn, p.semantic_encoder, p.optimizer, p.optimizer_gen, p.scaler, images, labels,
+                       p.embeddings, p.seen_object, p.settings)
+    return losses["total"]
 
 
 @torch.inference_mode()
@@ -345,17 +311,12 @@ def prototypes(p: Pieces) -> torch.Tensor:
 @torch.inference_mode()
 def eval_batch(p: Pieces, protos: torch.Tensor, images: torch.Tensor, labels: torch.Tensor,
                evaluator) -> torch.Tensor:
-    """One evaluation batch as ``trainer.evaluate.evaluate``: features under the mode's autocast,
-    calibrated nearest prototype at the label size, confusion-matrix accumulation."""
-    from model.inference import calibrated_nearest_prototype
-    _, autocast_context = _amp()
-    if p.mode.channels_last:
-        images = images.contiguous(memory_format=torch.channels_last)
-    with autocast_context(p.device, p.mode.amp):
-        features = p.features_fn(images)
-    extra = {} if p.calibration == "top2" else {"mode": p.calibration}
-    preds = calibrated_nearest_prototype(features.float(), protos, p.unseen_mask, p.sigma,
-                                         size=tuple(labels.shape[-2:]), **extra)
+    """One evaluation batch as ``trainer.evaluate.evaluate``: its ``batch_distances`` (features
+    under the mode's autocast, upsampled), calibration at the configured sigma, confusion matrix."""
+    from model.inference import calibrate
+    from trainer.evaluate import batch_distances
+    distances = batch_distances(p.features_fn, images, labels.shape[-2:], protos, p.mode.amp, p.mode.channels_last)
+    preds = calibrate(distances, p.unseen_mask, p.sigma, p.calibration)
     evaluator.add_batch(labels, preds)
     return preds
 

@@ -137,8 +137,8 @@ def test_sigma_sweep_in_one_pass_writes_table_plot_and_ausuc(trained, capsys):
 
 
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, cache, monkeypatch, capsys):
-    import trainer.trainer as trainer_module
-    real_loss, calls = trainer_module.joem_loss, {"n": 0}
+    import trainer.step as step_module
+    real_loss, calls = step_module.joem_loss, {"n": 0}
 
     def poisoned(*args, **kwargs):
         losses = real_loss(*args, **kwargs)
@@ -146,7 +146,7 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, cach
         if calls["n"] > 8:  # epoch 2 (epoch 1 has 7 steps)
             losses["ce"] = losses["ce"] * float("nan")
         return losses
-    monkeypatch.setattr(trainer_module, "joem_loss", poisoned)
+    monkeypatch.setattr(step_module, "joem_loss", poisoned)
     config = write_tiny_config(tmp_path, cache, trainer__epochs=3)
     assert _run("-c", config, "--run_id", "nan") == 3
     run = tmp_path / "saved" / "tiny" / "nan"

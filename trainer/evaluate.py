@@ -32,6 +32,17 @@ class EvalResult:
 AUSUC_GRID = [10 ** (k / 8) for k in range(-24, 25)]
 
 
+def batch_distances(features_fn, images: torch.Tensor, size: Sequence[int], prototypes: torch.Tensor,
+                    amp: str | bool | None = None, channels_last: bool = False) -> torch.Tensor:
+    """Squared distances N x K x H x W of a batch's full-resolution pixels to the prototypes:
+    ``features_fn`` (the visual encoder's ``features``) under autocast, upsampled to ``size``."""
+    if channels_last:
+        images = images.contiguous(memory_format=torch.channels_last)
+    with autocast_context(images.device, amp):
+        features = features_fn(images)
+    return squared_distances(upsample_features(features.float(), tuple(size)), prototypes)
+
+
 @torch.inference_mode()
 def evaluate(model: torch.nn.Module, semantic_encoder: torch.nn.Module, loader, embeddings: torch.Tensor,
              seen: Sequence[int], unseen: Sequence[int], sigmas: Sequence[float], *, device: torch.device,
@@ -62,11 +73,7 @@ def evaluate(model: torch.nn.Module, semantic_encoder: torch.nn.Module, loader, 
     for batch in tqdm(loader, desc=desc, leave=False, disable=not progress_enabled()):
         images = batch["image"].to(device, non_blocking=True)
         labels = batch["label"].to(device, non_blocking=True)
-        if channels_last:
-            images = images.contiguous(memory_format=torch.channels_last)
-        with autocast_context(device, amp):
-            features = model.features(images)
-        distances = squared_distances(upsample_features(features.float(), labels.shape[-2:]), prototypes)
+        distances = batch_distances(model.features, images, labels.shape[-2:], prototypes, amp, channels_last)
         if excluded:
             distances.masked_fill_(~allowed[None, :, None, None], float("inf"))
         preds = calibrate(distances, unseen_mask, sigma_tensor, calibration)

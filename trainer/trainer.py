@@ -16,10 +16,10 @@ from tqdm import tqdm
 
 from base.base_trainer import BaseTrainer, TrainingDiverged
 from model.inference import CALIBRATIONS
-from model.loss import joem_loss
+from trainer.step import NonFiniteLoss, StepSettings, train_step
 from trainer.evaluate import (AUSUC_GRID, evaluate, format_class_table, format_metrics_table,
                               metrics_record)
-from utils.amp import amp_dtype, autocast_context
+from utils.amp import amp_dtype
 from utils.checkpoint import architecture, save_checkpoint, set_rng_state
 from utils.distributed import DistContext, all_reduce_sum
 from utils.logger import progress_enabled
@@ -75,21 +75,14 @@ class Trainer(BaseTrainer):
         self.optimizer, self.optimizer_gen = optimizer, optimizer_gen
         self.scheduler, self.interval = scheduler, interval
         self.writer = writer
-        trainer_cfg, loss_cfg = config["trainer"], config["loss"]
-        self.amp = trainer_cfg.get("amp", False)
-        self.channels_last = bool(trainer_cfg.get("channels_last", False))
+        trainer_cfg = config["trainer"]
+        self.step_settings = StepSettings.from_config(config)
+        self.amp, self.channels_last = self.step_settings.amp, self.step_settings.channels_last
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=amp_dtype(self.amp) == torch.float16)
         self.val_period = int(trainer_cfg.get("val_period", 1))
         self.vis_images = int(trainer_cfg.get("tensorboard_images", 4))
         self.log_step = int(trainer_cfg.get("log_step", 50))
         self.seed = int(config.get("seed", 0))
-        self.loss_args = {"ratio": float(loss_cfg["ratio"]), "temperature": float(loss_cfg["temperature"]),
-                          "alpha": float(loss_cfg["alpha"]),
-                          "sc_divide_by_num_classes": bool(loss_cfg.get("sc_divide_by_num_classes", False))}
-        self.bar_weight = float(loss_cfg.get("bar_weight", 1.0))
-        self.ce_weight = float(loss_cfg.get("ce_weight", 1.0))
-        # Ablation switch: BAR trains only the semantic encoder (features detached).
-        self.bar_detach_features = bool(loss_cfg.get("bar_detach_features", False))
         # inference.sigma: one value, or several (a sweep whose best harmonic mIoU is reported);
         # inference.sweep: extra sigmas evaluated in the same pass (recorded in metrics.jsonl).
         sigmas = sigma_values(config["inference"]["sigma"])
@@ -110,33 +103,23 @@ class Trainer(BaseTrainer):
     def _train_step(self, batch: dict) -> dict[str, torch.Tensor]:
         images = batch["image"].to(self.device, non_blocking=True)
         labels = batch["label"].to(self.device, non_blocking=True)
-        if self.channels_last:
-            images = images.contiguous(memory_format=torch.channels_last)
-        with autocast_context(self.device, self.amp):
-            logits, features = self.train_model(images)
-        features = features.float()
-        losses = joem_loss(logits.float(), features.detach() if self.bar_detach_features else features, labels,
-                           self.embeddings, self.semantic_encoder, self.seen_object, **self.loss_args)
-        total = (self.ce_weight * losses["ce"] + self.bar_weight * losses["bar"]
-                 + self.loss_args["alpha"] * losses["sc"])
-        losses["total"] = total
-        if not torch.isfinite(total):
-            values = ", ".join(f"{k}={v.item():.4g}" for k, v in losses.items())
-            raise TrainingDiverged(f"loss is not finite at epoch {self.epoch}, step {self.global_step} ({values}); "
-                                   f"training stopped, the last good checkpoint in {self.run_dir} is kept")
-        self.optimizer.zero_grad(set_to_none=True)
-        self.optimizer_gen.zero_grad(set_to_none=True)
-        self.scaler.scale(total).backward()
-        if self.ctx.distributed:  # the semantic encoder is not DDP-wrapped: average its gradients here
-            for param in self.semantic_encoder.parameters():
-                if param.grad is not None:
-                    all_reduce_sum(param.grad).div_(self.ctx.world_size)
-        self.scaler.step(self.optimizer)
-        self.scaler.step(self.optimizer_gen)
-        self.scaler.update()
+        try:
+            losses = train_step(self.train_model, self.semantic_encoder, self.optimizer, self.optimizer_gen,
+                                self.scaler, images, labels, self.embeddings, self.seen_object, self.step_settings,
+                                self._average_semantic_gradients if self.ctx.distributed else None)
+        except NonFiniteLoss as err:
+            raise TrainingDiverged(f"loss is not finite at epoch {self.epoch}, step {self.global_step} "
+                                   f"({err.values}); training stopped, the last good checkpoint in "
+                                   f"{self.run_dir} is kept") from None
         if self.scheduler is not None and self.interval == "step":
             self.scheduler.step()
-        return {k: v.detach() for k, v in losses.items()}
+        return losses
+
+    def _average_semantic_gradients(self) -> None:
+        """The semantic encoder is not DDP-wrapped: average its gradients over processes."""
+        for param in self.semantic_encoder.parameters():
+            if param.grad is not None:
+                all_reduce_sum(param.grad).div_(self.ctx.world_size)
 
     def _begin_epoch(self, epoch: int) -> None:
         """Per-epoch seeding: the same epoch sees the same data order, augmentation and dropout

@@ -1,0 +1,71 @@
+"""One JoEm optimisation step (CE + BAR + alpha * SC), shared by the Trainer and the benchmarks."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from base.base_trainer import TrainingDiverged
+from model.loss import joem_loss
+from utils.amp import autocast_context
+
+
+@dataclass
+class StepSettings:
+    """Loss weights and numerics of a training step (from the config's ``loss``/``trainer``)."""
+
+    loss_args: dict = field(default_factory=dict)  # ratio, temperature, alpha, sc_divide_by_num_classes
+    ce_weight: float = 1.0
+    bar_weight: float = 1.0
+    bar_detach_features: bool = False  # ablation: BAR trains only the semantic encoder
+    amp: str | bool | None = None
+    channels_last: bool = False
+
+    @classmethod
+    def from_config(cls, config) -> "StepSettings":
+        loss, trainer = config["loss"], config["trainer"]
+        return cls({"ratio": float(loss["ratio"]), "temperature": float(loss["temperature"]),
+                    "alpha": float(loss["alpha"]),
+                    "sc_divide_by_num_classes": bool(loss.get("sc_divide_by_num_classes", False))},
+                   float(loss.get("ce_weight", 1.0)), float(loss.get("bar_weight", 1.0)),
+                   bool(loss.get("bar_detach_features", False)), trainer.get("amp", False),
+                   bool(trainer.get("channels_last", False)))
+
+
+class NonFiniteLoss(TrainingDiverged):
+    """The step's loss is NaN or Inf (nothing was updated); ``values`` names each loss."""
+
+    def __init__(self, values: str):
+        super().__init__(f"loss is not finite ({values})")
+        self.values = values
+
+
+def train_step(model: Callable, semantic_encoder: torch.nn.Module, optimizer: torch.optim.Optimizer,
+               optimizer_gen: torch.optim.Optimizer, scaler: torch.amp.GradScaler, images: torch.Tensor,
+               labels: torch.Tensor, embeddings: torch.Tensor, seen_object: torch.Tensor, settings: StepSettings,
+               after_backward: Callable[[], None] | None = None) -> dict[str, torch.Tensor]:
+    """Forward the visual encoder under autocast, losses in float32, both optimizers step through
+    the GradScaler (fp16). ``after_backward`` runs between backward and the optimizer steps (the
+    distributed gradient average of the semantic encoder). Returns the detached losses."""
+    if settings.channels_last:
+        images = images.contiguous(memory_format=torch.channels_last)
+    with autocast_context(images.device, settings.amp):
+        logits, features = model(images)
+    features = features.float()
+    losses = joem_loss(logits.float(), features.detach() if settings.bar_detach_features else features, labels,
+                       embeddings, semantic_encoder, seen_object, **settings.loss_args)
+    total = (settings.ce_weight * losses["ce"] + settings.bar_weight * losses["bar"]
+             + settings.loss_args["alpha"] * losses["sc"])
+    losses["total"] = total
+    if not torch.isfinite(total):
+        raise NonFiniteLoss(", ".join(f"{k}={v.item():.4g}" for k, v in losses.items()))
+    optimizer.zero_grad(set_to_none=True)
+    optimizer_gen.zero_grad(set_to_none=True)
+    scaler.scale(total).backward()
+    if after_backward is not None:
+        after_backward()
+    scaler.step(optimizer)
+    scaler.step(optimizer_gen)
+    scaler.update()
+    return {k: v.detach() for k, v in losses.items()}
