@@ -303,7 +303,7 @@ def _rates(part: dict | None) -> str:
 
 
 def table(results: dict) -> str:
-    settings, cuda = results["settings"], results["settings"]["device"] == "cuda"
+    cuda = results["settings"]["device"] == "cuda"
     unit = "TFLOP/s (MFU)" if cuda else "GFLOP/s"
     header = ["mode", "train img/s min/med/max", "+data img/s med", "eval img/s min/med/max",
               "peak mem train / eval", f"train {unit}", "speed-up train / eval"]

@@ -7,11 +7,11 @@ import os
 import platform
 import sys
 from datetime import datetime
-from pathlib import Path
 
 import torch
 import torchvision
 
+from utils.amp import parse_amp
 from utils.parse_config import ConfigParser, CustomArgs
 from utils.util import ConfigError
 
@@ -38,10 +38,6 @@ def _sweep(value: str) -> dict:
         raise argparse.ArgumentTypeError(f"--sweep expects low:high:num, e.g. 0.05:20:25, got {value!r}") from None
 
 
-def _amp(value: str):
-    return False if value.lower() in ("false", "none", "fp32", "0", "off") else value
-
-
 OVERRIDES = [
     CustomArgs(["--n_unseen"], _n_unseen, "data;unseen_classes", "number of unseen classes: the ZS3 split 2/4/6/8/10"),
     CustomArgs(["--ratio"], float, "loss;ratio", "BAR downsampling ratio"),
@@ -54,7 +50,7 @@ OVERRIDES = [
     CustomArgs(["--lr"], float, "optimizer;args;lr", "visual-encoder base learning rate"),
     CustomArgs(["--bs"], int, "data_loader;batch_size", "total batch size over all processes"),
     CustomArgs(["--epochs"], int, "trainer;epochs", "number of epochs"),
-    CustomArgs(["--amp"], _amp, "trainer;amp", "mixed precision: bf16, fp16 or false"),
+    CustomArgs(["--amp"], parse_amp, "trainer;amp", "mixed precision: bf16, fp16 or false"),
     CustomArgs(["--save_dir"], str, "trainer;save_dir", "root folder of run directories"),
 ]
 

@@ -1,7 +1,6 @@
 """One run from a resolved config: build data, encoders and optimizers; train or test."""
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 

@@ -8,7 +8,12 @@ import torch
 from utils.util import ConfigError
 
 AMP_DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16}
-_OFF = (None, False, "false", "none", "fp32")
+_OFF = (None, False, "false", "none", "fp32", "off", "0")
+
+
+def parse_amp(value: str) -> str | bool:
+    """A command-line ``--amp`` value: ``False`` for the spellings of "off", else the value."""
+    return False if value.lower() in _OFF else value
 
 
 def amp_dtype(amp: str | bool | None) -> torch.dtype | None:
