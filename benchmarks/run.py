@@ -44,6 +44,10 @@ def build_parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("-c", "--config", default=str(harness.DEFAULT_CONFIG),
                    help="training config (model, loss, optimizer, data and loader settings)")
+    p.add_argument("--data-config", default=None,
+                   help="config whose training set feeds the data-loader benchmark and the +data column "
+                        "(its data and data_loader sections; default: -c). Lets the official recipe (-c "
+                        "configs/config_pascal_zs3setting.json) be timed where only the synthetic data exists")
     p.add_argument("--backbone", type=int, default=101, choices=(18, 34, 50, 101), help="ResNet depth")
     p.add_argument("--crop", type=int, default=312, help="training crop (data.crop_size override)")
     p.add_argument("--batch", type=int, default=4, help="training batch size")
@@ -122,7 +126,11 @@ def resolve_settings(args: argparse.Namespace, parser: argparse.ArgumentParser) 
     if args.checkpoint and not Path(args.checkpoint).is_file():
         parser.error(f"--checkpoint: {args.checkpoint} not found")
     config = harness.load_config(config_path, args.backbone, args.crop)
-    loader_cfg = config.get("data_loader", {})
+    data_config_path = Path(args.data_config).resolve() if args.data_config else config_path
+    if not data_config_path.is_file():
+        parser.error(f"--data-config: {args.data_config} not found")
+    data_config = harness.load_config(data_config_path, args.backbone, args.crop)
+    loader_cfg = data_config.get("data_loader", {})
     workers = int(loader_cfg.get("num_workers", 0)) if args.workers is None else args.workers
     if workers < 0:
         parser.error("--workers: must be >= 0")
@@ -140,7 +148,8 @@ def resolve_settings(args: argparse.Namespace, parser: argparse.ArgumentParser) 
         if not set(data_modes) <= set(names):
             parser.error(f"--data-modes: {', '.join(sorted(set(data_modes) - set(names)))} not in --modes")
     return {
-        "config_path": str(config_path), "config": config, "backbone": args.backbone, "crop": args.crop,
+        "config_path": str(config_path), "config": config, "data_config_path": str(data_config_path),
+        "data": data_config["data"], "backbone": args.backbone, "crop": args.crop,
         "batch": args.batch, "eval_size": [width, height], "eval_images": args.eval_images,
         "eval_batch": args.eval_batch, "eval_warmup": args.eval_warmup, "eval_source": args.eval_source,
         "modes": names, "fast_mode": fast.name, "steps": args.steps, "warmup": args.warmup,
@@ -155,6 +164,8 @@ def resolve_settings(args: argparse.Namespace, parser: argparse.ArgumentParser) 
 
 
 def apply_runtime(settings: dict) -> None:
+    from utils.malloc import retain_freed_memory
+    retain_freed_memory()                      # as the training entry points do
     torch.set_num_threads(int(settings["threads"]))
     if settings["device"] == "cuda":
         torch.backends.cudnn.benchmark = bool(settings["cudnn_benchmark"])
@@ -356,7 +367,8 @@ def report(results: dict) -> str:
         f"torch {env['torch']} (torchvision {env['torchvision']}, python {env['python']}) on {env['host']}",
         f"CPU: {cpu['model']}; {cpu['physical_cores']} cores / {cpu['available_cpus']} CPUs available; "
         f"avx512_bf16: {'yes' if cpu['avx512_bf16'] else 'no'}; amx_bf16: {'yes' if cpu['amx_bf16'] else 'no'}; "
-        f"torch threads {settings['threads']}",
+        f"torch threads {settings['threads']}; glibc malloc tuning (utils.malloc): "
+        f"{'on' if env.get('malloc_tuning') else 'off'}",
         f"GPU: {gpu['name']} (cudnn.benchmark {gpu['cudnn_benchmark']}, cudnn TF32 {gpu['cudnn_allow_tf32']})"
         if gpu else "GPU: none used",
         f"config {settings['config_path']}; ResNet-{settings['backbone']} DeepLabV3+; crop {settings['crop']}, "
@@ -364,6 +376,8 @@ def report(results: dict) -> str:
         f"{settings['eval_images']} x {settings['eval_size'][0]}x{settings['eval_size'][1]} ({settings['eval_source']}), "
         f"batch {settings['eval_batch']}; device {settings['device']}",
     ]
+    if settings.get("data_config_path") and settings["data_config_path"] != settings["config_path"]:
+        lines.append(f"data (data loader, +data column): {settings['data_config_path']}")
     if results.get("problem_note"):
         lines.append(f"note: {results['problem_note']}")
     flops = results.get("flops") or {}

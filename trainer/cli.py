@@ -96,6 +96,8 @@ def _worker(rank: int | None, world_size: int | None, argv: list[str], default_c
     from base.base_trainer import TrainingDiverged
     from utils.distributed import broadcast_object, cleanup, init_process, parse_devices
     from utils.logger import setup_logging
+    from utils.malloc import retain_freed_memory
+    retain_freed_memory()
     parser = build_arg_parser(default_config)
     args = parser.parse_known_args(argv)[0]
     ctx = init_process(parse_devices(args.device), rank, world_size)
@@ -142,5 +144,7 @@ def environment_banner(ctx) -> str:
         devices = f"{ctx.world_size} x {name}"
     else:
         devices = f"CPU ({os.cpu_count()} cores, {torch.get_num_threads()} threads)"
+    from utils.malloc import retain_freed_memory
+    malloc = "freed memory retained" if retain_freed_memory() else "default"
     return (f"torch {torch.__version__}, torchvision {torchvision.__version__}, python {platform.python_version()}; "
-            f"devices: {devices}; processes: {ctx.world_size}")
+            f"devices: {devices}; processes: {ctx.world_size}; malloc: {malloc}")

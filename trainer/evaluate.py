@@ -8,7 +8,7 @@ from typing import Sequence
 import torch
 from tqdm import tqdm
 
-from model.inference import calibrate, restricted_nearest, squared_distances, stacked_nearest, upsample_features
+from model.inference import calibrate, restricted_nearest, stacked_nearest, upsampled_squared_distances
 from model.metric import Evaluator
 from utils.amp import autocast_context
 from utils.distributed import all_reduce_sum
@@ -40,7 +40,7 @@ def batch_distances(features_fn, images: torch.Tensor, size: Sequence[int], prot
         images = images.contiguous(memory_format=torch.channels_last)
     with autocast_context(images.device, amp):
         features = features_fn(images)
-    return squared_distances(upsample_features(features.float(), tuple(size)), prototypes)
+    return upsampled_squared_distances(features, prototypes, tuple(size))
 
 
 @torch.inference_mode()

@@ -1,0 +1,132 @@
+"""The ASPP's 3x3 atrous convolutions computed tap by tap (same parameters as ``nn.Conv2d``).
+
+At the ASPP's feature sizes (20 x 20 for a 312 crop, 24 x 32 for a 500 x 375 image) the
+dilations 12 and 18 put most of each off-centre tap in the zero padding. oneDNN still multiplies
+the padding (its bf16 kernels run these convolutions at a third of the rate of an undilated one),
+and it has no fast weight-gradient kernel for a dilation this large relative to the input (a
+generic GEMM path, about 10% of a ResNet-101 training step on a 2-core CPU). Here each of the 9
+taps is a 1x1 convolution (a matrix product over channels) of the input rows/columns that land
+inside the image, added into the output rows/columns it reaches: the same sum, without the
+zeros, in forward and backward. Products are accumulated in float32 (as oneDNN does).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+Tap = tuple[int, int, slice, slice, slice, slice]  # ky, kx, output rows, output cols, input rows, input cols
+
+
+def _span(size: int, offset: int) -> tuple[slice, slice] | None:
+    """(output, input) index ranges where ``input = output + offset`` stays inside ``size``."""
+    if abs(offset) >= size:
+        return None
+    return slice(max(0, -offset), size - max(0, offset)), slice(max(0, offset), size + min(0, offset))
+
+
+def valid_taps(height: int, width: int, dilation: int) -> list[Tap]:
+    """The taps of a 3x3 convolution (padding = dilation) that touch the image, centre first."""
+    taps = []
+    for ky, kx in [(1, 1)] + [(y, x) for y in range(3) for x in range(3) if (y, x) != (1, 1)]:
+        rows, cols = _span(height, (ky - 1) * dilation), _span(width, (kx - 1) * dilation)
+        if rows is not None and cols is not None:
+            taps.append((ky, kx, rows[0], cols[0], rows[1], cols[1]))
+    return taps
+
+
+def _rows(t: torch.Tensor) -> torch.Tensor:
+    """N x H x W x D -> (N H W) x D (a copy only when ``t`` is a strided window)."""
+    return t.reshape(-1, t.shape[-1])
+
+
+def _product(t: torch.Tensor, matrix: torch.Tensor) -> torch.Tensor:
+    """``t @ matrix`` for an N x H x W x D window ``t``, as one 2-D matrix product (a batched
+    product over a strided window can be 50x slower on CPU)."""
+    return (_rows(t) @ matrix).view(*t.shape[:-1], matrix.shape[-1])
+
+
+def _linear(t: torch.Tensor, matrix: torch.Tensor) -> torch.Tensor:
+    """``t @ matrix.T`` like :func:`_product`, without copying the transposed ``matrix``."""
+    return F.linear(_rows(t), matrix).view(*t.shape[:-1], matrix.shape[0])
+
+
+def _accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.promote_types(dtype, torch.float32)
+
+
+class _TapConvolution(torch.autograd.Function):
+    """3x3 convolution with padding = dilation, tap by tap, computed in ``dtype``: ``x``
+    N x C x H x W (cast to ``dtype``) and ``weight`` O x C x 3 x 3 (any float dtype; its
+    gradient comes back in that dtype). Returns N x O x H x W in channels_last memory."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, dilation: int, dtype: torch.dtype) -> torch.Tensor:
+        x = x.to(dtype)
+        _, _, h, w = x.shape
+        pixels = x.permute(0, 2, 3, 1)                                   # N x H x W x C
+        kernel = weight.permute(2, 3, 0, 1).to(dtype, memory_format=torch.contiguous_format)  # 3 x 3 x O x C
+        taps = valid_taps(h, w, dilation)
+        out = _linear(pixels, kernel[1, 1]).to(_accumulation_dtype(dtype))  # the centre tap covers all
+        for ky, kx, oy, ox, iy, ix in taps[1:]:
+            out[:, oy, ox] += _linear(pixels[:, iy, ix], kernel[ky, kx])
+        ctx.save_for_backward(x, kernel)
+        ctx.dilation, ctx.weight_dtype = dilation, weight.dtype
+        return out.to(dtype).permute(0, 3, 1, 2)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        x, kernel = ctx.saved_tensors
+        _, _, h, w = x.shape
+        taps = valid_taps(h, w, ctx.dilation)
+        grad = grad.to(x.dtype).permute(0, 2, 3, 1)                      # N x H x W x O
+        pixels = x.permute(0, 2, 3, 1)
+        grad_x = grad_w = None
+        if ctx.needs_input_grad[0]:
+            acc = _product(grad, kernel[1, 1]).to(_accumulation_dtype(x.dtype))  # N x H x W x C
+            for ky, kx, oy, ox, iy, ix in taps[1:]:
+                acc[:, iy, ix] += _product(grad[:, oy, ox], kernel[ky, kx])
+            grad_x = acc.to(x.dtype).permute(0, 3, 1, 2)
+        if ctx.needs_input_grad[1]:
+            grad_w = torch.zeros(*kernel.shape[2:], 3, 3, dtype=ctx.weight_dtype, device=x.device)
+            for ky, kx, oy, ox, iy, ix in taps:
+                grad_w[:, :, ky, kx] = _rows(grad[:, oy, ox]).T @ _rows(pixels[:, iy, ix])
+        return grad_x, grad_w, None, None
+
+
+class AtrousConv2d(nn.Conv2d):
+    """``nn.Conv2d(in, out, 3, padding=d, dilation=d, bias=False)`` (same ``weight``, so
+    checkpoints are unchanged) whose forward computes only the taps inside the image where
+    that is faster (:meth:`use_taps`), and is the plain convolution elsewhere.
+
+    Follows autocast like ``nn.Conv2d`` (input and weight in the autocast dtype). The output is
+    channels_last in memory when the input is (contiguous inputs get a contiguous output)."""
+
+    def __init__(self, in_channels: int, out_channels: int, dilation: int):
+        super().__init__(in_channels, out_channels, 3, padding=dilation, dilation=dilation, bias=False)
+
+    def use_taps(self, x: torch.Tensor) -> bool:
+        """Where the tap-by-tap form was measured faster (oneDNN on a CPU with AVX-512 BF16/AMX):
+        always in reduced precision (autocast or a bf16/fp16 input); in float32 only for training
+        when the dilated kernel spans the input (``2 d >= min(H, W)``: the GEMM weight-gradient
+        path). Not on other devices (cuDNN has not been measured)."""
+        if x.device.type != "cpu":
+            return False
+        if torch.is_autocast_enabled("cpu") or x.dtype in (torch.bfloat16, torch.float16):
+            return True
+        return torch.is_grad_enabled() and 2 * self.dilation[0] >= min(x.shape[-2:])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.use_taps(x):
+            return super().forward(x)
+        return tap_convolution(x, self.weight, self.dilation[0])
+
+
+def tap_convolution(x: torch.Tensor, weight: torch.Tensor, dilation: int) -> torch.Tensor:
+    """``F.conv2d(x, weight, padding=dilation, dilation=dilation)`` (3x3, no bias) tap by tap,
+    in the autocast dtype when autocast is on (like ``F.conv2d``), else in ``x``'s dtype; the
+    output keeps the input's memory format."""
+    device = x.device.type
+    dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
+    out = _TapConvolution.apply(x, weight, dilation, dtype)
+    return out if x.is_contiguous(memory_format=torch.channels_last) else out.contiguous()

@@ -1,0 +1,40 @@
+"""Keep freed heap memory in the process (glibc ``mallopt``): fewer page faults per step.
+
+A training step allocates and frees hundreds of MB of activations. glibc serves blocks above
+its (adaptive) mmap threshold with fresh ``mmap`` pages and trims the heap top after ``free``,
+so every step faults the same memory in again (about 50,000 minor page faults, 0.1-0.3 s of a
+1.3 s ResNet-101 bf16 step on a 2-core CPU). Raising the mmap threshold to glibc's maximum
+(32 MiB) and disabling trimming keeps that memory mapped for reuse; the resident size stays at
+its peak instead of shrinking between steps. ``JOEM_MALLOC_TUNING=0`` turns it off.
+"""
+from __future__ import annotations
+
+import ctypes
+import os
+import platform
+
+_M_TRIM_THRESHOLD = -1
+_M_MMAP_THRESHOLD = -3
+_MMAP_THRESHOLD_MAX = 32 * 1024 * 1024          # glibc refuses larger values on 64-bit
+_TRIM_NEVER = 2 ** 31 - 1                       # mallopt takes an int
+_state: dict[str, bool] = {}
+
+
+def retain_freed_memory() -> bool:
+    """Apply the tuning once per process (Linux/glibc only); True when it is in effect."""
+    if "applied" not in _state:
+        _state["applied"] = _apply()
+    return _state["applied"]
+
+
+def _apply() -> bool:
+    if os.environ.get("JOEM_MALLOC_TUNING", "1").strip().lower() in ("0", "false", "off", "no"):
+        return False
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        return False
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        return bool(libc.mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD_MAX)) and bool(
+            libc.mallopt(_M_TRIM_THRESHOLD, _TRIM_NEVER))
+    except (OSError, AttributeError):
+        return False
