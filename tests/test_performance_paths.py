@@ -111,3 +111,24 @@ def test_allocator_tuning_is_idempotent_and_can_be_turned_off():
                          env={**os.environ, "JOEM_MALLOC_TUNING": "0"},
                          cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     assert off.stdout.strip() == "False"
+
+
+def test_image_pool_branch_runs_in_float32_and_gradients_stay_channels_last():
+    torch.manual_seed(0)
+    model = DeepLabV3Plus(5, backbone=18).to(memory_format=torch.channels_last).train()
+    seen = {}
+    model.aspp.convs[4][2].register_forward_hook(lambda m, args, out: seen.setdefault("bn_input", args[0].dtype))
+
+    def capture(module, args):
+        view = args[0].view_as(args[0])
+        view.register_hook(lambda g: seen.setdefault("aspp_input_grad", g))
+        return (view,)
+    model.aspp.register_forward_pre_hook(capture)
+    images = torch.randn(2, 3, 64, 64).contiguous(memory_format=torch.channels_last)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits, features = model(images)
+    assert seen["bn_input"] == torch.float32 and features.dtype == torch.bfloat16
+    assert logits.dtype == torch.float32 and logits.shape == (2, 5, 64, 64)
+    (logits.mean() + features.float().pow(2).mean()).backward()
+    grad = seen["aspp_input_grad"]
+    assert grad.is_contiguous(memory_format=torch.channels_last) and not grad.is_contiguous()
