@@ -117,11 +117,11 @@ def test_image_pool_branch_runs_in_float32_and_gradients_stay_channels_last():
     torch.manual_seed(0)
     model = DeepLabV3Plus(5, backbone=18).to(memory_format=torch.channels_last).train()
     seen = {}
-    model.aspp.convs[4][2].register_forward_hook(lambda m, args, out: seen.setdefault("bn_input", args[0].dtype))
+    model.aspp.convs[4][2].register_forward_hook(lambda m, args, out: seen.update(bn_input=args[0].dtype))
 
     def capture(module, args):
         view = args[0].view_as(args[0])
-        view.register_hook(lambda g: seen.setdefault("aspp_input_grad", g))
+        view.register_hook(lambda g: seen.update(aspp_input_grad=g))
         return (view,)
     model.aspp.register_forward_pre_hook(capture)
     images = torch.randn(2, 3, 64, 64).contiguous(memory_format=torch.channels_last)
