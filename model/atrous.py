@@ -7,7 +7,8 @@ and it has no fast weight-gradient kernel for a dilation this large relative to 
 generic GEMM path, about 10% of a ResNet-101 training step on a 2-core CPU). Here each of the 9
 taps is a 1x1 convolution (a matrix product over channels) of the input rows/columns that land
 inside the image, added into the output rows/columns it reaches: the same sum, without the
-zeros, in forward and backward. Products are accumulated in float32 (as oneDNN does).
+zeros, in forward and backward. The taps are summed in float32; each tap's product is rounded
+to the compute dtype first (in bf16 the error is about 1.3x that of oneDNN's single rounding).
 """
 from __future__ import annotations
 
