@@ -147,18 +147,14 @@ def cpu_info() -> dict:
             "available_cpus": len(available_cpus()), "physical_cores": physical_cores()}
 
 
-def _malloc_tuning() -> bool:
-    from utils.malloc import retain_freed_memory
-    return retain_freed_memory()
-
-
 def environment(device: torch.device) -> dict:
     import torchvision
+    from utils.malloc import retain_freed_memory
     env = {"host": socket.gethostname(), "python": platform.python_version(), "platform": platform.platform(),
            "torch": torch.__version__, "torchvision": torchvision.__version__, "cpu": cpu_info(),
            "cpu_capability": torch.backends.cpu.get_cpu_capability(),
            "mkldnn": torch.backends.mkldnn.is_available(), "threads": torch.get_num_threads(),
-           "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS"), "malloc_tuning": _malloc_tuning(), "gpu": None}
+           "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS"), "malloc_tuning": retain_freed_memory(), "gpu": None}
     if device.type == "cuda":
         props = torch.cuda.get_device_properties(device)
         env["gpu"] = {"name": props.name, "capability": f"{props.major}.{props.minor}",

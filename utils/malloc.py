@@ -10,6 +10,7 @@ its peak instead of shrinking between steps. ``JOEM_MALLOC_TUNING=0`` turns it o
 from __future__ import annotations
 
 import ctypes
+import functools
 import os
 import platform
 
@@ -17,17 +18,11 @@ _M_TRIM_THRESHOLD = -1
 _M_MMAP_THRESHOLD = -3
 _MMAP_THRESHOLD_MAX = 32 * 1024 * 1024          # glibc refuses larger values on 64-bit
 _TRIM_NEVER = 2 ** 31 - 1                       # mallopt takes an int
-_state: dict[str, bool] = {}
 
 
+@functools.cache
 def retain_freed_memory() -> bool:
     """Apply the tuning once per process (Linux/glibc only); True when it is in effect."""
-    if "applied" not in _state:
-        _state["applied"] = _apply()
-    return _state["applied"]
-
-
-def _apply() -> bool:
     if os.environ.get("JOEM_MALLOC_TUNING", "1").strip().lower() in ("0", "false", "off", "no"):
         return False
     if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
