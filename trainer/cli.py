@@ -148,3 +148,7 @@ def environment_banner(ctx) -> str:
     malloc = "freed memory retained" if retain_freed_memory() else "default"
     return (f"torch {torch.__version__}, torchvision {torchvision.__version__}, python {platform.python_version()}; "
             f"devices: {devices}; processes: {ctx.world_size}; malloc: {malloc}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
