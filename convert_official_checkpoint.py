@@ -8,9 +8,10 @@ import logging
 import sys
 from pathlib import Path
 
-from trainer.official import convert_official
+from model.official import convert_official
 from utils.checkpoint import save_checkpoint
-from utils.util import ConfigError, read_json
+from utils.parse_config import load_config
+from utils.util import ConfigError
 
 
 def main(argv=None) -> int:
@@ -24,7 +25,7 @@ def main(argv=None) -> int:
         out = Path(args.out)
         if out.exists():
             raise ConfigError(f"{out}: exists; choose another --out (nothing is overwritten)")
-        content = convert_official(args.resume, read_json(args.config), args.config)
+        content = convert_official(args.resume, load_config(args.config), args.config)
         for key in ("format", "version"):  # save_checkpoint writes its own
             del content[key]
         save_checkpoint(out, **content)

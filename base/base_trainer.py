@@ -6,8 +6,6 @@ import math
 from abc import abstractmethod
 from pathlib import Path
 
-from utils.util import ConfigError
-
 logger = logging.getLogger("joem")
 
 
@@ -18,25 +16,22 @@ class TrainingDiverged(RuntimeError):
 class BaseTrainer:
     """Runs ``_train_epoch`` for each epoch, tracks the monitored metric, saves checkpoints.
 
-    Subclasses implement ``_train_epoch(epoch) -> dict`` (with the monitored key when the
-    epoch was evaluated) and ``_save_checkpoint(path, epoch)``.
+    ``settings``: the ``trainer`` section (``epochs``, ``save_period``, ``monitor``,
+    ``early_stop``). Subclasses implement ``_train_epoch(epoch) -> dict`` (with the monitored
+    key when the epoch was evaluated) and ``_save_checkpoint(path, epoch)``.
     """
 
-    def __init__(self, trainer_cfg: dict, run_dir: Path, is_main: bool = True):
+    def __init__(self, settings, run_dir: Path, is_main: bool = True):
         self.run_dir = Path(run_dir)
         self.is_main = is_main
-        self.epochs = int(trainer_cfg["epochs"])
-        self.save_period = int(trainer_cfg.get("save_period", 1))
-        monitor = trainer_cfg.get("monitor", "off")
-        if monitor == "off":
+        self.epochs = settings.epochs
+        self.save_period = settings.save_period
+        if settings.monitor == "off":
             self.mnt_mode, self.mnt_metric = "off", None
         else:
-            parts = monitor.split()
-            if len(parts) != 2 or parts[0] not in ("min", "max"):
-                raise ConfigError(f"trainer.monitor: expected 'max <metric>', 'min <metric>' or 'off', got {monitor!r}")
-            self.mnt_mode, self.mnt_metric = parts
+            self.mnt_mode, self.mnt_metric = settings.monitor.split()
         self.mnt_best = -math.inf if self.mnt_mode == "max" else math.inf
-        self.early_stop = int(trainer_cfg.get("early_stop", 0) or 0)
+        self.early_stop = settings.early_stop
         self.start_epoch = 1
         self.epoch = 0
         self.completed_epoch = 0

@@ -1,13 +1,8 @@
-"""Building blocks of the benchmark: modes, environment, config, the training step (mirrors
-``Trainer._train_step``), evaluation (mirrors ``trainer.evaluate.evaluate``), synthetic batches,
-timing, peak memory and FLOP counting."""
+"""Building blocks of the benchmark: modes, config, the pieces of a run (the project's own
+builder, training step and inference path), synthetic batches, timing, peak memory, FLOPs."""
 from __future__ import annotations
 
-import copy
-import os
-import platform
 import resource
-import socket
 import statistics
 import sys
 import time
@@ -30,13 +25,6 @@ PEAK_TFLOPS: tuple[tuple[str, float, float], ...] = (
     ("H200", 989.0, 67.0),
     ("A100", 312.0, 19.5),
 )
-
-
-def config_sigma(inference: dict) -> float:
-    """The (first) configured calibration factor ``inference.sigma``."""
-    from trainer.calibration import sigma_values
-    values = sigma_values(inference.get("sigma", 1.0))
-    return float(values[0]) if values else 1.0
 
 
 def _first(err: BaseException) -> str:
@@ -95,77 +83,6 @@ class Mode:
         return torch.channels_last if self.channels_last else torch.contiguous_format
 
 
-# --- environment ----------------------------------------------------------------------------
-def _cpuinfo_blocks() -> list[dict[str, str]]:
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return []
-    blocks = []
-    for chunk in text.split("\n\n"):
-        fields = {}
-        for line in chunk.splitlines():
-            key, _, value = line.partition(":")
-            fields[key.strip()] = value.strip()
-        if "processor" in fields:
-            blocks.append(fields)
-    return blocks
-
-
-def available_cpus() -> set[int]:
-    try:
-        return set(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        return set(range(os.cpu_count() or 1))
-
-
-def physical_cores() -> int | None:
-    """Physical cores among the CPUs this process may run on (None when /proc/cpuinfo says nothing)."""
-    cpus, cores = available_cpus(), set()
-    for block in _cpuinfo_blocks():
-        try:
-            processor = int(block["processor"])
-        except ValueError:
-            continue
-        if processor in cpus:
-            cores.add((block.get("physical id", "0"), block.get("core id", str(processor))))
-    return len(cores) or None
-
-
-def default_threads() -> int:
-    """The machine's cores available to this process (physical cores when known)."""
-    return physical_cores() or len(available_cpus()) or 1
-
-
-def cpu_info() -> dict:
-    blocks = _cpuinfo_blocks()
-    first = blocks[0] if blocks else {}
-    flags = set(first.get("flags", "").split())
-    return {"model": first.get("model name") or platform.processor() or platform.machine(),
-            "avx512_bf16": "avx512_bf16" in flags, "amx_bf16": "amx_bf16" in flags,
-            "avx512f": "avx512f" in flags, "logical_cpus": os.cpu_count(),
-            "available_cpus": len(available_cpus()), "physical_cores": physical_cores()}
-
-
-def environment(device: torch.device) -> dict:
-    import torchvision
-    from utils.malloc import retain_freed_memory
-    env = {"host": socket.gethostname(), "python": platform.python_version(), "platform": platform.platform(),
-           "torch": torch.__version__, "torchvision": torchvision.__version__, "cpu": cpu_info(),
-           "cpu_capability": torch.backends.cpu.get_cpu_capability(),
-           "mkldnn": torch.backends.mkldnn.is_available(), "threads": torch.get_num_threads(),
-           "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS"), "malloc_tuning": retain_freed_memory(), "gpu": None}
-    if device.type == "cuda":
-        props = torch.cuda.get_device_properties(device)
-        env["gpu"] = {"name": props.name, "capability": f"{props.major}.{props.minor}",
-                      "memory_bytes": props.total_memory, "count": torch.cuda.device_count(),
-                      "cuda": torch.version.cuda, "cudnn": torch.backends.cudnn.version(),
-                      "matmul_allow_tf32": torch.backends.cuda.matmul.allow_tf32,
-                      "cudnn_allow_tf32": torch.backends.cudnn.allow_tf32,
-                      "cudnn_benchmark": torch.backends.cudnn.benchmark}
-    return env
-
-
 def peak_tflops(gpu_name: str | None, precision: str) -> float | None:
     """Dense peak TFLOP/s of the GPU for ``precision`` (bf16/fp16 -> tensor cores), None if unknown."""
     if not gpu_name:
@@ -180,23 +97,14 @@ def peak_tflops(gpu_name: str | None, precision: str) -> float | None:
 def load_config(path: str | Path, backbone: int, crop: int) -> dict:
     """The config with the benchmark's overrides: ResNet depth, ``data.crop_size`` = crop (and
     ``data.base_size`` raised to the crop so images are scaled to about the crop size)."""
-    from utils.util import read_json
-    config = copy.deepcopy(read_json(path))
-    config = _plain(config)
+    from utils.parse_config import load_config as load_json_config
+    config = load_json_config(path)
     config.setdefault("model", {}).setdefault("args", {})["backbone"] = int(backbone)
     data = config.setdefault("data", {})
     data["crop_size"] = int(crop)
     if int(data.get("base_size", crop)) < crop:
         data["base_size"] = int(crop)
     return config
-
-
-def _plain(value):
-    if isinstance(value, dict):
-        return {k: _plain(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_plain(v) for v in value]
-    return value
 
 
 @dataclass
@@ -227,6 +135,13 @@ def load_problem(config: dict, source: str) -> Problem:
 
 
 # --- the pieces of a training run -------------------------------------------------------------
+class _CompiledFeatures:
+    """Stands in for the model in the inference path: ``features`` is the compiled function."""
+
+    def __init__(self, features: Callable):
+        self.features = features
+
+
 @dataclass
 class Pieces:
     """Everything ``Trainer._train_step`` and ``evaluate`` use, built by the project's builders."""
@@ -248,47 +163,44 @@ class Pieces:
 
     def __post_init__(self) -> None:
         self.train_fn: Callable = self.model
-        self.features_fn: Callable = self.model.features
+        self.features_model = self.model   # what evaluation calls ``.features`` on
 
     def compile(self) -> None:
         """``torch.compile`` the visual encoder (training forward and ``features`` for evaluation).
         Compilation itself happens lazily at the first call (the first warm-up step)."""
         self.train_fn = torch.compile(self.model)
-        self.features_fn = torch.compile(self.model.features)
+        self.features_model = _CompiledFeatures(torch.compile(self.model.features))
 
 
 def build_pieces(config: dict, problem: Problem, mode: Mode, device: torch.device, seed: int,
                  checkpoint: str | None = None) -> Pieces:
-    from trainer.builders import build_optimizers, build_semantic_encoder, build_visual_encoder
-    from utils.checkpoint import load_checkpoint, load_state
-    from utils.parse_config import ConfigParser
-
-    parser = ConfigParser(config, create_dirs=False)
-    split = problem.split
-    torch.manual_seed(seed)
-    model = build_visual_encoder(parser, split.num_classes, load_pretrained=False)
-    feature_dim = model.decoder.pred_conv.in_channels
-    semantic_encoder = build_semantic_encoder(parser, problem.embeddings.shape[1], feature_dim)
-    if checkpoint:
-        state = load_checkpoint(checkpoint)
-        load_state(model, state["visual_encoder"], checkpoint, "visual encoder")
-        load_state(semantic_encoder, state["semantic_encoder"], checkpoint, "semantic encoder")
-    model.to(device, memory_format=mode.memory_format)
-    semantic_encoder.to(device)
-    optimizer, optimizer_gen = build_optimizers(parser, model, semantic_encoder)
+    """The run's pieces from the config, by the builders the Trainer uses (weights from
+    ``checkpoint`` when given)."""
+    from model.builder import build_encoders, load_encoder_weights, place
+    from model.inference import InferenceSettings
+    from model.trained import read_model_checkpoint
+    from trainer.optim import build_optimizers
     from trainer.step import StepSettings
     from utils.amp import amp_dtype
+
+    split = problem.split
+    torch.manual_seed(seed)
+    model, semantic_encoder = build_encoders(config, split.num_classes, problem.embeddings.shape[1], pretrained=False)
+    if checkpoint:
+        load_encoder_weights(model, semantic_encoder, read_model_checkpoint(checkpoint, config), checkpoint)
+    place(model, semantic_encoder, device, mode.channels_last)
+    optimizer, optimizer_gen = build_optimizers(config, model, semantic_encoder)
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype(mode.amp) == torch.float16)
     settings = StepSettings.from_config(config)
     settings.amp, settings.channels_last = mode.amp, mode.channels_last
     unseen_mask = torch.zeros(split.num_classes, dtype=torch.bool, device=device)
     unseen_mask[list(split.unseen)] = True
+    inference = InferenceSettings.from_config(config["inference"])
     pieces = Pieces(
         mode=mode, device=device, model=model, semantic_encoder=semantic_encoder, optimizer=optimizer,
         optimizer_gen=optimizer_gen, scaler=scaler, embeddings=problem.embeddings.to(device),
         seen_object=torch.tensor(split.seen_object, device=device), unseen_mask=unseen_mask, settings=settings,
-        sigma=config_sigma(config["inference"]), calibration=str(config["inference"].get("calibration", "top2")),
-        split=split)
+        sigma=inference.sigmas[0], calibration=inference.calibration, split=split)
     if mode.compile:
         pieces.compile()
     return pieces
@@ -312,12 +224,12 @@ def prototypes(p: Pieces) -> torch.Tensor:
 @torch.inference_mode()
 def eval_batch(p: Pieces, protos: torch.Tensor, images: torch.Tensor, labels: torch.Tensor,
                evaluator) -> torch.Tensor:
-    """One evaluation batch as ``trainer.evaluate.evaluate``: its ``batch_distances`` (features
-    under the mode's autocast, upsampled), calibration at the configured sigma, confusion matrix."""
-    from model.inference import calibrate
-    from trainer.evaluate import batch_distances
-    distances = batch_distances(p.features_fn, images, labels.shape[-2:], protos, p.mode.amp, p.mode.channels_last)
-    preds = calibrate(distances, p.unseen_mask, p.sigma, p.calibration)
+    """One evaluation batch through the project's inference path (``model.segment.segment``:
+    features under the mode's autocast, full-resolution calibrated nearest prototype at the
+    configured sigma), then the confusion matrix."""
+    from model.segment import segment
+    preds = segment(p.features_model, images, protos, p.unseen_mask, p.sigma, calibration=p.calibration,
+                    amp=p.mode.amp, channels_last=p.mode.channels_last)
     evaluator.add_batch(labels, preds)
     return preds
 

@@ -32,6 +32,7 @@ import torch
 
 from benchmarks import harness
 from benchmarks.harness import Mode, log
+from utils.environment import default_threads, environment
 
 SKIPPABLE = ("train", "eval", "data", "parity")
 DEFAULT_MODES = "fp32,bf16,bf16+cl,fp32+cl,bf16+cl+compile"
@@ -156,7 +157,7 @@ def resolve_settings(args: argparse.Namespace, parser: argparse.ArgumentParser) 
         "device": args.device, "workers": workers, "pin_memory": bool(loader_cfg.get("pin_memory", False)),
         "data_batches": args.data_batches, "data_modes": data_modes, "parity_steps": args.parity_steps,
         "parity_dropout": args.parity_dropout,
-        "threads": args.threads or harness.default_threads(),
+        "threads": args.threads or default_threads(),
         "seed": int(config.get("seed", 0)) if args.seed is None else args.seed,
         "checkpoint": str(Path(args.checkpoint).resolve()) if args.checkpoint else None,
         "cudnn_benchmark": args.cudnn_benchmark, "skip": skip, "in_process": args.in_process,
@@ -432,7 +433,7 @@ def main(argv: list[str] | None = None) -> int:
     settings = resolve_settings(args, parser)
     apply_runtime(settings)
     device = torch.device(settings["device"])
-    env = harness.environment(device)
+    env = environment(device)
     started = time.perf_counter()
     results: dict = {"schema": SCHEMA, "created": datetime.now().isoformat(timespec="seconds"),
                      "command": [sys.executable, "-m", "benchmarks.run", *(argv if argv is not None else sys.argv[1:])],

@@ -14,7 +14,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 from torch.utils.data import Dataset
 
 from data_loader.classes import canonical_name, class_index
@@ -42,14 +42,18 @@ def _first_line(err: BaseException) -> str:
     return f"{type(err).__name__}: {text[0]}" if text else type(err).__name__
 
 
-def read_image(path: Path) -> torch.Tensor:
-    """Decode an RGB image file to a uint8 tensor 3xHxW; DataError naming the file on failure."""
+def read_image(path: Path, exif_transpose: bool = False) -> torch.Tensor:
+    """Decode an RGB image file to a uint8 tensor 3xHxW; DataError naming the file on failure.
+
+    ``exif_transpose`` turns the image as its EXIF orientation says (photos to segment; not for
+    datasets, whose label maps follow the stored pixel grid)."""
     if not path.is_file():
         raise DataError(f"{path}: image file not found")
     try:
         with Image.open(path) as img:
+            img = ImageOps.exif_transpose(img) if exif_transpose else img
             array = np.array(img if img.mode == "RGB" else img.convert("RGB"))
-    except (OSError, UnidentifiedImageError, ValueError) as err:
+    except (OSError, UnidentifiedImageError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
         raise DataError(f"{path}: cannot read image ({_first_line(err)})") from None
     return torch.from_numpy(array).permute(2, 0, 1)
 

@@ -1,10 +1,11 @@
-"""DataLoader factory: seeded shuffling, distributed sampling, padding collate, worker seeding."""
+"""DataLoader factory: seeded shuffling, distributed sampling and evaluation sharding, padding collate.
+
+Workers need no seeding of their own: the DataLoader seeds ``random``, numpy and torch in each
+worker from its generator."""
 from __future__ import annotations
 
-import random
 from typing import Iterator, Sequence
 
-import numpy as np
 import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
@@ -13,7 +14,8 @@ from data_loader.transforms import IGNORE_INDEX
 
 
 def pad_collate(items: Sequence[dict]) -> dict:
-    """Stack items, padding images with 0 and labels with 255 (bottom/right) to the largest size."""
+    """Stack items, padding images with 0 and labels with 255 (bottom/right) to the largest size;
+    ``size`` keeps each image's own (height, width)."""
     height = max(item["image"].shape[-2] for item in items)
     width = max(item["image"].shape[-1] for item in items)
     images = items[0]["image"].new_zeros((len(items), items[0]["image"].shape[0], height, width))
@@ -22,14 +24,8 @@ def pad_collate(items: Sequence[dict]) -> dict:
         h, w = item["label"].shape
         images[i, :, :h, :w] = item["image"]
         labels[i, :h, :w] = item["label"]
-    return {"image": images, "label": labels, "name": [item["name"] for item in items]}
-
-
-def worker_init_fn(worker_id: int) -> None:
-    """Seed numpy and ``random`` from the worker's torch seed (set by the DataLoader)."""
-    seed = torch.initial_seed() % 2**32
-    np.random.seed(seed)
-    random.seed(seed)
+    return {"image": images, "label": labels, "name": [item["name"] for item in items],
+            "size": [tuple(item["label"].shape) for item in items]}
 
 
 class ShardSampler(Sampler[int]):
@@ -62,6 +58,6 @@ def build_dataloader(dataset: Dataset, *, batch_size: int, train: bool, num_work
     return DataLoader(
         dataset, batch_size=batch_size, shuffle=train and shuffle and sampler is None, sampler=sampler,
         num_workers=num_workers, collate_fn=pad_collate, pin_memory=pin_memory and torch.cuda.is_available(),
-        drop_last=drop_last, worker_init_fn=worker_init_fn, generator=generator,
+        drop_last=drop_last, generator=generator,
         persistent_workers=persistent_workers and num_workers > 0,
     )

@@ -25,6 +25,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from utils.util import ConfigError
+from utils.visualization import mask_image
 
 GENERATOR_VERSION = 1
 PALETTE: dict[str, tuple[int, int, int]] = {
@@ -221,33 +222,17 @@ def samples(params: SyntheticParams) -> Iterator[tuple[str, str, np.ndarray, np.
             yield split, f"{split}_{i:06d}", image, label
 
 
-def _voc_palette() -> list[int]:
-    palette = []
-    for index in range(256):
-        r = g = b = 0
-        bits = index
-        for shift in range(8):
-            r |= ((bits >> 0) & 1) << (7 - shift)
-            g |= ((bits >> 1) & 1) << (7 - shift)
-            b |= ((bits >> 2) & 1) << (7 - shift)
-            bits >>= 3
-        palette += [r, g, b]
-    return palette
-
-
 def write_tree(params: SyntheticParams, folder: Path, progress: bool = True) -> None:
     """Write the VOC-layout tree, ``classes.txt``, ``embeddings.npy`` and ``params.json``."""
     (folder / "JPEGImages").mkdir(parents=True)
     (folder / "SegmentationClass").mkdir()
     (folder / "ImageSets" / "Segmentation").mkdir(parents=True)
-    palette, lists = _voc_palette(), {"train": [], "val": []}
+    lists = {"train": [], "val": []}
     total = params.num_train + params.num_val
     for split, name, image, label in tqdm(samples(params), total=total, desc="generating synthetic data",
                                           disable=not progress, leave=False):
         Image.fromarray(image).save(folder / "JPEGImages" / f"{name}.png", compress_level=1)
-        label_png = Image.frombytes("P", label.shape[::-1], label.tobytes())
-        label_png.putpalette(palette)
-        label_png.save(folder / "SegmentationClass" / f"{name}.png", compress_level=1)
+        mask_image(torch.from_numpy(label)).save(folder / "SegmentationClass" / f"{name}.png", compress_level=1)
         lists[split].append(name)
     for split, names in lists.items():
         (folder / "ImageSets" / "Segmentation" / f"{split}.txt").write_text("\n".join(names) + "\n")

@@ -1,7 +1,8 @@
 """Joint image/label transforms (torchvision.transforms.v2 with ``tv_tensors.Mask``).
 
 Inputs are a uint8 ``tv_tensors.Image`` (3xHxW) and a uint8 ``tv_tensors.Mask`` (HxW);
-outputs a float32 ImageNet-normalised image and an int64 label (255 = ignore).
+outputs a float32 ImageNet-normalised image and an int64 label (255 = ignore). The one home
+of the normalisation (:func:`to_model_input`, :func:`denormalize`) and of ``IGNORE_INDEX``.
 """
 from __future__ import annotations
 
@@ -40,7 +41,23 @@ def val_transform() -> v2.Compose:
     return v2.Compose(_to_float_normalised())
 
 
+def to_model_input(image: torch.Tensor) -> torch.Tensor:
+    """A uint8 3 x H x W image as the model sees it at evaluation (float32, ImageNet-normalised):
+    the validation transform itself, so every entry point feeds the encoder the same numbers."""
+    return _VAL(tv_tensors.Image(image)).as_subclass(torch.Tensor)
+
+
+def denormalize(image: torch.Tensor) -> torch.Tensor:
+    """An ImageNet-normalised 3 x H x W float image back to uint8 (for figures)."""
+    mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
+    std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
+    return ((image.float().cpu() * std + mean).clamp(0, 1) * 255).round().to(torch.uint8)
+
+
 def apply(transform: v2.Transform, image: torch.Tensor, label: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Run ``transform`` on a uint8 image (3xHxW) and label (HxW); return plain tensors."""
     image, label = transform(tv_tensors.Image(image), tv_tensors.Mask(label))
     return image.as_subclass(torch.Tensor), label.as_subclass(torch.Tensor)
+
+
+_VAL = val_transform()

@@ -1,8 +1,16 @@
-"""Calibrated nearest-prototype inference (Apollonius calibration)."""
+"""Calibrated nearest-prototype inference (Apollonius calibration): distances, calibration,
+the ``inference`` config section (sigma values, calibration rule, sliding window)."""
 from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Iterator
 
 import torch
 import torch.nn.functional as F
+
+from utils.sections import parse_section
+from utils.util import ConfigError
 
 
 def squared_distances(features: torch.Tensor, prototypes: torch.Tensor) -> torch.Tensor:
@@ -64,8 +72,8 @@ def restricted_nearest(distances: torch.Tensor, allowed: torch.Tensor) -> torch.
     return distances.masked_fill(~allowed[None, :, None, None], float("inf")).argmin(1)
 
 
-def _bilinear_taps(out_size: int, in_size: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor,
-                                                                             torch.Tensor]:
+def bilinear_taps(out_size: int, in_size: int, device: torch.device | None = None
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Source index ``i0`` and weights ``w0, w1`` of 1-D bilinear resizing with
     ``align_corners=False`` (as ATen computes them, in float32): ``out[y] = w0 in[i0] + w1 in[i0 + 1]``,
     where ``in[in_size]`` repeats the last element (ATen clamps the second tap there)."""
@@ -93,8 +101,8 @@ def _upsampled_squared_norms(features: torch.Tensor, size: tuple[int, int]) -> t
     right = dots(f[..., :-1], f[..., 1:])                               # <f[a,b], f[a,b+1]>
     down = dots(f[:, :, :-1], f[:, :, 1:])                              # <f[a,b], f[a+1,b]>
     diagonals = dots(f[:, :, :-1, :-1], f[:, :, 1:, 1:]) + dots(f[:, :, :-1, 1:], f[:, :, 1:, :-1])
-    bx, u0, u1 = _bilinear_taps(size[1], features.shape[-1], features.device)
-    ay, v0, v1 = _bilinear_taps(size[0], features.shape[-2], features.device)
+    bx, u0, u1 = bilinear_taps(size[1], features.shape[-1], features.device)
+    ay, v0, v1 = bilinear_taps(size[0], features.shape[-2], features.device)
     # rows: |x-interpolated row a|^2 (a = 0..h) and <row a, row a+1> (a = 0..h-1), N x . x W
     row_norm = u0 * u0 * norm[..., bx] + u1 * u1 * norm[..., bx + 1] + 2 * u0 * u1 * right[..., bx]
     row_dot = u0 * u0 * down[..., bx] + u1 * u1 * down[..., bx + 1] + u0 * u1 * diagonals[..., bx]
@@ -120,13 +128,6 @@ def upsampled_squared_distances(features: torch.Tensor, prototypes: torch.Tensor
         prototypes.pow(2).sum(1)[None, :, None, None])
 
 
-def upsample_features(features: torch.Tensor, size: tuple[int, int] | None) -> torch.Tensor:
-    """Bilinear upsampling (``align_corners=False``, official test) to ``size`` when given."""
-    if size is not None and tuple(features.shape[-2:]) != tuple(size):
-        return F.interpolate(features.float(), size=tuple(size), mode="bilinear", align_corners=False)
-    return features
-
-
 def calibrated_nearest_prototype(features: torch.Tensor, prototypes: torch.Tensor, unseen_mask: torch.Tensor,
                                  sigma: float | torch.Tensor, size: tuple[int, int] | None = None,
                                  mode: str = "top2") -> torch.Tensor:
@@ -140,3 +141,138 @@ def calibrated_nearest_prototype(features: torch.Tensor, prototypes: torch.Tenso
     """
     distances = upsampled_squared_distances(features, prototypes, size)
     return calibrate(distances, unseen_mask, sigma, mode)
+
+
+def distance_bands(features: torch.Tensor, prototypes: torch.Tensor, size: tuple[int, int],
+                   max_elements: int = 1 << 26) -> Iterator[tuple[slice, torch.Tensor]]:
+    """Squared distances of the features upsampled to ``size``, in bands of rows:
+    ``(rows, N x K x len(rows) x W)``. One band (exactly :func:`upsampled_squared_distances`)
+    unless ``N K H W`` exceeds ``max_elements``; then the K-channel cross term is upsampled one
+    band of rows at a time (rows by the bilinear taps, columns by ``F.interpolate``), so a large
+    image never holds the full-resolution distance map (equal up to float rounding)."""
+    height, width = int(size[0]), int(size[1])
+    n, k = features.shape[0], prototypes.shape[0]
+    rows_per_band = max(1, max_elements // max(1, n * k * width))
+    if rows_per_band >= height:
+        yield slice(0, height), upsampled_squared_distances(features, prototypes, (height, width))
+        return
+    features, prototypes = features.float(), prototypes.float()
+    cross = (features.permute(0, 2, 3, 1) @ prototypes.T).permute(0, 3, 1, 2)     # N x K x h x w
+    norms = _upsampled_squared_norms(features, (height, width))                   # N x 1 x H x W
+    squared = prototypes.pow(2).sum(1)[None, :, None, None]
+    i0, w0, w1 = bilinear_taps(height, features.shape[-2], features.device)
+    i1 = (i0 + 1).clamp_max(features.shape[-2] - 1)
+    for top in range(0, height, rows_per_band):
+        rows = slice(top, min(height, top + rows_per_band))
+        band = cross[:, :, i0[rows]] * w0[rows, None] + cross[:, :, i1[rows]] * w1[rows, None]
+        band = F.interpolate(band, size=(band.shape[2], width), mode="bilinear", align_corners=False)
+        yield rows, band.mul_(-2).add_(norms[:, :, rows]).add_(squared)
+
+
+# ----------------------------------------------------------------------------- the inference section
+
+# Fixed log-spaced grid (1e-3 .. 1e3) so AUSUC is comparable across models and sweeps.
+AUSUC_GRID = [10 ** (k / 8) for k in range(-24, 25)]
+
+
+def sigma_values(spec: Any, key: str = "inference.sigma") -> list[float]:
+    """Sigmas from a number, a list, a ``"0.3,0.5"`` string, or ``{"log_range": [lo, hi], "num": n}``."""
+    if spec is None:
+        return []
+    if isinstance(spec, (int, float)) and not isinstance(spec, bool):
+        values = [float(spec)]
+    elif isinstance(spec, str):
+        try:
+            values = [float(part) for part in spec.split(",") if part.strip()]
+        except ValueError:
+            raise ConfigError(f"{key}: expected numbers like 0.3,0.5,0.7, got {spec!r}") from None
+    elif isinstance(spec, (list, tuple)):
+        if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in spec):
+            raise ConfigError(f"{key}: expected a list of numbers, got {spec!r}")
+        values = [float(v) for v in spec]
+    elif isinstance(spec, dict) and "log_range" in spec:
+        try:
+            low, high = map(float, spec["log_range"])
+            num = int(spec.get("num", 25))
+        except (TypeError, ValueError):
+            raise ConfigError(f"{key}: log_range needs two numbers and num an integer, got {dict(spec)}") from None
+        if not 0 < low < high or num < 2:
+            raise ConfigError(f"{key}: log_range needs 0 < low < high and num >= 2, got {dict(spec)}")
+        values = [math.exp(math.log(low) + i * (math.log(high) - math.log(low)) / (num - 1)) for i in range(num)]
+    else:
+        raise ConfigError(f"{key}: expected a number, a list, or {{\"log_range\": [lo, hi], \"num\": n}}; got {spec!r}")
+    if not values or any(v <= 0 or not math.isfinite(v) for v in values):
+        raise ConfigError(f"{key}: sigma values must be positive, got {spec!r}")
+    return [round(v, 6) for v in values]
+
+
+@dataclass(frozen=True)
+class SlidingWindow:
+    """``inference.window``: images whose longer side exceeds ``max_size`` are encoded in
+    ``tile`` x ``tile`` tiles overlapping by ``overlap`` pixels, ``batch`` tiles per forward pass
+    (``max_size: 0`` never tiles). Tiled features approximate whole-image features."""
+
+    max_size: int = 1024
+    tile: int = 512
+    overlap: int = 128
+    batch: int = 4
+
+    def check(self) -> str | None:
+        if self.max_size < 0:
+            return f"max_size: must be >= 0, got {self.max_size}"
+        if self.tile < 16 or self.tile % 16:
+            return f"tile: must be a positive multiple of 16, got {self.tile}"
+        if self.overlap < 0 or self.overlap % 4 or self.overlap >= self.tile:
+            return f"overlap: must be a multiple of 4 in [0, tile), got {self.overlap}"
+        if self.batch < 1:
+            return f"batch: must be >= 1, got {self.batch}"
+        return None
+
+    def applies(self, height: int, width: int) -> bool:
+        return self.max_size > 0 and max(height, width) > self.max_size
+
+
+@dataclass(frozen=True)
+class InferenceSection:
+    sigma: Any
+    calibration: str = "top2"
+    sweep: Any = None
+    window: dict = field(default_factory=dict)
+    save_predictions: bool = False
+
+    def check(self) -> str | None:
+        if self.calibration not in CALIBRATIONS:
+            return f"calibration: {self.calibration!r}; valid: {', '.join(CALIBRATIONS)}"
+        return None
+
+
+@dataclass(frozen=True)
+class InferenceSettings:
+    """The resolved ``inference`` section.
+
+    ``sigma``: the configured calibration factor, or None when ``inference.sigma`` lists
+    several (a sweep whose best harmonic mIoU is the headline); ``sweep``: the other sigmas
+    evaluated in the same pass; ``calibration``: "top2" (official) or "all"."""
+
+    sigma: float | None
+    sweep: tuple[float, ...]
+    calibration: str = "top2"
+    window: SlidingWindow = SlidingWindow()
+    save_predictions: bool = False
+
+    @property
+    def sigmas(self) -> list[float]:
+        """Every sigma an evaluation computes, the headline first."""
+        return ([self.sigma] if self.sigma is not None else []) + list(self.sweep)
+
+    @classmethod
+    def from_config(cls, section: dict | None, source: str = "config") -> "InferenceSettings":
+        raw = parse_section(InferenceSection, section, "inference", source)
+        sigmas = sigma_values(raw.sigma)
+        if not sigmas:
+            raise ConfigError(f"inference.sigma: missing (file {source})")
+        extra = sigma_values(raw.sweep, "inference.sweep")
+        sigma = sigmas[0] if len(sigmas) == 1 else None
+        sweep = sigmas if sigma is None else [s for s in extra if s != sigma]
+        window = parse_section(SlidingWindow, raw.window, "inference.window", source)
+        return cls(sigma, tuple(sweep), raw.calibration, window, raw.save_predictions)

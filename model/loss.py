@@ -11,7 +11,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-IGNORE_INDEX = 255
+from data_loader.transforms import IGNORE_INDEX
 
 
 def ce_loss(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
@@ -88,10 +88,11 @@ def sc_loss(embeddings: torch.Tensor, semantic_encoder: nn.Module, class_ids: Se
 
 def joem_loss(logits: torch.Tensor, features: torch.Tensor, labels: torch.Tensor, embeddings: torch.Tensor,
               semantic_encoder: nn.Module, seen_object_ids: Sequence[int] | torch.Tensor, *, ratio: float,
-              temperature: float, alpha: float, sc_divide_by_num_classes: bool = False,
-              ignore_index: int = IGNORE_INDEX) -> dict[str, torch.Tensor]:
-    """The full objective CE + BAR + alpha * SC; returns ``{"ce", "bar", "sc", "total"}``."""
+              temperature: float, alpha: float, sc_divide_by_num_classes: bool = False, ce_weight: float = 1.0,
+              bar_weight: float = 1.0, ignore_index: int = IGNORE_INDEX) -> dict[str, torch.Tensor]:
+    """The full objective ``ce_weight`` CE + ``bar_weight`` BAR + ``alpha`` SC (official: weights
+    1, 1, alpha); returns ``{"ce", "bar", "sc", "total"}``."""
     ce = ce_loss(logits, labels, ignore_index)
     bar = bar_loss(features, labels, embeddings, semantic_encoder, ratio, ignore_index)
     sc = sc_loss(embeddings, semantic_encoder, seen_object_ids, temperature, sc_divide_by_num_classes)
-    return {"ce": ce, "bar": bar, "sc": sc, "total": ce + bar + alpha * sc}
+    return {"ce": ce, "bar": bar, "sc": sc, "total": ce_weight * ce + bar_weight * bar + alpha * sc}

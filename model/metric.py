@@ -6,6 +6,20 @@ from typing import Sequence
 import torch
 
 
+def ausuc(points: Sequence[tuple[float, float]]) -> float:
+    """Area under the seen-unseen curve (Chao et al., 2016): ``points`` are (unseen, seen)
+    pairs in [0, 1]. Sorted by unseen and integrated with the trapezoid rule over their upper
+    envelope (the best seen score reachable with at least that unseen score): mIoU curves
+    need not be monotone near the ends, and the envelope equals the curve where it is."""
+    ordered = sorted(points)
+    envelope, best = [], 0.0
+    for unseen, seen in reversed(ordered):
+        best = max(best, seen)
+        envelope.append((unseen, best))
+    envelope.reverse()
+    return sum((u1 - u0) * (s0 + s1) / 2 for (u0, s0), (u1, s1) in zip(envelope, envelope[1:]))
+
+
 def harmonic_mean(seen: float, unseen: float) -> float:
     """2su / (s + u); 0 when both are 0, NaN when either is NaN."""
     total = seen + unseen

@@ -4,8 +4,9 @@ import math
 import pytest
 import torch
 
-from model.inference import restricted_nearest, stacked_nearest
-from trainer.calibration import ausuc, sigma_values, summarize
+from model.inference import restricted_nearest, sigma_values, stacked_nearest
+from model.metric import ausuc
+from trainer.sweep import summarize
 from utils.util import ConfigError
 
 

@@ -1,45 +1,97 @@
-"""ConfigParser: overrides, object factory, run directory snapshot, errors."""
-import argparse
+"""Configs: inheritance (_base_), overrides (-o and the shortcuts), schema errors, object factory."""
 import json
+from pathlib import Path
 
 import pytest
 import torch
 
-from utils.parse_config import ConfigParser, CustomArgs
+from trainer.cli import OVERRIDES, build_arg_parser, main, overrides_of
+from trainer.settings import CONFIG_SCHEMA, check_config
+from utils.parse_config import ConfigParser, load_config, parse_assignment, set_by_path
 from utils.util import ConfigError, atomic_torch_save, read_json
 
+ROOT = Path(__file__).resolve().parents[1]
 
-def _write_config(tmp_path):
-    config = {"name": "unit", "loss": {"alpha": 0.1, "ratio": 0.25},
-              "optimizer": {"type": "SGD", "args": {"lr": 0.01}},
-              "trainer": {"save_dir": str(tmp_path / "saved")}}
-    path = tmp_path / "config.json"
-    path.write_text(json.dumps(config))
+
+def _write(path: Path, content: dict) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(content))
     return path
 
 
-def _args():
-    args = argparse.ArgumentParser()
-    args.add_argument("-c", "--config", default=None)
-    args.add_argument("-r", "--resume", default=None)
-    args.add_argument("-d", "--device", default=None)
-    return args
+def test_base_chain_is_deep_merged_relative_to_the_file(tmp_path):
+    _write(tmp_path / "base.json", {"name": "base", "loss": {"alpha": 0.1, "ratio": 0.25},
+                                    "data": {"embeddings": {"paths": ["a.npy"], "normalize": "l2"}}})
+    _write(tmp_path / "mid.json", {"_base_": "base.json", "loss": {"alpha": 0.5}})
+    child = _write(tmp_path / "splits" / "child.json", {"_base_": ["../mid.json"], "name": "child",
+                                                        "data": {"embeddings": {"normalize": "max_norm"}}})
+    config = load_config(child)
+    assert config == {"name": "child", "loss": {"alpha": 0.5, "ratio": 0.25},
+                      "data": {"embeddings": {"paths": ["a.npy"], "normalize": "max_norm"}}}
+    _write(tmp_path / "loop_a.json", {"_base_": "loop_b.json"})
+    _write(tmp_path / "loop_b.json", {"_base_": "loop_a.json"})
+    with pytest.raises(ConfigError, match="loops back"):
+        load_config(tmp_path / "loop_a.json")
+    with pytest.raises(ConfigError, match=r"gone\.json.*not found"):
+        load_config(_write(tmp_path / "orphan.json", {"_base_": "gone.json"}))
 
 
-def test_cli_overrides_nested_keys_and_snapshot(tmp_path):
-    path = _write_config(tmp_path)
-    options = [CustomArgs(["--alpha"], float, "loss;alpha"), CustomArgs(["--lr"], float, "optimizer;args;lr")]
-    parser = ConfigParser.from_args(_args(), options, argv=["-c", str(path), "--alpha", "0.5", "-d", "cpu"],
-                                    run_id="r1")
-    assert parser["loss"]["alpha"] == 0.5 and parser["loss"]["ratio"] == 0.25
-    assert parser["optimizer"]["args"]["lr"] == 0.01
-    assert parser.device == "cpu"
-    assert parser.run_dir == tmp_path / "saved" / "unit" / "r1"
-    assert read_json(parser.run_dir / "config.json")["loss"]["alpha"] == 0.5
+@pytest.mark.parametrize("path", sorted((ROOT / "configs").rglob("*.json")), ids=lambda p: p.name)
+def test_every_shipped_config_loads_and_checks(path):
+    config = load_config(path)
+    assert "_base_" not in config and config["data"]["type"] in ("VOC", "Context", "Synthetic", "Custom")
+    settings = check_config(config, str(path))
+    assert settings.trainer.epochs >= 1 and settings.inference.sigmas
+
+
+def test_split_configs_hold_only_what_differs():
+    for family, base in (("pascal", "config_pascal_zs3setting.json"), ("context", "config_context_zs3setting.json")):
+        for path in (ROOT / "configs" / family).glob("zs3_unseen*.json"):
+            raw = read_json(path)
+            assert raw["_base_"] == f"../{base}" and len(json.dumps(raw)) < 200, path
+            n = path.stem.removeprefix("zs3_unseen")
+            if n != "2":
+                assert load_config(path)["data"]["unseen_classes"] == f"zs3-{n}"
+
+
+def test_overrides_parse_json_and_check_the_key_path():
+    assert parse_assignment("data.root=/data/VOC2012") == ("data.root", "/data/VOC2012")
+    assert parse_assignment("data.scale_range=[0.5, 1.5]") == ("data.scale_range", [0.5, 1.5])
+    assert parse_assignment("trainer.amp=false") == ("trainer.amp", False)
+    config = {"trainer": {"epochs": 3}, "optimizer": {"type": "SGD", "args": {"lr": 0.1}}}
+    set_by_path(config, "trainer.val_period", 2, CONFIG_SCHEMA)          # known, absent: added
+    set_by_path(config, "optimizer.args.nesterov", True, CONFIG_SCHEMA)  # free-form args
+    assert config["trainer"] == {"epochs": 3, "val_period": 2} and config["optimizer"]["args"]["nesterov"]
+    with pytest.raises(ConfigError, match=r"config key trainer\.epcohs: unknown key 'epcohs' under trainer; "
+                                          r"valid: .*epochs"):
+        set_by_path(config, "trainer.epcohs", 5, CONFIG_SCHEMA)
+    with pytest.raises(ConfigError, match="unknown key 'nothere'"):
+        set_by_path(config, "nothere.alpha", 1, CONFIG_SCHEMA)
+    with pytest.raises(ConfigError, match="expected KEY=VALUE"):
+        parse_assignment("trainer.epochs")
+
+
+def test_command_line_overrides_and_help(tmp_path, capsys):
+    parser = build_arg_parser("configs/config_pascal_zs3setting.json")
+    help_text = parser.format_help()
+    for opt in OVERRIDES:
+        assert opt.flags[0] in help_text and opt.target in help_text
+    assert "-o KEY=VALUE" in help_text
+    args = parser.parse_args(["-o", "data.root=/data/VOC2012", "-o", "trainer.epochs=5", "--lr", "0.5"])
+    assert overrides_of(args) == {"data.root": "/data/VOC2012", "trainer.epochs": 5, "optimizer.args.lr": 0.5}
+    config = ConfigParser(load_config(ROOT / "configs" / "config_pascal_zs3setting.json"), overrides=overrides_of(args),
+                          run_id="r1", schema=CONFIG_SCHEMA)
+    assert config["data"]["root"] == "/data/VOC2012" and config["trainer"]["epochs"] == 5
+    assert config.run_dir == Path("saved") / "pascal_zs3_unseen2" / "r1" and not config.run_dir.exists()
+    code = main(argv=["-c", str(ROOT / "configs" / "config_synthetic_zs3setting.json"), "-o", "trainer.epcohs=1",
+                      "-d", "cpu", "--save_dir", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and "trainer.epcohs" in err
+    assert not any(tmp_path.iterdir())
 
 
 def test_init_obj_builds_and_lists_valid_names(tmp_path):
-    parser = ConfigParser(json.loads(_write_config(tmp_path).read_text()), create_dirs=False)
+    parser = ConfigParser({"name": "unit", "optimizer": {"type": "SGD", "args": {"lr": 0.01}}})
     model = torch.nn.Linear(2, 2)
     optimizer = parser.init_obj("optimizer", torch.optim, model.parameters())
     assert isinstance(optimizer, torch.optim.SGD) and optimizer.defaults["lr"] == 0.01
@@ -50,19 +102,13 @@ def test_init_obj_builds_and_lists_valid_names(tmp_path):
         parser.init_obj("scheduler", torch.optim)
 
 
-def test_config_errors(tmp_path):
-    with pytest.raises(ConfigError, match="no config given"):
-        ConfigParser.from_args(_args(), argv=[])
+def test_config_file_errors(tmp_path):
     bad = tmp_path / "bad.json"
     bad.write_text("{ nope")
     with pytest.raises(ConfigError, match=r"bad\.json: invalid JSON at line 1"):
-        ConfigParser.from_args(_args(), argv=["-c", str(bad)])
+        load_config(bad)
     with pytest.raises(ConfigError, match="missing.json: file not found"):
-        ConfigParser.from_args(_args(), argv=["-c", str(tmp_path / "missing.json")])
-    path = _write_config(tmp_path)
-    with pytest.raises(ConfigError, match="cannot override nothere.alpha"):
-        ConfigParser.from_args(_args(), [CustomArgs(["--x"], float, "nothere;alpha")],
-                               argv=["-c", str(path), "--x", "1"])
+        load_config(tmp_path / "missing.json")
 
 
 def test_atomic_save_keeps_old_file_on_failure(tmp_path):

@@ -1,4 +1,5 @@
 """Official JoEm checkpoints (fe_/gen_ pair) load and predict exactly like native ones."""
+import copy
 import json
 from pathlib import Path
 
@@ -10,7 +11,7 @@ from convert_official_checkpoint import main as convert_main
 from model import DeepLabV3Plus, SemanticEncoder
 from tests.tiny import write_tiny_config
 from trainer.cli import main as cli_main
-from trainer.loading import load_trained_model
+from model.trained import load_trained_model
 from utils.util import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -44,6 +45,8 @@ def test_official_pair_gives_identical_outputs(official):
     folder, fe_path, model, semantic, config = official
     loaded = load_trained_model(fe_path, config=config)
     images = torch.randn(1, 3, 48, 64)
+    model = copy.deepcopy(model).to(memory_format=torch.channels_last)   # as the config evaluates
+    assert loaded.model.backbone.conv1.weight.is_contiguous(memory_format=torch.channels_last)
     with torch.no_grad():
         assert torch.equal(loaded.model.features(images), model.features(images))
         assert torch.equal(loaded.prototypes(), semantic(loaded.embeddings))

@@ -10,8 +10,13 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from model.atrous import AtrousConv2d, tap_convolution, valid_taps
-from model.inference import calibrate, squared_distances, upsample_features, upsampled_squared_distances
+from model.inference import calibrate, squared_distances, upsampled_squared_distances
 from model.visual_encoder import DeepLabV3Plus
+
+
+def _upsampled(features, size):
+    """The reference: the library's bilinear upsampling (align_corners=False, official test)."""
+    return F.interpolate(features.float(), size=tuple(size), mode="bilinear", align_corners=False)
 
 SHAPES = [(2, 4, 4, 6), (2, 4, 8, 6), (3, 5, 3, 2), (1, 1, 1, 3), (2, 7, 9, 5), (1, 20, 20, 12)]
 
@@ -81,14 +86,14 @@ def test_upsampled_distances_equal_distances_of_upsampled_features(low, size):
     torch.manual_seed(0)
     features = torch.randn(2, 32, *low)
     prototypes = torch.randn(7, 32)
-    reference = squared_distances(upsample_features(features, size), prototypes)
+    reference = squared_distances(_upsampled(features, size), prototypes)
     fast = upsampled_squared_distances(features.contiguous(memory_format=torch.channels_last).bfloat16(),
                                        prototypes, size)
     plain = upsampled_squared_distances(features, prototypes, size)
     assert plain.shape == reference.shape == (2, 7, *size)
     assert torch.allclose(plain, reference, rtol=1e-5, atol=1e-4 * reference.abs().max().item())
     assert torch.equal(plain.argmin(1), reference.argmin(1))
-    assert fast.dtype == torch.float32 and torch.allclose(fast, squared_distances(upsample_features(
+    assert fast.dtype == torch.float32 and torch.allclose(fast, squared_distances(_upsampled(
         features.bfloat16().float(), size), prototypes), rtol=1e-4, atol=1e-3)
     # channels-last distances: per-pixel reductions over classes read contiguous memory
     assert plain.is_contiguous(memory_format=torch.channels_last)

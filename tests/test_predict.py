@@ -1,4 +1,4 @@
-"""predict.py and model/sliding_window.py: tiling machinery, class resolution, outputs, errors."""
+"""predict.py, the Segmenter and model/segment.py: tiling, banding, class resolution, outputs, errors."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -11,11 +11,13 @@ import torch.nn.functional as F
 from PIL import Image
 
 import predict
-from model.inference import calibrated_nearest_prototype, squared_distances
+from data_loader.transforms import to_model_input
+from model.inference import SlidingWindow, calibrate, distance_bands, squared_distances, upsampled_squared_distances
+from model.segment import sliding_window_features, tile_boxes, tile_starts
+from model.segmenter import Segmenter, choose_classes, image_tensor
 from model.semantic_encoder import SemanticEncoder
-from model.sliding_window import full_resolution_labels, sliding_window_features, tile_boxes, tile_starts
+from model.trained import load_trained_model
 from model.visual_encoder import DeepLabV3Plus
-from trainer.loading import load_trained_model
 from utils.checkpoint import architecture, save_checkpoint
 from utils.visualization import palette
 
@@ -42,9 +44,9 @@ def ckpt(tmp_path_factory, images) -> Path:
     torch.manual_seed(0)
     model = DeepLabV3Plus(len(NAMES), backbone=18).eval()
     encoder = SemanticEncoder(DIM, 256, 0)
-    image = predict.image_to_tensor(Image.open(images / "small.png").convert("RGB"))
+    image = to_model_input(image_tensor(images / "small.png"))[None]
     with torch.no_grad():
-        pixels = model.features(predict.pad_to_multiple(image)).permute(0, 2, 3, 1).reshape(-1, 256)
+        pixels = model.features(image).permute(0, 2, 3, 1).reshape(-1, 256)
         mean = pixels.mean(0)
         _, singular, directions = torch.pca_lowrank(pixels - mean, q=DIM, center=False)
         scale = singular / len(pixels) ** 0.5
@@ -135,26 +137,30 @@ def test_sliding_window_equals_whole_image_for_pointwise_features(tile, overlap,
     image = torch.randn(2, 3, 72, 104)
     with torch.no_grad():
         whole = model.features(image)
-        tiled = sliding_window_features(model, image, tile, overlap, batch_size=batch)
+        tiled = sliding_window_features(model, image, SlidingWindow(0, tile, overlap, batch))
     assert tiled.shape == whole.shape
     assert torch.allclose(tiled, whole, atol=1e-5)
 
 
-def test_sliding_window_refuses_misaligned_tiles():
-    with pytest.raises(ValueError, match="multiples"):
-        sliding_window_features(PointwiseStub(), torch.randn(1, 3, 64, 64), 30, 8)
+def test_sliding_window_refuses_misaligned_images_and_checks_its_settings():
     with pytest.raises(ValueError, match="pad first"):
-        sliding_window_features(PointwiseStub(), torch.randn(1, 3, 62, 64), 32, 8)
+        sliding_window_features(PointwiseStub(), torch.randn(1, 3, 62, 64), SlidingWindow(0, 32, 8))
+    assert "tile" in SlidingWindow(tile=30).check() and "overlap" in SlidingWindow(tile=32, overlap=32).check()
+    assert SlidingWindow().check() is None and not SlidingWindow(max_size=0).applies(5000, 5000)
 
 
-def test_banded_decision_equals_calibrated_nearest_prototype():
+def test_banded_distances_equal_the_whole_map():
     torch.manual_seed(0)
-    features, prototypes = torch.randn(1, 6, 13, 19), torch.randn(5, 6)
+    features, prototypes = torch.randn(2, 6, 13, 19), torch.randn(5, 6)
     unseen = torch.tensor([False, False, True, False, True])
-    expected = calibrated_nearest_prototype(features, prototypes, unseen, 0.5, size=(52, 76))
-    assert torch.equal(full_resolution_labels(features, prototypes, unseen, 0.5, (52, 76), max_pixels=100), expected)
-    cropped = full_resolution_labels(features, prototypes, unseen, 0.5, (52, 76), crop=(49, 70), max_pixels=333)
-    assert torch.equal(cropped, expected[:, :49, :70])
+    whole = upsampled_squared_distances(features, prototypes, (52, 76))
+    bands = list(distance_bands(features, prototypes, (52, 76), max_elements=2 * 5 * 76 * 7))
+    assert len(bands) == 8 and [b.shape[2] for _, b in bands] == [7] * 7 + [3]
+    banded = torch.cat([b for _, b in bands], dim=2)
+    assert torch.allclose(banded, whole, rtol=1e-5, atol=1e-4)
+    assert (calibrate(banded, unseen, 0.5) == calibrate(whole, unseen, 0.5)).float().mean() > 0.999
+    single = list(distance_bands(features, prototypes, (52, 76)))
+    assert len(single) == 1 and torch.equal(single[0][1], whole)
 
 
 # ----------------------------------------------------------------------------- end to end
@@ -165,7 +171,7 @@ def test_outputs_for_folder_with_sliding_window(capsys, ckpt, images, tmp_path):
                           "--max-size", 128, "--tile", 128, "--overlap", 32)
     assert code == 0
     lines = stdout.splitlines()
-    assert "unseen: horse; sigma 0.5" in lines[0]                 # checkpoint's split and config sigma
+    assert "unseen: horse; sigma 0.5, top2 calibration" in lines[0]  # checkpoint's split and config
     assert lines[1].startswith("big.png  300x200") and "[6 tiles]" in lines[1]
     assert lines[2].startswith("small.png  50x40") and "tiles" not in lines[2]
     assert (out / "classes.txt").read_text().split() == NAMES
@@ -201,7 +207,7 @@ def test_classes_restriction_limits_mask_values(capsys, ckpt, images, tmp_path):
 
 
 def test_extra_class_prototype_comes_from_the_semantic_encoder(trained, extra):
-    chosen = predict.choose_classes(trained, "background, cat, Zebra", str(extra))
+    chosen = choose_classes(trained, "background, cat, Zebra", str(extra))
     assert chosen.names == ["background", "cat", "zebra"]
     assert chosen.unseen == [2] and chosen.extra == [2]           # extra classes are unseen; horse not chosen
     row = torch.from_numpy(np.load(extra))
@@ -210,10 +216,9 @@ def test_extra_class_prototype_comes_from_the_semantic_encoder(trained, extra):
     with torch.no_grad():
         assert torch.allclose(prototypes[2], trained.semantic_encoder(row[0]), atol=1e-6)
         assert torch.allclose(prototypes[:2], trained.prototypes()[:2])
-    normalized = predict.choose_classes(trained, "zebra", str(extra), normalize="checkpoint")  # config: l2
+    normalized = choose_classes(trained, "zebra", str(extra), normalize="checkpoint")  # config: l2
     assert torch.allclose(normalized.embeddings[0], row[0] / row[0].norm())
-    named = predict.choose_classes(trained, "okapi,horse", str(extra), embedding_classes="okapi,lion",
-                                   unseen="okapi")
+    named = choose_classes(trained, "okapi,horse", str(extra), embedding_classes="okapi,lion", unseen="okapi")
     assert torch.equal(named.embeddings[0], row[0]) and named.unseen == [0]
 
 
@@ -227,10 +232,9 @@ def test_extra_class_in_outputs(capsys, ckpt, images, extra, tmp_path):
 
 
 def test_small_sigma_makes_the_unseen_class_win_in_its_top_two(capsys, trained, ckpt, images, tmp_path):
-    image = Image.open(images / "small.png").convert("RGB")
     with torch.no_grad():
-        features = trained.model.features(predict.pad_to_multiple(predict.image_to_tensor(image)))
-        up = F.interpolate(features, size=(48, 64), mode="bilinear", align_corners=False)[..., :40, :50]
+        features = trained.model.features(to_model_input(image_tensor(images / "small.png"))[None])
+        up = F.interpolate(features, size=(40, 50), mode="bilinear", align_corners=False)
         top2 = squared_distances(up, trained.prototypes()).topk(2, dim=1, largest=False).indices[0].numpy()
     second = np.bincount(top2[1].ravel(), minlength=4)
     target = int(second.argmax())                                # the class most often second
@@ -245,11 +249,25 @@ def test_small_sigma_makes_the_unseen_class_win_in_its_top_two(capsys, trained, 
     assert (labels == target).sum() > (top2[0] == target).sum()
 
 
+def test_segmenter_accepts_paths_pil_arrays_and_tensors(trained, images):
+    segmenter = Segmenter(trained)
+    path = images / "small.png"
+    pil = Image.open(path).convert("RGB")
+    expected = segmenter(path)
+    assert expected.shape == (40, 50) and expected.dtype == torch.long and len(expected.unique()) >= 2
+    assert torch.equal(segmenter(pil), expected)
+    assert torch.equal(segmenter(np.asarray(pil)), expected)
+    assert torch.equal(segmenter(torch.from_numpy(np.asarray(pil)).permute(2, 0, 1)), expected)
+    result = segmenter.predict(path, distances=True)
+    assert result.distances.shape == (4, 40, 50) and result.tiles == 1
+    assert torch.equal(calibrate(result.distances[None], trained.split.unseen_mask(), 0.5)[0], expected)
+    with pytest.raises(predict.ConfigError, match="H x W x 3 uint8"):
+        segmenter(np.zeros((4, 4), np.float32))
+
+
 def test_bf16_segment_runs(trained, images):
-    image = predict.image_to_tensor(Image.open(images / "small.png").convert("RGB"))
-    labels, tiles = predict.segment(trained.model, image, trained.prototypes(), trained.split.unseen_mask(), 0.5,
-                                    amp="bf16")
-    assert labels.shape == (40, 50) and tiles == 1 and labels.max() < len(NAMES)
+    labels = Segmenter(trained, amp="bf16")(images / "small.png")
+    assert labels.shape == (40, 50) and labels.max() < len(NAMES)
 
 
 # ----------------------------------------------------------------------------- errors and helpers
@@ -260,7 +278,7 @@ def test_user_errors_exit_2(capsys, ckpt, images, extra, tmp_path):
     code, _, err = run(capsys, "-r", tmp_path / "missing.pth", *base)
     assert code == 2 and err.startswith("error: ") and "missing.pth" in err and "not found" in err
     code, _, err = run(capsys, "-r", ckpt, *base, "--classes", "background,unicorn")
-    assert code == 2 and "'unicorn'" in err and "background, cat, dog, horse" in err and "--embeddings" in err
+    assert code == 2 and "'unicorn'" in err and "background, cat, dog, horse" in err and "embedding file" in err
     wrong = tmp_path / "wide.npy"
     np.save(wrong, np.zeros((1, DIM + 3), np.float32))
     code, _, err = run(capsys, "-r", ckpt, *base, "--classes", "zebra", "--embeddings", wrong,
@@ -273,7 +291,7 @@ def test_user_errors_exit_2(capsys, ckpt, images, extra, tmp_path):
     code, _, err = run(capsys, "-r", ckpt, "--images", tmp_path / "nope.jpg", "--out", tmp_path / "o")
     assert code == 2 and "nope.jpg" in err
     code, _, err = run(capsys, "-r", ckpt, *base, "--tile", 100)
-    assert code == 2 and "--tile" in err
+    assert code == 2 and "tile: must be a positive multiple of 16" in err
     assert len(err.strip().splitlines()) == 1
     if not torch.cuda.is_available():
         code, _, err = run(capsys, "-r", ckpt, *base, "--device", "cuda")

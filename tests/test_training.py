@@ -145,6 +145,7 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, cach
         calls["n"] += 1
         if calls["n"] > 8:  # epoch 2 (epoch 1 has 7 steps)
             losses["ce"] = losses["ce"] * float("nan")
+            losses["total"] = losses["total"] + losses["ce"]
         return losses
     monkeypatch.setattr(step_module, "joem_loss", poisoned)
     config = write_tiny_config(tmp_path, cache, trainer__epochs=3)

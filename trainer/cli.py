@@ -4,15 +4,10 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import platform
 import sys
-from datetime import datetime
-
-import torch
-import torchvision
 
 from utils.amp import parse_amp
-from utils.parse_config import ConfigParser, CustomArgs
+from utils.parse_config import CustomArgs, ConfigParser, load_config, new_run_id, parse_assignment
 from utils.util import ConfigError
 
 logger = logging.getLogger("joem")
@@ -22,10 +17,13 @@ def _n_unseen(value: str) -> str:
     return f"zs3-{int(value)}"
 
 
-def _sigma(value: str):
-    """``0.5`` -> 0.5; ``0.3,0.5,0.7`` -> a sweep list."""
-    from trainer.calibration import sigma_values
-    values = sigma_values(value, "--sigma")
+def _sigma(value: str) -> float | list[float]:
+    """``0.5`` -> 0.5; ``0.3,0.5,0.7`` -> a sweep list (parsed by the one sigma parser)."""
+    from model.inference import sigma_values
+    try:
+        values = sigma_values(value, "--sigma")
+    except ConfigError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
     return values[0] if len(values) == 1 else values
 
 
@@ -38,47 +36,104 @@ def _sweep(value: str) -> dict:
         raise argparse.ArgumentTypeError(f"--sweep expects low:high:num, e.g. 0.05:20:25, got {value!r}") from None
 
 
+# Shortcuts for the most used keys; -o KEY=VALUE sets any other.
 OVERRIDES = [
-    CustomArgs(["--n_unseen"], _n_unseen, "data;unseen_classes", "number of unseen classes: the ZS3 split 2/4/6/8/10"),
-    CustomArgs(["--ratio"], float, "loss;ratio", "BAR downsampling ratio"),
-    CustomArgs(["--temp"], float, "loss;temperature", "SC temperature"),
-    CustomArgs(["--alpha"], float, "loss;alpha", "SC weight"),
-    CustomArgs(["--sigma"], _sigma, "inference;sigma", "calibration factor, or several (0.3,0.5,0.7) for a sweep"),
-    CustomArgs(["--sweep"], _sweep, "inference;sweep", "also evaluate a log-spaced sigma sweep low:high:num"),
-    CustomArgs(["--calibration"], str, "inference;calibration", "top2 (official) or all (calibrated stacking)"),
+    CustomArgs(["--n_unseen"], _n_unseen, "data.unseen_classes", "number of unseen classes: the ZS3 split 2/4/6/8/10"),
+    CustomArgs(["--ratio"], float, "loss.ratio", "BAR downsampling ratio"),
+    CustomArgs(["--temp"], float, "loss.temperature", "SC temperature"),
+    CustomArgs(["--alpha"], float, "loss.alpha", "SC weight"),
+    CustomArgs(["--sigma"], _sigma, "inference.sigma", "calibration factor, or several (0.3,0.5,0.7) for a sweep"),
+    CustomArgs(["--sweep"], _sweep, "inference.sweep", "also evaluate a log-spaced sigma sweep low:high:num"),
+    CustomArgs(["--calibration"], str, "inference.calibration", "top2 (official) or all (calibrated stacking)"),
     CustomArgs(["--seed"], int, "seed", "random seed"),
-    CustomArgs(["--lr"], float, "optimizer;args;lr", "visual-encoder base learning rate"),
-    CustomArgs(["--bs"], int, "data_loader;batch_size", "total batch size over all processes"),
-    CustomArgs(["--epochs"], int, "trainer;epochs", "number of epochs"),
-    CustomArgs(["--amp"], parse_amp, "trainer;amp", "mixed precision: bf16, fp16 or false"),
-    CustomArgs(["--save_dir"], str, "trainer;save_dir", "root folder of run directories"),
+    CustomArgs(["--lr"], float, "optimizer.args.lr", "visual-encoder base learning rate"),
+    CustomArgs(["--bs"], int, "data_loader.batch_size", "total batch size over all processes"),
+    CustomArgs(["--epochs"], int, "trainer.epochs", "number of epochs"),
+    CustomArgs(["--amp"], parse_amp, "trainer.amp", "mixed precision: bf16, fp16 or false"),
+    CustomArgs(["--save_dir"], str, "trainer.save_dir", "root folder of run directories"),
 ]
 
 
 def build_arg_parser(default_config: str | None) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description="JoEm generalized zero-shot semantic segmentation")
+    """Every option, the overrides included (so ``-h`` lists them all)."""
+    parser = argparse.ArgumentParser(
+        description="Train or evaluate JoEm (generalized zero-shot semantic segmentation).",
+        epilog="Exit status: 0 ok, 2 bad config/input (one 'error:' line), 3 training diverged, 130 interrupted.")
     parser.add_argument("-c", "--config", default=None,
                         help=f"config JSON (default: {default_config}; with -r alone, the checkpoint's config)")
     parser.add_argument("-r", "--resume", default=None, help="checkpoint: resume training, or evaluate with --test")
     parser.add_argument("-d", "--device", default=None, help="GPU ids, e.g. 0,1,2,3 (several = DDP), or cpu")
     parser.add_argument("--test", action="store_true", help="evaluate the -r checkpoint on the validation split")
-    parser.add_argument("--run_id", default=None, help="name of the run folder (default: a timestamp)")
+    parser.add_argument("--run_id", default=None,
+                        help="name of the run folder (default: time and a random suffix; may contain '/')")
+    parser.add_argument("--save_predictions", action="store_true",
+                        help="with --test (or the final test): write each image's predicted mask as a palette PNG "
+                             "into predictions_test/")
+    group = parser.add_argument_group("config overrides")
+    group.add_argument("-o", "--override", action="append", default=[], metavar="KEY=VALUE",
+                       help="set any nested config key, e.g. -o data.root=/data/VOC2012 -o trainer.epochs=5 "
+                            "(values parsed as JSON where they parse; repeatable)")
+    for opt in OVERRIDES:
+        group.add_argument(*opt.flags, default=None, type=opt.type, help=f"{opt.help} ({opt.target})")
     return parser
+
+
+def _dest(flags: list) -> str:
+    return next((f for f in flags if f.startswith("--")), flags[0]).lstrip("-").replace("-", "_")
+
+
+def overrides_of(args: argparse.Namespace) -> dict:
+    """The command line's config overrides, in order: -o assignments, then the shortcuts."""
+    overrides = dict(parse_assignment(text) for text in args.override)
+    overrides.update({opt.target: getattr(args, _dest(opt.flags)) for opt in OVERRIDES
+                      if getattr(args, _dest(opt.flags)) is not None})
+    if args.save_predictions:
+        overrides["inference.save_predictions"] = True
+    return overrides
+
+
+def resolve_run(args: argparse.Namespace, default_config: str | None, run_id: str) -> tuple[ConfigParser, dict | None]:
+    """The run's config (``-c``, the default config, or the ``-r`` checkpoint's own) with the
+    overrides applied, and the ``-r`` checkpoint's content (official files converted)."""
+    from model.official import is_official
+    from model.trained import as_project_checkpoint
+    from trainer.settings import CONFIG_SCHEMA
+    from utils.checkpoint import load_checkpoint
+    raw = load_checkpoint(args.resume) if args.resume else None
+    config_path = args.config or (default_config if raw is None else None)
+    if config_path is not None:
+        config, source = load_config(config_path), config_path
+    elif is_official(raw):
+        raise ConfigError(f"{args.resume}: an official JoEm checkpoint holds no config or class split; pass -c CONFIG")
+    elif not isinstance(raw.get("config"), dict):
+        raise ConfigError(f"{args.resume}: holds no config; pass the training config with -c")
+    else:
+        config, source = raw["config"], str(args.resume)
+    parser = ConfigParser(config, args.resume, overrides_of(args), run_id=run_id, config_path=source,
+                          schema=CONFIG_SCHEMA)
+    checkpoint = None if raw is None else as_project_checkpoint(raw, args.resume, parser.config, source)
+    return parser, checkpoint
+
+
+def test_run_id(run_id: str) -> str:
+    """``a/b`` -> ``a/test_b``: a --test run's folder name."""
+    head, _, last = run_id.rpartition("/")
+    return f"{head}/test_{last}" if head else f"test_{last}"
 
 
 def main(default_config: str | None = None, argv: list[str] | None = None) -> int:
     """Parse the command line; train or test, launching one process per GPU when asked."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    args = build_arg_parser(default_config).parse_args(argv)
     try:
         from utils.distributed import launched_by_torchrun, parse_devices
-        args, _ = build_arg_parser(default_config).parse_known_args(argv)
         devices = parse_devices(args.device)
         if devices is not None and len(devices) > 1 and not launched_by_torchrun():
             import torch.multiprocessing as mp
             from utils.distributed import free_port
             os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
             os.environ.setdefault("MASTER_PORT", str(free_port()))
-            run_id = args.run_id or _timestamp()
+            run_id = args.run_id or new_run_id()
             mp.spawn(_worker, args=(len(devices), argv, default_config, run_id), nprocs=len(devices), join=True)
             return 0
         return _worker(None, None, argv, default_config, args.run_id)
@@ -87,36 +142,23 @@ def main(default_config: str | None = None, argv: list[str] | None = None) -> in
         return 2
 
 
-def _timestamp() -> str:
-    return datetime.now().strftime(r"%Y%m%d_%H%M%S")
-
-
 def _worker(rank: int | None, world_size: int | None, argv: list[str], default_config: str | None,
             run_id: str | None) -> int:
     from base.base_trainer import TrainingDiverged
+    from trainer.session import run
     from utils.distributed import broadcast_object, cleanup, init_process, parse_devices
-    from utils.logger import setup_logging
+    from utils.logger import start_logging
     from utils.malloc import retain_freed_memory
     retain_freed_memory()
-    parser = build_arg_parser(default_config)
-    args = parser.parse_known_args(argv)[0]
+    args = build_arg_parser(default_config).parse_args(argv)
     ctx = init_process(parse_devices(args.device), rank, world_size)
+    start_logging(ctx.is_main)
     try:
-        if args.config is None and args.resume is None:
-            if default_config is None:
-                raise ConfigError("no config given: add -c config.json")
-            argv = ["-c", default_config] + argv
         if args.test and args.resume is None:
             raise ConfigError("--test needs a checkpoint: add -r path/to/model_best.pth")
-        run_id = broadcast_object(run_id or _timestamp())
-        run_id = f"test_{run_id}" if args.test else run_id
-        from trainer.session import load_resume_config
-        config = ConfigParser.from_args(build_arg_parser(default_config), OVERRIDES, argv=argv,
-                                        load_resume_config=load_resume_config, run_id=run_id,
-                                        create_dirs=ctx.is_main)
-        setup_logging(config.run_dir if ctx.is_main else None, ctx.is_main)
-        from trainer.session import run
-        run(config, ctx, test_only=args.test)
+        run_id = broadcast_object(run_id or new_run_id())
+        config, checkpoint = resolve_run(args, default_config, test_run_id(run_id) if args.test else run_id)
+        run(config, ctx, checkpoint, test_only=args.test)
         return 0
     except ConfigError as err:
         if ctx.is_main:
@@ -125,29 +167,14 @@ def _worker(rank: int | None, world_size: int | None, argv: list[str], default_c
             raise SystemExit(2)
         return 2
     except TrainingDiverged as err:
-        logging.getLogger("joem").error("error: %s", err)
+        logger.error("error: %s", err)
         if rank is not None:
             raise SystemExit(3)
         return 3
     except KeyboardInterrupt:
         return 130
     finally:
-        from trainer.session import forget_loaded
-        forget_loaded()
         cleanup()
-
-
-def environment_banner(ctx) -> str:
-    """Versions and devices, for the start-up banner."""
-    if ctx.device.type == "cuda":
-        name = torch.cuda.get_device_name(ctx.device)
-        devices = f"{ctx.world_size} x {name}"
-    else:
-        devices = f"CPU ({os.cpu_count()} cores, {torch.get_num_threads()} threads)"
-    from utils.malloc import retain_freed_memory
-    malloc = "freed memory retained" if retain_freed_memory() else "default"
-    return (f"torch {torch.__version__}, torchvision {torchvision.__version__}, python {platform.python_version()}; "
-            f"devices: {devices}; processes: {ctx.world_size}; malloc: {malloc}")
 
 
 if __name__ == "__main__":

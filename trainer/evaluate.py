@@ -1,16 +1,20 @@
-"""Evaluation: prototypes from the semantic encoder, calibrated nearest prototype, metrics."""
+"""Evaluation: calibrated nearest-prototype predictions over a loader, one confusion matrix per sigma."""
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 from tqdm import tqdm
 
-from model.inference import calibrate, restricted_nearest, stacked_nearest, upsampled_squared_distances
+from data_loader.classes import ClassSplit
+from model.inference import (AUSUC_GRID, InferenceSettings, SlidingWindow, calibrate, restricted_nearest,
+                             stacked_nearest)
 from model.metric import Evaluator
-from utils.amp import autocast_context
+from model.segment import pixel_distances, same_size_groups
+from trainer.reporting import Reporter
+from trainer.sweep import summarize
 from utils.distributed import all_reduce_sum
 from utils.logger import progress_enabled
 
@@ -28,33 +32,22 @@ class EvalResult:
     stacking: list[Evaluator] = field(default_factory=list)
 
 
-# Fixed log-spaced grid (1e-3 .. 1e3) so AUSUC is comparable across models and sweeps.
-AUSUC_GRID = [10 ** (k / 8) for k in range(-24, 25)]
-
-
-def batch_distances(features_fn, images: torch.Tensor, size: Sequence[int], prototypes: torch.Tensor,
-                    amp: str | bool | None = None, channels_last: bool = False) -> torch.Tensor:
-    """Squared distances N x K x H x W of a batch's full-resolution pixels to the prototypes:
-    ``features_fn`` (the visual encoder's ``features``) under autocast, upsampled to ``size``."""
-    if channels_last:
-        images = images.contiguous(memory_format=torch.channels_last)
-    with autocast_context(images.device, amp):
-        features = features_fn(images)
-    return upsampled_squared_distances(features, prototypes, tuple(size))
-
-
 @torch.inference_mode()
 def evaluate(model: torch.nn.Module, semantic_encoder: torch.nn.Module, loader, embeddings: torch.Tensor,
              seen: Sequence[int], unseen: Sequence[int], sigmas: Sequence[float], *, device: torch.device,
-             amp: str | bool | None = None, channels_last: bool = False, keep_samples: int = 0,
-             extremes: bool = False, excluded: Sequence[int] = (), calibration: str = "top2",
+             amp: str | bool | None = None, channels_last: bool = False, window: SlidingWindow | None = None,
+             keep_samples: int = 0, extremes: bool = False, excluded: Sequence[int] = (),
+             calibration: str = "top2", on_prediction: Callable[[str, torch.Tensor], None] | None = None,
              desc: str = "eval") -> EvalResult:
-    """Run the visual encoder over ``loader`` and accumulate one confusion matrix per sigma.
+    """Segment every image of ``loader`` (each at its own size, through
+    :func:`model.segment.pixel_distances`) and accumulate one confusion matrix per sigma.
 
-    Features and distances are computed once per batch; every sigma reuses them. With
-    ``extremes`` two more matrices hold the sweep's ends (seen-only and unseen-only
-    predictions) and one per ``AUSUC_GRID`` value of calibrated stacking. ``excluded`` classes are never predicted (background when it is ignored).
-    In a distributed run each process evaluates its own shard and the matrices are summed.
+    Distances are computed once per image; every sigma reuses them. With ``extremes`` two more
+    matrices hold the sweep's ends (seen-only and unseen-only predictions) and one per
+    ``AUSUC_GRID`` value of calibrated stacking. ``excluded`` classes are never predicted
+    (background when it is ignored). ``on_prediction(name, labels)`` receives each image's
+    labels at the first sigma. In a distributed run each process evaluates its own shard
+    and the matrices are summed.
     """
     model.eval()
     semantic_encoder.eval()
@@ -65,31 +58,44 @@ def evaluate(model: torch.nn.Module, semantic_encoder: torch.nn.Module, loader, 
     allowed = torch.ones(num_classes, dtype=torch.bool, device=device)
     allowed[list(excluded)] = False
     sigma_tensor = torch.tensor(list(sigmas), dtype=torch.float32, device=device)
-    evaluators = [Evaluator(num_classes, seen, unseen, device=device) for _ in sigmas]
-    ends = {name: Evaluator(num_classes, seen, unseen, device=device) for name in ("seen_only", "unseen_only")
-            } if extremes else {}
-    stacking = [Evaluator(num_classes, seen, unseen, device=device) for _ in AUSUC_GRID] if extremes else []
+
+    def evaluator() -> Evaluator:
+        return Evaluator(num_classes, seen, unseen, device=device)
+    evaluators = [evaluator() for _ in sigmas]
+    ends = {name: evaluator() for name in ("seen_only", "unseen_only")} if extremes else {}
+    stacking = [evaluator() for _ in AUSUC_GRID] if extremes else []
     samples: list[dict] = []
     for batch in tqdm(loader, desc=desc, leave=False, disable=not progress_enabled()):
         images = batch["image"].to(device, non_blocking=True)
         labels = batch["label"].to(device, non_blocking=True)
-        distances = batch_distances(model.features, images, labels.shape[-2:], prototypes, amp, channels_last)
-        if excluded:
-            distances.masked_fill_(~allowed[None, :, None, None], float("inf"))
-        preds = calibrate(distances, unseen_mask, sigma_tensor, calibration)
-        for evaluator, pred in zip(evaluators, preds):
-            evaluator.add_batch(labels, pred)
-        for name, evaluator in ends.items():
-            group = ~unseen_mask if name == "seen_only" else unseen_mask
-            evaluator.add_batch(labels, restricted_nearest(distances, group & allowed))
-        for evaluator, sigma in zip(stacking, AUSUC_GRID):
-            evaluator.add_batch(labels, stacked_nearest(distances, unseen_mask, sigma))
+        sizes = batch.get("size") or [tuple(images.shape[-2:])] * images.shape[0]
+        preds = torch.zeros(len(sigmas), *labels.shape, dtype=torch.long, device=device)
+        for indices, (height, width) in same_size_groups(sizes):
+            group = images[indices, :, :height, :width] if len(indices) < len(images) or (
+                (height, width) != tuple(images.shape[-2:])) else images
+            truth = labels[indices, :height, :width]
+            for rows, distances in pixel_distances(model, group, prototypes, amp=amp, channels_last=channels_last,
+                                                   window=window, excluded=excluded):
+                band_truth = truth[:, rows]
+                band_preds = calibrate(distances, unseen_mask, sigma_tensor, calibration)
+                preds[:, indices, rows.start:rows.stop, :width] = band_preds
+                for ev, pred in zip(evaluators, band_preds):
+                    ev.add_batch(band_truth, pred)
+                for name, ev in ends.items():
+                    group_mask = ~unseen_mask if name == "seen_only" else unseen_mask
+                    ev.add_batch(band_truth, restricted_nearest(distances, group_mask & allowed))
+                for ev, sigma in zip(stacking, AUSUC_GRID):
+                    ev.add_batch(band_truth, stacked_nearest(distances, unseen_mask, sigma))
+            if on_prediction is not None:
+                for index in indices:
+                    on_prediction(batch["name"][index], preds[0, index, :height, :width].cpu())
         if len(samples) < keep_samples:
             for i in range(min(keep_samples - len(samples), images.shape[0])):
-                samples.append({"image": images[i].float().cpu(), "label": labels[i].cpu(),
-                                "pred": preds[:, i].cpu()})
-    for evaluator in [*evaluators, *ends.values(), *stacking]:
-        all_reduce_sum(evaluator.confusion_matrix)
+                height, width = sizes[i]
+                samples.append({"image": images[i, :, :height, :width].float().cpu(),
+                                "label": labels[i, :height, :width].cpu(), "pred": preds[:, i, :height, :width].cpu()})
+    for ev in [*evaluators, *ends.values(), *stacking]:
+        all_reduce_sum(ev.confusion_matrix)
     return EvalResult(list(map(float, sigmas)), evaluators, samples, ends, stacking)
 
 
@@ -108,22 +114,28 @@ def metrics_record(evaluator: Evaluator, class_names: Sequence[str], sigma: floa
     return record
 
 
-def format_metrics_table(record: dict) -> str:
-    """Three-line summary: pixel acc, class acc and mIoU for seen / unseen / harmonic / overall."""
-    def fmt(v):
-        return "   n/a" if v is None else f"{v:6.2f}"
-    rows = [f"{'':10s} {'seen':>6s} {'unseen':>6s} {'harm.':>6s} {'all':>6s}"]
-    for label, prefix in (("pixel acc", "pixel_acc"), ("class acc", "class_acc"), ("mIoU", "mIoU")):
-        rows.append(f"{label:10s} " + " ".join(fmt(record[f'{prefix}_{g}'])
-                                              for g in ("seen", "unseen", "harmonic", "overall")))
-    return "\n".join(rows)
-
-
-def format_class_table(record: dict, unseen_names: Sequence[str]) -> str:
-    """Per-class IoU table, unseen classes marked with '*'."""
-    lines = ["class                    IoU"]
-    for name, value in record["iou_by_class"].items():
-        mark = "*" if name in unseen_names else " "
-        lines.append(f"{mark}{name:22s} {'n/a' if value is None else f'{value:6.2f}'}")
-    lines.append("(* = unseen class)")
-    return "\n".join(lines)
+def validate(model: torch.nn.Module, semantic_encoder: torch.nn.Module, loader, split: ClassSplit,
+             embeddings: torch.Tensor, inference: InferenceSettings, reporter: Reporter, *, epoch: int,
+             split_name: str, device: torch.device, amp: str | bool | None = None, channels_last: bool = False,
+             keep_samples: int = 0, save_predictions: bool = False) -> dict:
+    """Evaluate at every configured sigma, report, and return the headline record (percent
+    values): at ``inference.sigma``, or at the best harmonic mIoU of a sweep given as
+    ``inference.sigma``; with a sweep it also holds ``ausuc`` and ``best_sigma``."""
+    excluded = [0] if split.ignore_bg else []   # an ignored background is never predicted
+    result = evaluate(model, semantic_encoder, loader, embeddings, [c for c in split.seen if c not in excluded],
+                      split.unseen, inference.sigmas, device=device, amp=amp, channels_last=channels_last,
+                      window=inference.window, keep_samples=keep_samples, extremes=bool(inference.sweep),
+                      excluded=excluded, calibration=inference.calibration, desc=split_name,
+                      on_prediction=reporter.prediction_writer(split_name) if save_predictions else None)
+    records = [metrics_record(ev, split.names, s) for ev, s in zip(result.evaluators, result.sigmas)]
+    summary = None
+    if inference.sweep:
+        ends = {name: metrics_record(ev, split.names, float("nan")) for name, ev in result.extremes.items()}
+        stacking = [metrics_record(ev, split.names, s) for ev, s in zip(result.stacking, AUSUC_GRID)]
+        summary = summarize(records, ends, stacking, inference.calibration)
+    main = records[0] if inference.sigma is not None else next(
+        r for r in records if r["sigma"] == summary["best"]["sigma"])
+    if summary is not None:
+        main = {**main, "ausuc": summary["ausuc"], "best_sigma": summary["best"]["sigma"]}
+    reporter.evaluation(epoch, split_name, main, records, summary, result.samples)
+    return {k: v for k, v in main.items() if isinstance(v, float) or v is None}

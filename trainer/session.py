@@ -1,53 +1,30 @@
-"""One run from a resolved config: build data, encoders and optimizers; train or test."""
+"""One run from a resolved config: check it, build data, encoders and optimizers; train or test."""
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 
 import torch
-import torch.nn as nn
 
 from data_loader import build_dataloader, prepare_data
-from trainer.official import convert_official, is_official
-from trainer.builders import build_optimizers, build_scheduler, build_semantic_encoder, build_visual_encoder
+from model.builder import build_encoders, load_encoder_weights, place
+from trainer.evaluate import validate
+from trainer.optim import build_optimizers, build_scheduler
+from trainer.parallel import to_sync_bn
+from trainer.reporting import Reporter
+from trainer.settings import RunSettings, check_config
 from trainer.trainer import Trainer, seed_everything
-from utils.checkpoint import check_compatible, load_checkpoint, load_state
+from utils.checkpoint import check_compatible, load_checkpoint
 from utils.distributed import DistContext, broadcast_object
+from utils.environment import banner
+from utils.logger import log_to_file
 from utils.parse_config import ConfigParser
-from utils.util import ConfigError
+from utils.util import ConfigError, write_json
 
 logger = logging.getLogger("joem")
 
 
-_LOADED: dict[Path, dict] = {}  # the -r checkpoint read for its config, reused by run()
-
-
-def _load_once(path: str | Path) -> dict:
-    """Read a checkpoint, reusing the copy already read for its config."""
-    path = Path(path)
-    return _LOADED.pop(path.resolve(), None) or load_checkpoint(path)
-
-
-def forget_loaded() -> None:
-    """Drop a checkpoint read for its config but not used (the run failed before)."""
-    _LOADED.clear()
-
-
-def load_resume_config(path: str | Path) -> dict:
-    """The config stored in a checkpoint (used for ``-r`` without ``-c``)."""
-    checkpoint = load_checkpoint(path)
-    _LOADED[Path(path).resolve()] = checkpoint
-    if is_official(checkpoint):
-        raise ConfigError(f"{path}: an official JoEm checkpoint holds no config or class split; pass -c CONFIG")
-    if not isinstance(checkpoint.get("config"), dict):
-        raise ConfigError(f"{path}: holds no config; pass the training config with -c")
-    return checkpoint["config"]
-
-
-def _banner(config: ConfigParser, ctx: DistContext, bundle, batch_size: int, test_only: bool) -> str:
-    from trainer.cli import environment_banner
-    data = config["data"]
-    split = bundle.split
+def _banner(config: ConfigParser, settings: RunSettings, ctx: DistContext, bundle, test_only: bool) -> str:
+    data, split, batch = config["data"], bundle.split, settings.loader.batch_size
     lines = [f"run: {config.run_dir}",
              f"mode: {'test' if test_only else 'train'}; dataset: {data.get('type')} at {data.get('root')}",
              f"classes: {split.num_classes} ({len(split.seen)} seen incl. background, {len(split.unseen)} unseen)",
@@ -58,107 +35,78 @@ def _banner(config: ConfigParser, ctx: DistContext, bundle, batch_size: int, tes
              f"embeddings: {tuple(bundle.embeddings.shape)}; "
              f"train images: {len(bundle.train_set) if bundle.train_set is not None else '-'}; "
              f"val images: {len(bundle.val_set) if bundle.val_set is not None else '-'}",
-             f"effective batch size: {batch_size} ({ctx.world_size} process(es) x {batch_size // ctx.world_size}); "
-             f"amp: {config['trainer'].get('amp', False)}; channels_last: {config['trainer'].get('channels_last', False)}",
-             environment_banner(ctx)]
+             f"effective batch size: {batch} ({ctx.world_size} process(es) x {batch // ctx.world_size}); "
+             f"amp: {settings.trainer.amp}; channels_last: {settings.trainer.channels_last}",
+             banner(ctx.device, ctx.world_size)]
     return "\n".join(lines)
 
 
-def _shard(dataset, ctx: DistContext):
-    """Every process evaluates a disjoint slice (no padding: the summed confusion matrix is exact)."""
-    if not ctx.distributed:
-        return dataset
-    return torch.utils.data.Subset(dataset, list(range(ctx.rank, len(dataset), ctx.world_size)))
-
-
-def _to_sync_bn(model: nn.Module) -> None:
-    """SyncBatchNorm outside the frozen backbone (CUDA only; on CPU each process keeps its own BN)."""
-    for name in ("aspp", "decoder"):
-        setattr(model, name, nn.SyncBatchNorm.convert_sync_batchnorm(getattr(model, name)))
-    if not getattr(model, "freeze_backbone_bn", True):
-        model.backbone = nn.SyncBatchNorm.convert_sync_batchnorm(model.backbone)
-
-
-def _loader_args(config: ConfigParser) -> dict:
-    spec = config["data_loader"]
-    return {"num_workers": int(spec.get("num_workers", 0)), "pin_memory": bool(spec.get("pin_memory", False)),
-            "persistent_workers": bool(spec.get("persistent_workers", False))}
-
-
-def run(config: ConfigParser, ctx: DistContext, test_only: bool = False) -> dict:
-    """Train (or with ``test_only`` evaluate the ``-r`` checkpoint); returns the final record."""
-    seed = int(config.get("seed", 0))
-    seed_everything(seed)
-    source = str(config.config_path) if config.config_path else "config"
-    bundle = prepare_data(config["data"], train=not test_only, val=True, source=source, logger=logger)
-    split = bundle.split
-    batch_size = int(config["data_loader"]["batch_size"])
-    if batch_size % ctx.world_size:
-        raise ConfigError(f"data_loader.batch_size {batch_size} is not divisible by the {ctx.world_size} processes")
+def create_run_dir(config: ConfigParser, ctx: DistContext) -> None:
+    """Make the run folder, snapshot the resolved config, log into its train.log (main process)."""
     if ctx.is_main:
-        logger.info(_banner(config, ctx, bundle, batch_size, test_only))
+        config.run_dir.mkdir(parents=True, exist_ok=True)
+        write_json(config.config, config.run_dir / "config.json")
+        log_to_file(config.run_dir)
 
-    checkpoint = None
-    if config.resume is not None:
-        checkpoint = _load_once(config.resume)
-        if is_official(checkpoint):
-            checkpoint = convert_official(config.resume, config.config, source)
-        if "visual_encoder" not in checkpoint:
-            raise ConfigError(f"{config.resume}: not a checkpoint of this project (no 'visual_encoder')")
-        check_compatible(checkpoint, config.resume, config.config, split.to_dict())
-    torch.manual_seed(seed)
-    model = build_visual_encoder(config, split.num_classes, load_pretrained=checkpoint is None)
-    feature_dim = model.decoder.pred_conv.in_channels
-    semantic_encoder = build_semantic_encoder(config, bundle.embeddings.shape[1], feature_dim)
+
+def run(config: ConfigParser, ctx: DistContext, checkpoint: dict | None = None, test_only: bool = False) -> dict:
+    """Train (or with ``test_only`` evaluate ``checkpoint``, the ``-r`` file's content, official
+    files already converted); returns the final headline record."""
+    settings = check_config(config.config, config.source)
+    seed_everything(settings.seed)
+    bundle = prepare_data(config["data"], train=not test_only, val=True, source=config.source, logger=logger)
+    split = bundle.split
+    if settings.loader.batch_size % ctx.world_size:
+        raise ConfigError(f"data_loader.batch_size {settings.loader.batch_size} is not divisible by the "
+                          f"{ctx.world_size} processes")
     if checkpoint is not None:
-        load_state(model, checkpoint["visual_encoder"], config.resume, "visual encoder")
-        load_state(semantic_encoder, checkpoint["semantic_encoder"], config.resume, "semantic encoder")
+        check_compatible(checkpoint, config.resume, config.config, split.to_dict())
+    create_run_dir(config, ctx)
+    if ctx.is_main:
+        logger.info(_banner(config, settings, ctx, bundle, test_only))
+
+    torch.manual_seed(settings.seed)
+    model, semantic_encoder = build_encoders(config.config, split.num_classes, bundle.embeddings.shape[1],
+                                             pretrained=checkpoint is None)
+    if checkpoint is not None:
+        load_encoder_weights(model, semantic_encoder, checkpoint, config.resume)
         logger.info("loaded %s (epoch %s)", config.resume, checkpoint.get("epoch"))
-    channels_last = bool(config["trainer"].get("channels_last", False))
-    model.to(ctx.device, memory_format=torch.channels_last if channels_last else torch.contiguous_format)
-    semantic_encoder.to(ctx.device)
+    place(model, semantic_encoder, ctx.device, settings.trainer.channels_last)
     if ctx.distributed and ctx.device.type == "cuda":
-        _to_sync_bn(model)
-    loader_args = _loader_args(config)
-    val_loader = build_dataloader(_shard(bundle.val_set, ctx), batch_size=int(config["data_loader"].get(
-        "val_batch_size", 1)), train=False, seed=seed, **loader_args)
-    writer = None
-    if ctx.is_main and config["trainer"].get("tensorboard", False) and not test_only:
-        from torch.utils.tensorboard import SummaryWriter
-        writer = SummaryWriter(log_dir=str(config.run_dir / "tensorboard"))
-
-    if test_only:
-        trainer = Trainer(config, ctx, model, semantic_encoder, split, bundle.embeddings, None, val_loader,
-                          *_dummy_optimizers(model, semantic_encoder), None, "epoch", writer)
-        record = trainer.validate(int(checkpoint.get("epoch", 0)), "test")
-        _finish(trainer, record)
-        return record
-
-    train_loader = build_dataloader(bundle.train_set, batch_size=batch_size // ctx.world_size, train=True,
-                                    distributed=ctx.distributed, seed=seed,
-                                    shuffle=bool(config["data_loader"].get("shuffle", True)), **loader_args)
-    optimizer, optimizer_gen = build_optimizers(config, model, semantic_encoder)
-    scheduler, interval = build_scheduler(config, optimizer, len(train_loader))
-    trainer = Trainer(config, ctx, model, semantic_encoder, split, bundle.embeddings, train_loader, val_loader,
-                      optimizer, optimizer_gen, scheduler, interval, writer)
-    if checkpoint is not None and "optimizer" in checkpoint:
-        trainer.resume(checkpoint)
-    elif checkpoint is not None:
-        logger.info("training starts at epoch 1 from the weights of %s (it holds no optimizer state)", config.resume)
+        to_sync_bn(model)
+    loader = settings.loader
+    loader_args = {"num_workers": loader.num_workers, "pin_memory": loader.pin_memory,
+                   "persistent_workers": loader.persistent_workers, "seed": settings.seed}
+    val_loader = build_dataloader(bundle.val_set, batch_size=loader.val_batch_size, train=False,
+                                  distributed=ctx.distributed, **loader_args)
+    reporter = Reporter(config.run_dir, split.unseen_names, ctx.is_main, settings.trainer.tensorboard,
+                        settings.trainer.log_step)
     try:
+        if test_only:
+            record = validate(model, semantic_encoder, val_loader, split, bundle.embeddings, settings.inference,
+                              reporter, epoch=int(checkpoint.get("epoch", 0)), split_name="test", device=ctx.device,
+                              amp=settings.trainer.amp, channels_last=settings.trainer.channels_last,
+                              keep_samples=settings.trainer.tensorboard_images if reporter.wants_images else 0,
+                              save_predictions=settings.inference.save_predictions)
+            reporter.final(record)
+            return record
+        train_loader = build_dataloader(bundle.train_set, batch_size=loader.batch_size // ctx.world_size, train=True,
+                                        distributed=ctx.distributed, shuffle=loader.shuffle, **loader_args)
+        optimizer, optimizer_gen = build_optimizers(config.config, model, semantic_encoder)
+        scheduler, interval = build_scheduler(config.config, optimizer, len(train_loader))
+        trainer = Trainer(config, settings, ctx, model, semantic_encoder, split, bundle.embeddings, train_loader,
+                          val_loader, optimizer, optimizer_gen, scheduler, interval, reporter)
+        if checkpoint is not None and "optimizer" in checkpoint:
+            trainer.resume(checkpoint)
+        elif checkpoint is not None:
+            logger.info("training starts at epoch 1 from the weights of %s (it holds no optimizer state)",
+                        config.resume)
         trainer.train()
+        record = _final_test(trainer, ctx) if settings.trainer.test_after_train else {}
+        reporter.final(record)
+        return record
     finally:
-        if writer is not None:
-            writer.close()
-    record = {}
-    if config["trainer"].get("test_after_train", True):
-        record = _final_test(trainer, ctx)
-    _finish(trainer, record)
-    return record
-
-
-def _dummy_optimizers(model, semantic_encoder):
-    return torch.optim.SGD(model.parameters(), lr=0.0), torch.optim.SGD(semantic_encoder.parameters(), lr=0.0)
+        reporter.close()
 
 
 def _final_test(trainer: Trainer, ctx: DistContext) -> dict:
@@ -171,18 +119,7 @@ def _final_test(trainer: Trainer, ctx: DistContext) -> dict:
     epoch = trainer.completed_epoch
     if best is not None and best.is_file():
         checkpoint = load_checkpoint(best)
-        load_state(trainer.model, checkpoint["visual_encoder"], best, "visual encoder")
-        load_state(trainer.semantic_encoder, checkpoint["semantic_encoder"], best, "semantic encoder")
+        load_encoder_weights(trainer.model, trainer.semantic_encoder, checkpoint, best)
         epoch = int(checkpoint["epoch"])
         logger.info("final test with %s (epoch %d)", best, epoch)
     return trainer.validate(epoch, "test")
-
-
-def _finish(trainer: Trainer, record: dict) -> None:
-    if not trainer.is_main:
-        return
-    if record:
-        logger.info("seen / unseen / harmonic mIoU: %s / %s / %s (sigma %g)", *(
-            "n/a" if record.get(k) is None else f"{record[k]:.2f}"
-            for k in ("mIoU_seen", "mIoU_unseen", "mIoU_harmonic")), record["sigma"])
-    logger.info("metrics: %s", trainer.metrics_path)

@@ -9,28 +9,44 @@ import torch
 from base.base_trainer import TrainingDiverged
 from model.loss import joem_loss
 from utils.amp import autocast_context
+from utils.sections import parse_section
+
+
+@dataclass(frozen=True)
+class LossSection:
+    """The ``loss`` section: BAR ratio, SC temperature and weight, and the loss weights."""
+
+    ratio: float
+    temperature: float
+    alpha: float
+    sc_divide_by_num_classes: bool = False
+    ce_weight: float = 1.0
+    bar_weight: float = 1.0
+    bar_detach_features: bool = False  # ablation: BAR trains only the semantic encoder
+
+    def check(self) -> str | None:
+        if not 0 < self.ratio <= 1:
+            return f"ratio: must be in (0, 1], got {self.ratio}"
+        return None
 
 
 @dataclass
 class StepSettings:
     """Loss weights and numerics of a training step (from the config's ``loss``/``trainer``)."""
 
-    loss_args: dict = field(default_factory=dict)  # ratio, temperature, alpha, sc_divide_by_num_classes
-    ce_weight: float = 1.0
-    bar_weight: float = 1.0
-    bar_detach_features: bool = False  # ablation: BAR trains only the semantic encoder
+    loss_args: dict = field(default_factory=dict)  # joem_loss keywords
+    bar_detach_features: bool = False
     amp: str | bool | None = None
     channels_last: bool = False
 
     @classmethod
-    def from_config(cls, config) -> "StepSettings":
-        loss, trainer = config["loss"], config["trainer"]
-        return cls({"ratio": float(loss["ratio"]), "temperature": float(loss["temperature"]),
-                    "alpha": float(loss["alpha"]),
-                    "sc_divide_by_num_classes": bool(loss.get("sc_divide_by_num_classes", False))},
-                   float(loss.get("ce_weight", 1.0)), float(loss.get("bar_weight", 1.0)),
-                   bool(loss.get("bar_detach_features", False)), trainer.get("amp", False),
-                   bool(trainer.get("channels_last", False)))
+    def from_config(cls, config, source: str = "config") -> "StepSettings":
+        loss = parse_section(LossSection, config["loss"], "loss", source)
+        trainer = config["trainer"]
+        args = {"ratio": loss.ratio, "temperature": loss.temperature, "alpha": loss.alpha,
+                "sc_divide_by_num_classes": loss.sc_divide_by_num_classes, "ce_weight": loss.ce_weight,
+                "bar_weight": loss.bar_weight}
+        return cls(args, loss.bar_detach_features, trainer.get("amp", False), bool(trainer.get("channels_last", False)))
 
 
 class NonFiniteLoss(TrainingDiverged):
@@ -55,9 +71,7 @@ def train_step(model: Callable, semantic_encoder: torch.nn.Module, optimizer: to
     features = features.float()
     losses = joem_loss(logits.float(), features.detach() if settings.bar_detach_features else features, labels,
                        embeddings, semantic_encoder, seen_object, **settings.loss_args)
-    total = (settings.ce_weight * losses["ce"] + settings.bar_weight * losses["bar"]
-             + settings.loss_args["alpha"] * losses["sc"])
-    losses["total"] = total
+    total = losses["total"]
     if not torch.isfinite(total):
         raise NonFiniteLoss(", ".join(f"{k}={v.item():.4g}" for k, v in losses.items()))
     optimizer.zero_grad(set_to_none=True)

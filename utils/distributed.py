@@ -47,6 +47,24 @@ def parse_devices(spec: str | None) -> list[int] | None:
     return ids
 
 
+def resolve_device(spec: str | torch.device | None) -> torch.device:
+    """One device for inference: ``cpu``, ``cuda`` or ``cuda:N`` (default: cuda when available)."""
+    if spec is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(spec)
+    except (RuntimeError, ValueError):
+        raise ConfigError(f"device: invalid device {spec!r}; use cpu, cuda or cuda:N") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError(f"device {spec}: CUDA is not available on this machine")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ConfigError(f"device {spec}: this machine has {torch.cuda.device_count()} GPU(s)")
+    elif device.type != "cpu":
+        raise ConfigError(f"device: unsupported device {spec!r}; use cpu, cuda or cuda:N")
+    return device
+
+
 def launched_by_torchrun() -> bool:
     return "RANK" in os.environ and "WORLD_SIZE" in os.environ and "LOCAL_RANK" in os.environ
 

@@ -1,32 +1,54 @@
-"""Console + file logging for a run."""
+"""Console + file logging for a run: records before the run folder exists are kept and
+written to its ``train.log`` once it does."""
 from __future__ import annotations
 
 import logging
+import logging.handlers
 import sys
 from pathlib import Path
 
 FORMAT = "%(asctime)s %(levelname)s %(message)s"
 
 
-def setup_logging(run_dir: Path | None, is_main: bool = True, level: int = logging.INFO) -> logging.Logger:
-    """Send the project's log records to the console and ``run_dir/train.log`` (main process only)."""
-    root = logging.getLogger()
+def _remove_handlers(root: logging.Logger) -> None:
     for handler in list(root.handlers):
         if getattr(handler, "_joem", False):
             root.removeHandler(handler)
             handler.close()
+
+
+def _add(root: logging.Logger, handler: logging.Handler) -> logging.Handler:
+    handler._joem = True
+    root.addHandler(handler)
+    return handler
+
+
+def start_logging(is_main: bool = True, level: int = logging.INFO) -> logging.Logger:
+    """Console logging (main process: ``level``, others: warnings only); records are also kept
+    in memory until :func:`log_to_file` names the run folder."""
+    root = logging.getLogger()
+    _remove_handlers(root)
     root.setLevel(level if is_main else logging.WARNING)
     console = logging.StreamHandler(sys.stdout)
     console.setFormatter(logging.Formatter("%(message)s"))
-    handlers = [console]
-    if run_dir is not None and is_main:
-        file_handler = logging.FileHandler(Path(run_dir) / "train.log")
-        file_handler.setFormatter(logging.Formatter(FORMAT))
-        handlers.append(file_handler)
-    for handler in handlers:
-        handler._joem = True
-        root.addHandler(handler)
+    _add(root, console)
+    if is_main:
+        _add(root, logging.handlers.MemoryHandler(capacity=10 ** 6, flushLevel=logging.CRITICAL + 1)).set_name("buffer")
     return logging.getLogger("joem")
+
+
+def log_to_file(run_dir: Path) -> None:
+    """Write the project's records to ``run_dir/train.log`` from now on, the kept ones first."""
+    root = logging.getLogger()
+    file_handler = logging.FileHandler(Path(run_dir) / "train.log")
+    file_handler.setFormatter(logging.Formatter(FORMAT))
+    for handler in list(root.handlers):
+        if isinstance(handler, logging.handlers.MemoryHandler) and getattr(handler, "_joem", False):
+            handler.setTarget(file_handler)
+            handler.flush()
+            root.removeHandler(handler)
+            handler.close()
+    _add(root, file_handler)
 
 
 def progress_enabled() -> bool:

@@ -1,21 +1,28 @@
-"""pytorch-template's ConfigParser: JSON config + CLI flags, run directory, object factory."""
+"""Configs (pytorch-template's ConfigParser): JSON files with inheritance, overrides, the run folder.
+
+A config file may name a base config (``"_base_": "../config_pascal_zs3setting.json"``, a path
+relative to the file, or a list of them): the bases are read first and this file's keys are
+deep-merged over them (objects merge key by key, any other value replaces). Overrides address
+nested keys with dotted paths (``optimizer.args.lr``); their values are parsed as JSON where they
+parse (``5``, ``[0.5, 1.5]``, ``true``, ``null``), else kept as strings (``/data/VOC2012``).
+"""
 from __future__ import annotations
 
-import argparse
-import logging
-import os
-from collections import OrderedDict
+import copy
+import json
+import secrets
 from datetime import datetime
-from functools import partial, reduce
-from operator import getitem
 from pathlib import Path
-from typing import Any, Callable, Iterable, NamedTuple
+from typing import Any, Callable, Mapping, NamedTuple
 
-from utils.util import ConfigError, read_json, write_json
+from utils.util import ConfigError, read_json
+
+BASE_KEY = "_base_"
+FREE = "*"   # a schema node whose keys are not checked (constructor ``args``, ...)
 
 
 class CustomArgs(NamedTuple):
-    """A CLI flag that overrides a nested config key; ``target`` is ``"a;b;c"``."""
+    """A command-line flag that overrides one nested config key (``target``: a dotted path)."""
 
     flags: list
     type: Callable
@@ -23,72 +30,124 @@ class CustomArgs(NamedTuple):
     help: str = ""
 
 
-class ConfigParser:
-    """Holds the resolved config, the run directory and factories for configured objects.
+def deep_merge(base: Mapping, override: Mapping) -> dict:
+    """``base`` updated with ``override``: nested objects merge key by key, other values replace."""
+    merged = copy.deepcopy(dict(base))
+    for key, value in override.items():
+        if isinstance(value, Mapping) and isinstance(merged.get(key), Mapping):
+            merged[key] = deep_merge(merged[key], value)
+        else:
+            merged[key] = copy.deepcopy(value)
+    return merged
 
-    ``config``: the parsed JSON; ``resume``: checkpoint path or None; ``modification``:
-    ``{"a;b": value}`` overrides (values of None are skipped); ``run_id``: run folder name
-    (default: a timestamp); ``run_dir``: an explicit run directory (overrides the default
-    ``<trainer.save_dir>/<name>/<run_id>``); ``create_dirs``: make the run dir and write
-    ``config.json`` into it.
+
+def load_config(path: str | Path, _chain: tuple[Path, ...] = ()) -> dict:
+    """Read a JSON config and resolve its ``_base_`` chain (errors name the file)."""
+    path = Path(path)
+    resolved = path.resolve()
+    if resolved in _chain:
+        cycle = " -> ".join(str(p) for p in (*_chain, resolved))
+        raise ConfigError(f"{path}: {BASE_KEY} chain loops back to itself ({cycle})")
+    config = read_json(path)
+    if not isinstance(config, dict):
+        raise ConfigError(f"{path}: a config must be a JSON object")
+    bases = config.pop(BASE_KEY, [])
+    bases = [bases] if isinstance(bases, str) else bases
+    if not isinstance(bases, list) or not all(isinstance(b, str) for b in bases):
+        raise ConfigError(f"{path}: {BASE_KEY} must be a path or a list of paths, got {bases!r}")
+    merged: dict = {}
+    for base in bases:
+        base_path = path.parent / base
+        if not base_path.is_file():
+            raise ConfigError(f"{path}: {BASE_KEY} {base!r}: file {base_path} not found")
+        merged = deep_merge(merged, load_config(base_path, (*_chain, resolved)))
+    return deep_merge(merged, config)
+
+
+def parse_value(text: str) -> Any:
+    """A command-line value: JSON when it parses (numbers, lists, true/false/null), else the string."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
+
+
+def parse_assignment(text: str) -> tuple[str, Any]:
+    """``"data.root=/data/VOC2012"`` -> ``("data.root", "/data/VOC2012")``."""
+    key, sep, value = text.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"-o {text!r}: expected KEY=VALUE, e.g. -o trainer.epochs=5")
+    return key.strip(), parse_value(value.strip())
+
+
+def set_by_path(config: dict, dotted: str, value: Any, schema: Mapping | None = None) -> None:
+    """Set ``config[a][b][c] = value`` for ``"a.b.c"``.
+
+    The path must lead through objects. Its last key must exist already or be a key the
+    ``schema`` knows (``{section: {key: None | nested schema | FREE}}``; FREE accepts any
+    key below it); without a schema only existing keys may be set. An unknown path is a
+    ConfigError naming it (and the valid keys at the point where it went wrong).
+    """
+    keys = dotted.split(".")
+    node, spec = config, schema
+    for depth, key in enumerate(keys):
+        last = depth == len(keys) - 1
+        known = spec == FREE or key in node or (isinstance(spec, Mapping) and key in spec)
+        if not known:
+            valid = sorted(set(node) | (set(spec) if isinstance(spec, Mapping) else set()))
+            raise ConfigError(f"config key {dotted}: unknown key {key!r}"
+                              f"{' under ' + '.'.join(keys[:depth]) if depth else ''}; valid: {', '.join(valid)}")
+        if last:
+            node[key] = value
+            return
+        if key not in node:
+            node[key] = {}
+        if not isinstance(node[key], dict):
+            raise ConfigError(f"config key {dotted}: {'.'.join(keys[:depth + 1])} is not an object "
+                              f"(it is {node[key]!r})")
+        node = node[key]
+        spec = FREE if spec == FREE else (spec.get(key) if isinstance(spec, Mapping) else None)
+
+
+def new_run_id() -> str:
+    """A run folder name that does not collide: microsecond time plus a random suffix."""
+    return f"{datetime.now().strftime('%Y%m%d_%H%M%S_%f')}_{secrets.token_hex(2)}"
+
+
+class ConfigParser:
+    """The resolved config with its overrides, the checkpoint to resume and the run folder.
+
+    ``config``: the parsed JSON (``_base_`` already resolved); ``overrides``: ``{"a.b": value}``
+    applied in order (None values skipped) and checked against ``schema``; ``run_id``: the run
+    folder name (default :func:`new_run_id`); ``run_dir``: an explicit folder (instead of
+    ``<trainer.save_dir>/<name>/<run_id>``). Nothing is written until :meth:`create_run_dir`.
     """
 
-    def __init__(self, config: dict, resume: str | Path | None = None, modification: dict | None = None,
-                 run_id: str | None = None, run_dir: str | Path | None = None, create_dirs: bool = True,
-                 config_path: str | Path | None = None):
-        self._config = _update_config(config, modification or {})
+    def __init__(self, config: dict, resume: str | Path | None = None, overrides: Mapping | None = None,
+                 run_id: str | None = None, run_dir: str | Path | None = None,
+                 config_path: str | Path | None = None, schema: Mapping | None = None):
+        self._config = copy.deepcopy(dict(config))
+        self._config.pop(BASE_KEY, None)
+        for key, value in (overrides or {}).items():
+            if value is not None:
+                set_by_path(self._config, key, value, schema)
         self.resume = Path(resume) if resume is not None else None
         self.config_path = Path(config_path) if config_path is not None else None
         if run_dir is None:
-            save_dir = Path(self._config.get("trainer", {}).get("save_dir", "saved"))
-            if run_id is None:
-                run_id = datetime.now().strftime(r"%Y%m%d_%H%M%S_%f")
-            run_dir = save_dir / str(self._config.get("name", "run")) / run_id
+            save_dir = Path(str(self._config.get("trainer", {}).get("save_dir", "saved")))
+            run_dir = save_dir / str(self._config.get("name", "run")) / (run_id or new_run_id())
         self._run_dir = Path(run_dir)
-        if create_dirs:
-            self._run_dir.mkdir(parents=True, exist_ok=True)
-            write_json(self._config, self._run_dir / "config.json")
 
-    @classmethod
-    def from_args(cls, args: argparse.ArgumentParser, options: Iterable[CustomArgs] = (),
-                  argv: list[str] | None = None, load_resume_config: Callable | None = None,
-                  **kwargs) -> "ConfigParser":
-        """Parse ``-c/--config``, ``-r/--resume``, ``-d/--device`` and the custom overrides.
-
-        The config comes from ``-c``; without it, from ``load_resume_config(resume_path)``
-        when given, else from ``config.json`` beside the checkpoint.
-        """
-        options = list(options)
-        for opt in options:
-            args.add_argument(*opt.flags, default=None, type=opt.type, help=opt.help)
-        if not isinstance(args, tuple):
-            args = args.parse_args(argv)
-        if getattr(args, "device", None) is not None:
-            kwargs.setdefault("device", args.device)
-        resume = Path(args.resume) if getattr(args, "resume", None) else None
-        if args.config is not None:
-            config_path = Path(args.config)
-            config = read_json(config_path)
-        elif resume is not None:
-            if load_resume_config is not None:
-                config, config_path = load_resume_config(resume), resume
-            else:
-                config_path = resume.parent / "config.json"
-                config = read_json(config_path)
-        else:
-            raise ConfigError("no config given: add -c config.json (or -r checkpoint.pth to resume)")
-        modification = {opt.target: getattr(args, _dest(opt.flags)) for opt in options}
-        device = kwargs.pop("device", None)
-        parser = cls(config, resume, modification, config_path=config_path, **kwargs)
-        parser.device = device
-        parser.args = args
-        return parser
+    @property
+    def source(self) -> str:
+        """Where the config came from, for error messages."""
+        return str(self.config_path) if self.config_path is not None else "config"
 
     def init_obj(self, name: str, module: Any, *args, **kwargs) -> Any:
         """Build ``config[name]['type']`` from ``module`` with ``config[name]['args']`` (+ kwargs).
 
         ``module`` may be a module or a dict ``{name: class}``. An unknown type is a ConfigError
-        listing the valid names.
+        listing the valid names; ``kwargs`` set by the program may not appear in the config.
         """
         spec = self[name]
         factory = lookup_type(module, spec, name)
@@ -99,19 +158,11 @@ class ConfigParser:
         module_args.update(kwargs)
         return call_with_config_args(factory, name, *args, **module_args)
 
-    def init_ftn(self, name: str, module: Any, *args, **kwargs) -> Callable:
-        """Like :meth:`init_obj`, but returns a ``functools.partial`` instead of calling it."""
-        spec = self[name]
-        factory = lookup_type(module, spec, name)
-        module_args = dict(spec.get("args", {}))
-        module_args.update(kwargs)
-        return partial(factory, *args, **module_args)
-
     def __getitem__(self, name: str) -> Any:
         try:
             return self._config[name]
         except KeyError:
-            raise ConfigError(f"config: missing key {name!r}") from None
+            raise ConfigError(f"config ({self.source}): missing key {name!r}") from None
 
     def get(self, name: str, default: Any = None) -> Any:
         return self._config.get(name, default)
@@ -119,32 +170,13 @@ class ConfigParser:
     def __contains__(self, name: str) -> bool:
         return name in self._config
 
-    def get_logger(self, name: str, verbosity: int = 2) -> logging.Logger:
-        levels = {0: logging.WARNING, 1: logging.INFO, 2: logging.DEBUG}
-        if verbosity not in levels:
-            raise ConfigError(f"verbosity {verbosity} is invalid; valid options are {list(levels)}")
-        logger = logging.getLogger(name)
-        logger.setLevel(levels[verbosity])
-        return logger
-
     @property
-    def config(self) -> OrderedDict:
+    def config(self) -> dict:
         return self._config
 
     @property
     def run_dir(self) -> Path:
         return self._run_dir
-
-    # pytorch-template names: checkpoints and logs live in the one run directory.
-    save_dir = run_dir
-    log_dir = run_dir
-
-
-def _dest(flags: list) -> str:
-    for flag in flags:
-        if flag.startswith("--"):
-            return flag[2:].replace("-", "_")
-    return flags[0].lstrip("-").replace("-", "_")
 
 
 def call_with_config_args(factory: Callable, name: str, *args, **kwargs) -> Any:
@@ -171,33 +203,3 @@ def lookup_type(module: Any, spec: Any, name: str) -> Callable:
     if type_name not in valid:
         raise ConfigError(f"config key {name}.type: unknown {type_name!r}; valid: {', '.join(sorted(valid))}")
     return valid[type_name]
-
-
-def _update_config(config: dict, modification: dict) -> dict:
-    """Apply ``{"a;b;c": value}`` overrides (None values are skipped)."""
-    for key, value in modification.items():
-        if value is not None:
-            _set_by_path(config, key, value)
-    return config
-
-
-def _set_by_path(tree: dict, keys: str, value: Any) -> None:
-    path = keys.split(";")
-    try:
-        parent = reduce(getitem, path[:-1], tree)
-    except (KeyError, TypeError):
-        raise ConfigError(f"config: cannot override {'.'.join(path)}: missing key on the way") from None
-    parent[path[-1]] = value
-
-
-def get_by_path(tree: dict, keys: str, default: Any = None) -> Any:
-    """Read ``"a;b;c"`` from a nested dict, or ``default`` when any key is missing."""
-    try:
-        return reduce(getitem, keys.split(";"), tree)
-    except (KeyError, TypeError):
-        return default
-
-
-def default_run_root() -> Path:
-    """Where runs go when the config has no ``trainer.save_dir``."""
-    return Path(os.environ.get("JOEM_SAVE_DIR", "saved"))

@@ -2,9 +2,9 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import tempfile
-from collections import OrderedDict
 from pathlib import Path
 from typing import Any
 
@@ -15,12 +15,12 @@ class ConfigError(ValueError):
     """A user-facing error about a config, a file or a value; printed as one line."""
 
 
-def read_json(path: str | Path) -> OrderedDict:
-    """Read a JSON file, keeping key order; errors name the file."""
+def read_json(path: str | Path) -> Any:
+    """Read a JSON file (dicts keep the file's key order); errors name the file."""
     path = Path(path)
     try:
         with path.open("rt") as handle:
-            return json.load(handle, object_hook=OrderedDict)
+            return json.load(handle)
     except FileNotFoundError:
         raise ConfigError(f"{path}: file not found") from None
     except json.JSONDecodeError as err:
@@ -52,3 +52,14 @@ def write_json(content: Any, path: str | Path) -> None:
 def atomic_torch_save(obj: Any, path: str | Path) -> None:
     """``torch.save`` to a temp file, then rename: a crash never leaves a half-written file."""
     atomic_write(Path(path), lambda handle: torch.save(obj, handle))
+
+
+def json_safe(value: Any) -> Any:
+    """Replace NaN/Inf floats with None (recursively) so the JSON is valid."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    return value

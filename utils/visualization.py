@@ -1,10 +1,10 @@
-"""Colour palettes and image helpers for label maps."""
+"""Colour palettes and label-map images."""
 from __future__ import annotations
 
-import torch
+from pathlib import Path
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+import torch
+from PIL import Image
 
 
 def palette(num_classes: int = 256) -> torch.Tensor:
@@ -30,8 +30,13 @@ def colorize(label: torch.Tensor) -> torch.Tensor:
     return _PALETTE[label.long().clamp(0, 255).cpu()].permute(2, 0, 1).contiguous()
 
 
-def denormalize(image: torch.Tensor) -> torch.Tensor:
-    """ImageNet-normalised 3 x H x W float -> uint8."""
-    mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
-    std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
-    return ((image.float().cpu() * std + mean).clamp(0, 1) * 255).round().to(torch.uint8)
+def mask_image(labels: torch.Tensor) -> Image.Image:
+    """A palette-mode PNG image of H x W class indices (< 256) with the VOC colours."""
+    mask = Image.fromarray(labels.to(torch.uint8).cpu().numpy(), mode="P")
+    mask.putpalette(_PALETTE.flatten().tolist())
+    return mask
+
+
+def save_mask(labels: torch.Tensor, path: str | Path) -> None:
+    """Write H x W class indices as a palette PNG (values = class indices)."""
+    mask_image(labels).save(path)

@@ -1,53 +1,12 @@
-"""Calibration sweeps: sigma grids, the seen-unseen mIoU curve, AUSUC, and its files."""
+"""Calibration sweeps: the seen-unseen mIoU curve, its AUSUC, table, figure and files."""
 from __future__ import annotations
 
 import csv
 import json
-import math
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Sequence
 
-from utils.util import ConfigError
-
-
-def sigma_values(spec: Any, key: str = "inference.sigma") -> list[float]:
-    """Sigmas from a number, a list, a ``"0.3,0.5"`` string, or ``{"log_range": [lo, hi], "num": n}``."""
-    if spec is None:
-        return []
-    if isinstance(spec, (int, float)) and not isinstance(spec, bool):
-        values = [float(spec)]
-    elif isinstance(spec, str):
-        try:
-            values = [float(part) for part in spec.split(",") if part.strip()]
-        except ValueError:
-            raise ConfigError(f"{key}: expected numbers like 0.3,0.5,0.7, got {spec!r}") from None
-    elif isinstance(spec, (list, tuple)):
-        values = [float(v) for v in spec]
-    elif isinstance(spec, dict) and "log_range" in spec:
-        low, high = map(float, spec["log_range"])
-        num = int(spec.get("num", 25))
-        if not 0 < low < high or num < 2:
-            raise ConfigError(f"{key}: log_range needs 0 < low < high and num >= 2, got {dict(spec)}")
-        values = [math.exp(math.log(low) + i * (math.log(high) - math.log(low)) / (num - 1)) for i in range(num)]
-    else:
-        raise ConfigError(f"{key}: expected a number, a list, or {{\"log_range\": [lo, hi], \"num\": n}}; got {spec!r}")
-    if not values or any(v <= 0 or not math.isfinite(v) for v in values):
-        raise ConfigError(f"{key}: sigma values must be positive, got {spec!r}")
-    return [round(v, 6) for v in values]
-
-
-def ausuc(points: Sequence[tuple[float, float]]) -> float:
-    """Area under the seen-unseen curve (Chao et al., 2016): ``points`` are (unseen, seen)
-    pairs in [0, 1]. Sorted by unseen and integrated with the trapezoid rule over their upper
-    envelope (the best seen score reachable with at least that unseen score): mIoU curves
-    need not be monotone near the ends, and the envelope equals the curve where it is."""
-    ordered = sorted(points)
-    envelope, best = [], 0.0
-    for unseen, seen in reversed(ordered):
-        best = max(best, seen)
-        envelope.append((unseen, best))
-    envelope.reverse()
-    return sum((u1 - u0) * (s0 + s1) / 2 for (u0, s0), (u1, s1) in zip(envelope, envelope[1:]))
+from model.metric import ausuc
 
 
 def _row(record: dict, sigma: float | None = None) -> dict:

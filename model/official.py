@@ -42,14 +42,16 @@ def _state_dict(checkpoint: dict, path: Path) -> dict:
     return {key.removeprefix("module."): value for key, value in state.items()}
 
 
-def convert_official(visual_path: str | Path, config: dict, source: str = "config") -> dict:
+def convert_official(visual_path: str | Path, config: dict, source: str = "config", visual: dict | None = None) -> dict:
     """This project's checkpoint content (weights, split, embeddings, config; no optimizer)
-    from an official fe_/gen_ pair and the config that names the classes and split."""
+    from an official fe_/gen_ pair and the config that names the classes and split
+    (``visual``: the visual-encoder file's content when it has been read already)."""
     visual_path = Path(visual_path)
     semantic_path = semantic_encoder_path(visual_path)
     if not semantic_path.is_file():
         raise ConfigError(f"{visual_path}: the official semantic-encoder file {semantic_path.name} is missing beside it")
-    visual, semantic = load_checkpoint(visual_path), load_checkpoint(semantic_path)
+    visual = load_checkpoint(visual_path) if visual is None else visual
+    semantic = load_checkpoint(semantic_path)
     for path, checkpoint in ((visual_path, visual), (semantic_path, semantic)):
         if not is_official(checkpoint):
             raise ConfigError(f"{path}: not an official JoEm checkpoint (no state_dict)")

@@ -1,0 +1,62 @@
+"""The one builder of the two encoders from a config (training, test, predict, benchmarks)."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Mapping
+
+import torch
+
+from model.semantic_encoder import SemanticEncoder
+from model.visual_encoder import DeepLabV3Plus
+from utils.checkpoint import load_state
+from utils.parse_config import call_with_config_args, lookup_type
+from utils.util import ConfigError
+
+VISUAL_ENCODERS = {"DeepLabV3Plus": DeepLabV3Plus}
+SEMANTIC_ENCODERS = {"SemanticEncoder": SemanticEncoder}
+
+
+def _spec(config: Mapping, section: str) -> dict:
+    spec = config.get(section)
+    if spec is None:
+        raise ConfigError(f"config: missing key {section!r}")
+    return spec
+
+
+def build_encoders(config: Mapping, num_classes: int, embed_dim: int,
+                   pretrained: bool = True) -> tuple[torch.nn.Module, torch.nn.Module]:
+    """The configured visual encoder (``model``) for ``num_classes`` classes and semantic encoder
+    (``semantic_encoder``) from ``embed_dim``-d embeddings to the visual feature size.
+
+    ``pretrained=False`` skips the ImageNet backbone file (the weights come from a checkpoint)."""
+    spec = _spec(config, "model")
+    args = dict(spec.get("args", {}))
+    if "num_classes" in args:
+        raise ConfigError("config key model.args.num_classes: set by the class list, remove it")
+    if not pretrained:
+        args["pretrained_backbone"] = None
+    visual = call_with_config_args(lookup_type(VISUAL_ENCODERS, spec, "model"), "model",
+                                   num_classes=num_classes, **args)
+    semantic_spec = _spec(config, "semantic_encoder")
+    semantic_args = dict(semantic_spec.get("args", {}))
+    overlap = {"embed_dim", "feature_dim"} & set(semantic_args)
+    if overlap:
+        raise ConfigError(f"config key semantic_encoder.args: {sorted(overlap)} may not be set here (set by the program)")
+    semantic = call_with_config_args(lookup_type(SEMANTIC_ENCODERS, semantic_spec, "semantic_encoder"),
+                                     "semantic_encoder", embed_dim=embed_dim,
+                                     feature_dim=visual.decoder.pred_conv.in_channels, **semantic_args)
+    return visual, semantic
+
+
+def load_encoder_weights(visual: torch.nn.Module, semantic: torch.nn.Module, checkpoint: Mapping,
+                         path: str | Path) -> None:
+    """Both encoders' weights from a checkpoint of this project (strict; errors name the file)."""
+    load_state(visual, checkpoint["visual_encoder"], path, "visual encoder")
+    load_state(semantic, checkpoint["semantic_encoder"], path, "semantic encoder")
+
+
+def place(visual: torch.nn.Module, semantic: torch.nn.Module, device: torch.device | str,
+          channels_last: bool = False) -> None:
+    """Move both encoders to ``device`` (the visual one channels_last when asked)."""
+    visual.to(device, memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+    semantic.to(device)

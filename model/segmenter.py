@@ -1,0 +1,253 @@
+"""The Python segmenter: a trained JoEm model, any class list, images in, label maps out.
+
+    from model.segmenter import Segmenter
+    segmenter = Segmenter.from_checkpoint("saved/synthetic_zs3/<run>/model_best.pth")
+    labels = segmenter("photo.jpg")                     # H x W int64 class indices
+    segmenter.names                                     # class of each index
+
+Classes missing from the checkpoint take their embedding from a file (rows named by its
+``X.classes.txt`` sidecar) and their prototype from the semantic encoder: no retraining.
+Images go through :func:`model.segment.pixel_distances`, the path ``--test`` uses, so the
+same checkpoint, image, sigma, calibration and precision give the same labels.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+from data_loader.classes import canonical_name, class_index, load_class_names
+from data_loader.dataset import read_image
+from data_loader.transforms import to_model_input
+from model.inference import CALIBRATIONS, InferenceSettings, SlidingWindow, calibrate
+from model.segment import pixel_distances, tile_count
+from model.trained import TrainedModel, load_trained_model
+from utils.amp import amp_dtype
+from utils.distributed import resolve_device
+from utils.embeddings import load_class_embeddings, normalize_embeddings
+from utils.word_vectors import classes_sidecar  # TODO(merge): utils.embeddings
+from utils.util import ConfigError
+
+ImageLike = str | Path | np.ndarray | torch.Tensor | Any   # Any: a PIL image
+
+
+@dataclass
+class Prediction:
+    """One image's result: labels (H x W int64, CPU), optionally the squared distance of every
+    pixel to every class (K x H x W float32, CPU), and how many tiles the encoder saw."""
+
+    labels: torch.Tensor
+    distances: torch.Tensor | None = None
+    tiles: int = 1
+
+
+@dataclass
+class ClassChoice:
+    """A class list: names (label i = names[i]), embeddings, calibrated (unseen) indices, and
+    the indices whose embedding came from an extra embedding file."""
+
+    names: list[str]
+    embeddings: torch.Tensor
+    unseen: list[int]
+    extra: list[int]
+
+    def unseen_mask(self) -> torch.Tensor:
+        mask = torch.zeros(len(self.names), dtype=torch.bool)
+        mask[self.unseen] = True
+        return mask
+
+
+def image_tensor(image: ImageLike) -> torch.Tensor:
+    """A uint8 3 x H x W tensor from a path (EXIF orientation applied), a PIL image, an
+    H x W x 3 uint8 array, or a 3 x H x W tensor (uint8, or float in [0, 1])."""
+    if isinstance(image, (str, Path)):
+        return read_image(Path(image), exif_transpose=True)
+    if hasattr(image, "convert") and hasattr(image, "size"):          # PIL
+        image = np.asarray(image.convert("RGB"))
+    if isinstance(image, np.ndarray):
+        if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
+            raise ConfigError(f"image array: expected H x W x 3 uint8, got {image.shape} {image.dtype}")
+        return torch.from_numpy(np.array(image, copy=True)).permute(2, 0, 1)
+    if isinstance(image, torch.Tensor):
+        if image.dim() != 3 or image.shape[0] != 3:
+            raise ConfigError(f"image tensor: expected 3 x H x W, got {tuple(image.shape)}")
+        if image.dtype == torch.uint8:
+            return image
+        if image.is_floating_point() and image.numel() and 0 <= float(image.min()) and float(image.max()) <= 1:
+            return (image.float() * 255).round().to(torch.uint8)
+        raise ConfigError("image tensor: expected uint8, or float values in [0, 1]")
+    raise ConfigError(f"image: expected a path, a PIL image, a numpy array or a tensor, got {type(image).__name__}")
+
+
+def read_extra_embeddings(path: str | Path, names_spec: Any, normalize: str | None,
+                          dim: int) -> dict[str, tuple[str, torch.Tensor]]:
+    """The rows of an embedding file keyed by canonical class name: ``{key: (name, vector)}``.
+    Row names come from ``names_spec`` (list, comma string or file) or the sidecar file."""
+    file = Path(path)
+    table = load_class_embeddings(file)
+    if names_spec is None:
+        sidecar = classes_sidecar(file)
+        if not sidecar.is_file():
+            raise ConfigError(f"{file}: no names for its rows: give the embedding classes or write {sidecar.name} "
+                              f"beside it (one class name a line)")
+        names_spec = str(sidecar)
+    names = load_class_names(names_spec, "embedding classes", str(file))
+    if len(names) != table.shape[0]:
+        raise ConfigError(f"{file}: has {table.shape[0]} rows but {len(names)} class names are given")
+    if table.shape[1] != dim:
+        raise ConfigError(f"{file}: embeddings have {table.shape[1]} dims, the checkpoint's have {dim}")
+    table = normalize_embeddings(table, normalize)
+    return {canonical_name(name): (name, table[row]) for row, name in enumerate(names)}
+
+
+def choose_classes(trained: TrainedModel, classes: Any = None, embeddings: str | Path | None = None,
+                   embedding_classes: Any = None, unseen: Any = None, normalize: str | None = None) -> ClassChoice:
+    """Resolve a class list, its embeddings and which classes are calibrated as unseen.
+
+    Names match case-insensitively, ignoring spaces, ``_`` and ``-`` (and the usual aliases
+    such as tv/tvmonitor). A class of the checkpoint keeps the checkpoint's embedding; any
+    other comes from ``embeddings`` and is unseen unless ``unseen`` says otherwise.
+    ``normalize``: none (default), l2, max_norm, or "checkpoint" (the training config's mode).
+    """
+    ckpt_names = list(trained.split.names)
+    ckpt_index = class_index(ckpt_names)
+    dim = trained.embeddings.shape[1]
+    if normalize == "checkpoint":
+        normalize = ((trained.config.get("data") or {}).get("embeddings") or {}).get("normalize")
+    extra_table = read_extra_embeddings(embeddings, embedding_classes, normalize, dim) if embeddings else {}
+    wanted = ckpt_names if classes is None else list(load_class_names(classes, "classes"))
+    names, rows, extra = [], [], []
+    for name in wanted:
+        key = canonical_name(name)
+        if key in ckpt_index:
+            names.append(ckpt_names[ckpt_index[key]])
+            rows.append(trained.embeddings[ckpt_index[key]])
+        elif key in extra_table:
+            extra.append(len(names))
+            names.append(extra_table[key][0])
+            rows.append(extra_table[key][1])
+        else:
+            message = f"classes: unknown class {name!r}; checkpoint classes: {', '.join(ckpt_names)}"
+            message += (f"; in {embeddings}: {', '.join(n for n, _ in extra_table.values())}" if embeddings
+                        else "; other classes need an embedding file")
+            raise ConfigError(message)
+    chosen = ClassChoice(names, torch.stack(rows).float(), [], extra)
+    chosen.unseen = _unseen_indices(chosen, unseen, {canonical_name(ckpt_names[i]) for i in trained.split.unseen})
+    return chosen
+
+
+def _unseen_indices(chosen: ClassChoice, unseen: Any, ckpt_unseen: set[str]) -> list[int]:
+    """Exactly ``unseen`` when given ("none" or [] for no calibration), else the checkpoint's
+    unseen classes among the chosen ones plus every extra class."""
+    if unseen is None:
+        return sorted({i for i, name in enumerate(chosen.names) if canonical_name(name) in ckpt_unseen}
+                      | set(chosen.extra))
+    if (isinstance(unseen, str) and unseen.strip().lower() in ("", "none")) or (
+            isinstance(unseen, (list, tuple)) and not unseen):
+        return []
+    index = class_index(chosen.names)
+    resolved = []
+    for name in load_class_names(unseen, "unseen"):
+        if canonical_name(name) not in index:
+            raise ConfigError(f"unseen: {name!r} is not among the classes of this run: {', '.join(chosen.names)}")
+        resolved.append(index[canonical_name(name)])
+    return sorted(resolved)
+
+
+class Segmenter:
+    """Segment images with a trained model and any class list.
+
+    Args:
+        trained: a loaded model (see :meth:`from_checkpoint`).
+        classes: class names (list, comma string or file; default: the checkpoint's classes).
+        embeddings: embedding file for classes the checkpoint does not know; its rows are named by
+            ``embedding_classes`` or by the sidecar ``X.classes.txt``; ``normalize`` its rows.
+        unseen: classes to calibrate (default: the checkpoint's unseen ones plus the new ones).
+        sigma, calibration: Apollonius calibration (default: the checkpoint's config; when the
+            config lists several sigmas, the best sigma of the validation that chose the checkpoint).
+        amp, channels_last, window: precision, memory format and sliding window (default: as
+            the checkpoint's config evaluates).
+    """
+
+    def __init__(self, trained: TrainedModel, classes: Any = None, *, embeddings: str | Path | None = None,
+                 embedding_classes: Any = None, normalize: str | None = None, unseen: Any = None,
+                 sigma: float | None = None, calibration: str | None = None, amp: str | bool | None = None,
+                 channels_last: bool | None = None, window: SlidingWindow | dict | None = None):
+        self.trained = trained
+        settings: InferenceSettings = trained.inference
+        self.classes = choose_classes(trained, classes, embeddings, embedding_classes, unseen, normalize)
+        self.sigma = float(sigma if sigma is not None else self._default_sigma(settings))
+        if not self.sigma > 0:
+            raise ConfigError(f"sigma: must be positive, got {self.sigma}")
+        self.calibration = calibration or settings.calibration
+        if self.calibration not in CALIBRATIONS:
+            raise ConfigError(f"calibration: {self.calibration!r}; valid: {', '.join(CALIBRATIONS)}")
+        self.amp = trained.amp if amp is None else amp
+        amp_dtype(self.amp)   # validates
+        self.channels_last = trained.channels_last if channels_last is None else bool(channels_last)
+        if isinstance(window, dict):
+            window = SlidingWindow(**{**settings.window.__dict__, **window})
+        self.window = window or settings.window
+        problem = self.window.check()
+        if problem:
+            raise ConfigError(f"window.{problem}")
+        device = trained.device
+        self.prototypes = trained.prototypes(self.classes.embeddings.to(device))
+        self.unseen_mask = self.classes.unseen_mask().to(device)
+        background = canonical_name(trained.split.names[0])
+        self.excluded = [i for i, name in enumerate(self.names)
+                         if trained.split.ignore_bg and canonical_name(name) == background]
+
+    @classmethod
+    def from_checkpoint(cls, checkpoint: str | Path, config: dict | str | Path | None = None,
+                        device: str | torch.device | None = None, **options) -> "Segmenter":
+        """Load a checkpoint of this project, or an official JoEm ``*_fe.pth`` (with its ``*_gen.pth``
+        beside it and ``config``, a dict or a config file, naming classes, split and embeddings)."""
+        source = "config"
+        if isinstance(config, (str, Path)):
+            from utils.parse_config import load_config
+            source, config = str(config), load_config(config)
+        trained = load_trained_model(checkpoint, resolve_device(device), config=config, config_source=source)
+        return cls(trained, **options)
+
+    def _default_sigma(self, settings: InferenceSettings) -> float:
+        if settings.sigma is not None:
+            return settings.sigma
+        if self.trained.best_sigma is not None:
+            return self.trained.best_sigma
+        raise ConfigError(f"the checkpoint's inference.sigma is a sweep {list(settings.sweep)} and it records no "
+                          "best sigma: give sigma explicitly")
+
+    @property
+    def names(self) -> list[str]:
+        return self.classes.names
+
+    @property
+    def unseen(self) -> list[int]:
+        return self.classes.unseen
+
+    def __call__(self, image: ImageLike) -> torch.Tensor:
+        """Labels (H x W int64, CPU) of one image."""
+        return self.predict(image).labels
+
+    @torch.inference_mode()
+    def predict(self, image: ImageLike, distances: bool = False) -> Prediction:
+        """Labels of one image and, with ``distances``, every pixel's squared distance to each class."""
+        inputs = to_model_input(image_tensor(image))[None].to(self.trained.device)
+        height, width = inputs.shape[-2:]
+        labels = torch.empty(height, width, dtype=torch.long)
+        table = torch.empty(len(self.names), height, width) if distances else None
+        for rows, band in pixel_distances(self.trained.model, inputs, self.prototypes, amp=self.amp,
+                                          channels_last=self.channels_last, window=self.window,
+                                          excluded=self.excluded):
+            labels[rows] = calibrate(band, self.unseen_mask, self.sigma, self.calibration)[0].cpu()
+            if table is not None:
+                table[:, rows] = band[0].cpu()
+        return Prediction(labels, table, tile_count(height, width, self.window))
+
+    def predict_batch(self, images: Sequence[ImageLike]) -> list[torch.Tensor]:
+        """Labels of several images (each at its own size)."""
+        return [self(image) for image in images]

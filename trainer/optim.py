@@ -1,0 +1,68 @@
+"""The optimizers and the LR schedule of a training run, built from the config."""
+from __future__ import annotations
+
+from typing import Mapping
+
+import torch
+
+from trainer.settings import SchedulerSection
+from utils.parse_config import call_with_config_args, lookup_type
+
+
+def build_optimizers(config: Mapping, model: torch.nn.Module,
+                     semantic_encoder: torch.nn.Module) -> tuple[torch.optim.Optimizer, torch.optim.Optimizer]:
+    """SGD-style optimizer for the visual encoder (1x backbone, ``head_lr_mult`` x ASPP+decoder)
+    and the semantic encoder's optimizer (``optimizer_gen``, constant LR as official)."""
+    spec = config["optimizer"]
+    args = dict(spec.get("args", {}))
+    groups = model.param_groups(float(args.get("lr", 0.01)), float(spec.get("head_lr_mult", 10.0)))
+    optimizer = call_with_config_args(lookup_type(torch.optim, spec, "optimizer"), "optimizer", groups, **args)
+    gen = config["optimizer_gen"]
+    optimizer_gen = call_with_config_args(lookup_type(torch.optim, gen, "optimizer_gen"), "optimizer_gen",
+                                          semantic_encoder.parameters(), **gen.get("args", {}))
+    return optimizer, optimizer_gen
+
+
+class PolySchedule:
+    """Poly LR in closed form, ``base_lr * (1 - position / total) ** power`` (a LambdaLR whose
+    factor depends only on the position), so a resumed run of another length only needs the new
+    total: :meth:`rebase` puts every group at the new schedule's value for the current position."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer, total: int, power: float):
+        self.total, self.power = max(1, int(total)), float(power)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, self.factor)
+
+    def factor(self, position: int) -> float:
+        return (1.0 - min(position, self.total) / self.total) ** self.power
+
+    def step(self) -> None:
+        self.scheduler.step()
+
+    def state_dict(self) -> dict:
+        return {**self.scheduler.state_dict(), "total": self.total, "power": self.power}
+
+    def load_state_dict(self, state: dict) -> int | None:
+        """Continue from ``state``; returns the saved total when it differs from this one (the
+        run's length changed), after re-basing the LRs onto this schedule."""
+        saved_total = state.get("total", state.get("total_iters"))
+        self.scheduler.load_state_dict({k: v for k, v in state.items() if k not in ("total", "power", "total_iters")})
+        self.rebase()
+        return saved_total if saved_total is not None and saved_total != self.total else None
+
+    def rebase(self) -> None:
+        """Set every group's LR to this schedule's value at the current position."""
+        position = self.scheduler.last_epoch
+        for group, base in zip(self.scheduler.optimizer.param_groups, self.scheduler.base_lrs):
+            group["lr"] = base * self.factor(position)
+
+
+def build_scheduler(config: Mapping, optimizer: torch.optim.Optimizer,
+                    steps_per_epoch: int) -> tuple[PolySchedule | None, str]:
+    """Poly LR (``interval`` "epoch": stepped once per epoch, epoch 1 at the base LR, as the
+    official code; "step": every iteration) or ``"constant"`` (None). Returns (schedule, interval)."""
+    spec = SchedulerSection(**(config.get("lr_scheduler") or {}))
+    if spec.type.lower() == "constant":
+        return None, spec.interval
+    epochs = int(config["trainer"]["epochs"])
+    total = epochs if spec.interval == "epoch" else epochs * max(1, steps_per_epoch)
+    return PolySchedule(optimizer, total, spec.power), spec.interval

@@ -1,0 +1,129 @@
+"""Where a run's results go: console and train.log tables, metrics.jsonl, sweep files,
+prediction masks and TensorBoard (scalars, sweep curve, images)."""
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Callable, Sequence
+
+import torch
+
+from data_loader.transforms import denormalize
+from trainer.sweep import format_sweep_table, sweep_figure, write_sweep
+from utils.util import json_safe
+from utils.visualization import colorize, save_mask
+
+logger = logging.getLogger("joem")
+
+
+def _fmt(value: float | None) -> str:
+    return "   n/a" if value is None else f"{value:6.2f}"
+
+
+def format_metrics_table(record: dict) -> str:
+    """Three-line summary: pixel acc, class acc and mIoU for seen / unseen / harmonic / overall."""
+    rows = [f"{'':10s} {'seen':>6s} {'unseen':>6s} {'harm.':>6s} {'all':>6s}"]
+    for label, prefix in (("pixel acc", "pixel_acc"), ("class acc", "class_acc"), ("mIoU", "mIoU")):
+        rows.append(f"{label:10s} " + " ".join(_fmt(record[f'{prefix}_{g}'])
+                                              for g in ("seen", "unseen", "harmonic", "overall")))
+    return "\n".join(rows)
+
+
+def format_class_table(record: dict, unseen_names: Sequence[str]) -> str:
+    """Per-class IoU table, unseen classes marked with '*'."""
+    lines = ["class                    IoU"]
+    for name, value in record["iou_by_class"].items():
+        mark = "*" if name in unseen_names else " "
+        lines.append(f"{mark}{name:22s} {'n/a' if value is None else f'{value:6.2f}'}")
+    lines.append("(* = unseen class)")
+    return "\n".join(lines)
+
+
+class Reporter:
+    """Writes one run's results (main process only; the other processes get ``is_main=False``
+    and write nothing). ``tensorboard``: open a SummaryWriter in ``run_dir/tensorboard``."""
+
+    def __init__(self, run_dir: Path, unseen_names: Sequence[str], is_main: bool = True, tensorboard: bool = False,
+                 log_step: int = 50):
+        self.run_dir = Path(run_dir)
+        self.unseen_names = list(unseen_names)
+        self.is_main = is_main
+        self.log_step = log_step
+        self.metrics_path = self.run_dir / "metrics.jsonl"
+        self.writer = None
+        if is_main and tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+            self.writer = SummaryWriter(log_dir=str(self.run_dir / "tensorboard"))
+
+    @property
+    def wants_images(self) -> bool:
+        return self.writer is not None
+
+    def training_step(self, global_step: int, losses: dict[str, torch.Tensor]) -> None:
+        if self.writer is not None and global_step % self.log_step == 0:
+            for key, value in losses.items():
+                self.writer.add_scalar(f"train/loss_{key}", float(value), global_step)
+
+    def epoch(self, epoch: int, epochs: int, means: dict[str, float], lrs: dict[str, float], seconds: float,
+              steps: int) -> None:
+        if not self.is_main:
+            return
+        logger.info("epoch %d/%d  loss %.4f (ce %.4f, bar %.4f, sc %.4f)  lr %s  %.1fs (%.2f s/step)",
+                    epoch, epochs, means["loss_total"], means["loss_ce"], means["loss_bar"], means["loss_sc"],
+                    " ".join(f"{k}={v:.3g}" for k, v in lrs.items()), seconds, seconds / max(1, steps))
+        if self.writer is not None:
+            for key, value in {**means, **{f"lr_{k}": v for k, v in lrs.items()}}.items():
+                self.writer.add_scalar(f"epoch/{key}", value, epoch)
+
+    def evaluation(self, epoch: int, split_name: str, main: dict, records: list[dict], summary: dict | None,
+                   samples: list[dict]) -> None:
+        """Tables, metrics.jsonl (one line per sigma; the headline line carries the sweep's AUSUC
+        and best sigma), the sweep's files and TensorBoard for one evaluation."""
+        if not self.is_main:
+            return
+        logger.info("%s (epoch %d, sigma %g):\n%s", split_name, epoch, main["sigma"], format_metrics_table(main))
+        logger.info("per-class IoU:\n%s", format_class_table(main, self.unseen_names))
+        with self.metrics_path.open("a") as handle:
+            for record in records:
+                record = main if record["sigma"] == main["sigma"] else record
+                handle.write(json.dumps(json_safe({"epoch": epoch, "split": split_name, **record})) + "\n")
+        if summary is not None:
+            logger.info("calibration sweep (%s, epoch %d):\n%s", split_name, epoch, format_sweep_table(summary))
+            paths = write_sweep(self.run_dir, summary, f"sweep_{split_name}")
+            logger.info("sweep written: %s", ", ".join(str(p) for p in paths))
+        if self.writer is not None:
+            for key, value in main.items():
+                if isinstance(value, float):
+                    self.writer.add_scalar(f"{split_name}/{key}", value, epoch)
+            if summary is not None:
+                self.writer.add_figure(f"{split_name}/seen_unseen_curve", sweep_figure(summary), epoch)
+            for index, sample in enumerate(samples):
+                panel = torch.cat([denormalize(sample["image"]), colorize(sample["label"]),
+                                   colorize(sample["pred"][0])], dim=2)
+                self.writer.add_image(f"{split_name}/image_truth_prediction_{index}", panel, epoch)
+
+    def prediction_writer(self, split_name: str) -> Callable[[str, torch.Tensor], None]:
+        """A function saving each image's predicted labels as ``predictions_<split>/<name>.png``
+        (palette PNG, values = class indices; every process writes its own shard)."""
+        folder = self.run_dir / f"predictions_{split_name}"
+        folder.mkdir(parents=True, exist_ok=True)
+
+        def write(name: str, labels: torch.Tensor) -> None:
+            save_mask(labels, folder / f"{Path(name).name}.png")
+        return write
+
+    def final(self, record: dict) -> None:
+        """The last console lines: the headline mIoUs and where metrics.jsonl is."""
+        if not self.is_main:
+            return
+        if record:
+            logger.info("seen / unseen / harmonic mIoU: %s / %s / %s (sigma %g)", *(
+                "n/a" if record.get(k) is None else f"{record[k]:.2f}"
+                for k in ("mIoU_seen", "mIoU_unseen", "mIoU_harmonic")), record["sigma"])
+        logger.info("metrics: %s", self.metrics_path)
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+            self.writer = None
