@@ -78,7 +78,7 @@ def test_test_only_ablation_over_the_group(group):
     tmp, _, _, folder = group
     code, lines = _main("--from", folder, "--test", "--name", "all", "--calibration", "all", "--sweep", "0.1:10:3")
     assert code == 0
-    runs = [tmp / "saved" / "tiny" / "test_grp" / "all" / f"seed{s}" for s in (1, 2)]
+    runs = [folder / "all" / f"test_seed{s}" for s in (1, 2)]
     doc = _check_aggregate(folder / "all", runs)
     assert doc["mode"] == "test" and lines[-1] == f"aggregate: {folder / 'all' / 'aggregate.json'}"
     assert [json.loads((run / "config.json").read_text())["inference"]["calibration"] for run in runs] == ["all"] * 2

@@ -84,3 +84,17 @@ def test_official_checkpoint_for_test_and_training(tmp_path, capsys):
     assert cli_main(argv=["-r", str(fe_path), "-c", str(config), "-d", "cpu", "--run_id", "ft"]) == 0
     out = capsys.readouterr().out
     assert "training starts at epoch 1 from the weights" in out and "epoch 1/1" in out
+
+
+def test_segmenter_loads_an_official_pair_with_its_config_file(official, tmp_path):
+    from model.segmenter import Segmenter
+    folder, fe_path, model, semantic, config = official
+    segmenter = Segmenter.from_checkpoint(fe_path, config=folder / "config.json", device="cpu", amp=False,
+                                          classes=["background", "cow", "horse", "motorbike"])
+    image = np.random.default_rng(3).integers(0, 256, (37, 53, 3), dtype=np.uint8)
+    labels = segmenter(image)
+    assert labels.shape == (37, 53) and labels.max() < 4
+    assert segmenter.names == ["background", "cow", "horse", "motorbike"]
+    assert [segmenter.names[i] for i in segmenter.unseen] == ["cow", "motorbike"] and segmenter.sigma == 0.5
+    with pytest.raises(ConfigError, match="holds no class list"):
+        Segmenter.from_checkpoint(fe_path)

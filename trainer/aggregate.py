@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 from typing import Any, Sequence
 
-from trainer.calibration import sigma_values
+from model.inference import sigma_values
 from utils.util import ConfigError, atomic_write, read_json, write_json
 
 # (key, column label, format): the per-seed values that are averaged over seeds.

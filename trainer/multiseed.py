@@ -15,17 +15,16 @@ from __future__ import annotations
 import os
 import queue
 import re
-import secrets
 import signal
 import subprocess
 import sys
 import threading
 import time
 from dataclasses import dataclass, field
-from datetime import datetime
 from pathlib import Path
 
 from trainer.aggregate import ArgParser, aggregate, aggregate_markdown, read_run, write_aggregate, write_text
+from utils.parse_config import new_run_id
 from utils.util import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -96,11 +95,6 @@ def device_slots(device: str | None) -> list[str | None]:
     return parts
 
 
-def default_name() -> str:
-    """A timestamp and a short random suffix: distinct for groups started in the same second."""
-    return f"{datetime.now().strftime('%Y%m%d_%H%M%S')}_{secrets.token_hex(2)}"
-
-
 def _check_name(value: str, option: str) -> str:
     path = Path(value)
     if not value.strip() or path.is_absolute() or ".." in path.parts:
@@ -133,7 +127,7 @@ def seed_checkpoints(folder: Path) -> dict[int, Path]:
 
 def test_jobs(folder: Path, name: str, seeds: list[int] | None, passthrough: list[str]) -> list[Job]:
     """One ``-r <ckpt> --test`` evaluation per seed folder; run id ``<group>/<name>/seedN`` (the
-    test folder is ``<save_dir>/<config name>/test_<group>/<name>/seedN``)."""
+    test folder is ``<group folder>/<name>/test_seedN``, beside the aggregate)."""
     checkpoints = seed_checkpoints(folder)
     if not checkpoints:
         raise ConfigError(f"{folder}: no seed*/model_best.pth")
@@ -300,7 +294,7 @@ def _plan_training(args, passthrough: list[str], default_config: str | None) -> 
     if config is None:
         raise ConfigError("no config given: add -c config.json")
     _check_passthrough(passthrough, "train")
-    group = _check_name(args.group or default_name(), "--group")
+    group = _check_name(args.group or new_run_id(), "--group")
     return "train", train_jobs(parse_seeds(args.seeds), group, ["-c", config, *passthrough]), None, config
 
 
@@ -313,7 +307,7 @@ def _plan_test(args, passthrough: list[str]) -> Plan:
     if not folder.is_dir():
         raise ConfigError(f"--from {folder}: not a folder")
     _check_passthrough(passthrough, "test")
-    name = _check_name(args.name or default_name(), "--name")
+    name = _check_name(args.name or new_run_id(), "--name")
     extra = ["-c", args.config] if args.config else []
     seeds = parse_seeds(args.seeds) if args.seeds else None
     return "test", test_jobs(folder, name, seeds, [*extra, *passthrough]), folder / name, args.config
