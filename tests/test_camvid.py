@@ -38,8 +38,9 @@ def test_camvid_smoke_run(camvid, shared_dir, tmp_path):
     assert main(argv=["-c", str(path), "-d", "cpu", "--run_id", "smoke"]) == 0
     run = tmp_path / "saved" / "camvid_joem" / "smoke"
     records = read_metrics(run)
-    assert {r["split"] for r in records} == {"val"} and {r["epoch"] for r in records} == {1}
-    assert 0.5 in [r["sigma"] for r in records] and len(records) == 12  # sigma 0.5 and the 11-value sweep
+    # sigma 0.5 and the 11-value sweep, for the validation and the final test of the best checkpoint
+    assert [r["split"] for r in records] == ["val"] * 12 + ["test"] * 12 and {r["epoch"] for r in records} == {1}
+    assert records[0]["sigma"] == 0.5 and 0.1 in [r["sigma"] for r in records]
     assert all(list(r["iou_by_class"]) == CLASSES for r in records)
     log = (run / "train.log").read_text()
     assert "data.train_split" in log and "4 listed, 0 bad, 4 used" in log
