@@ -14,9 +14,10 @@ import argparse
 import sys
 from typing import Sequence
 
+from data_loader.classes import load_class_names
+from data_loader.word_vectors import (FORMATS, READERS, SourceReport, check_output_path, resolve_class_embeddings,
+                                      save_class_embeddings)
 from utils.util import ConfigError
-from utils.word_vectors import (FORMATS, READERS, SourceReport, check_output_path, read_class_list,
-                                resolve_class_embeddings, save_class_embeddings)
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -24,7 +25,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--vectors", action="append", required=True, metavar="FILE",
                         help="word2vec .bin/.txt, GloVe .txt or fastText .vec (.gz ok); repeat to concatenate")
     parser.add_argument("--classes", required=True, metavar="FILE|LIST",
-                        help="a file with one class name per line, or 'background,aeroplane,potted plant'")
+                        help="a file (one class name a line, or a JSON list), a built-in list (voc, context, "
+                             "context-png) or 'background,aeroplane,potted plant'")
     parser.add_argument("--out", required=True, metavar="OUT.npy", help="output .npy (or .pt)")
     parser.add_argument("--normalize", choices=("none", "l2", "max_norm"), default="none",
                         help="per vector file, before concatenation (default: none)")
@@ -55,7 +57,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         out = check_output_path(args.out)
-        names = read_class_list(args.classes)
+        names = load_class_names(args.classes, "--classes", None)
         array, reports = resolve_class_embeddings(args.vectors, names, args.normalize, args.fmt, args.reader)
         sidecar = save_class_embeddings(array, names, out)
     except ConfigError as err:

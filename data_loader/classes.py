@@ -1,8 +1,13 @@
 """Ordered class lists, ZS3/SPNet unseen-class presets and the seen/unseen split.
 
-A class list is the label map of a dataset: index i is label value i (0 = background)
-and row i of its embedding file. The config chooses a list (``data.classes``) and the
+A class list is the label map of a dataset: index i is label value i (0 = background,
+unless ``data.background`` is false) and row i of its embedding file (or the row of the
+same name, see :func:`match_names`). The config chooses a list (``data.classes``) and the
 unseen classes (``data.unseen_classes``) by preset name, class names or indices.
+
+This module is the one home of class-name rules: reading a class list
+(:func:`load_class_names`), the alias table (:func:`canonical_name` for matching,
+:func:`alias_spellings` for word lookup) and matching names to the rows of a named table.
 """
 from __future__ import annotations
 
@@ -10,7 +15,7 @@ import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable, Mapping, Sequence
 
 import torch
 
@@ -63,42 +68,64 @@ PRESETS: dict[str, dict[str, tuple[str, ...]]] = {
                             ("keyboard", "aeroplane")]),
 }
 
-# Spellings that name the same class; matching also ignores case, spaces, "_" and "-".
+# Spellings that name the same class, the first being the canonical one. Class-name
+# matching (canonical_name) ignores case, spaces, "_" and "-" and folds each group to its
+# first name; word lookup (data_loader.word_vectors) tries the other spellings of a group,
+# in this order, when a name itself has no vector ("pottedplant" -> "potted plant").
 _ALIAS_GROUPS: tuple[tuple[str, ...], ...] = (
     ("aeroplane", "airplane", "plane"),
-    ("tvmonitor", "tv", "monitor", "television"),
+    ("tvmonitor", "tv monitor", "tv", "monitor", "television"),
     ("motorbike", "motorcycle"),
-    ("diningtable", "table"),
-    ("pottedplant", "plant"),
+    ("diningtable", "dining table", "table"),
+    ("pottedplant", "potted plant", "plant"),
     ("sofa", "couch"),
     ("background", "bg"),
 )
-_CANONICAL = {alias: group[0] for group in _ALIAS_GROUPS for alias in group}
+_SEPARATORS = re.compile(r"[\s_\-]+")
+
+
+def _key(name: str) -> str:
+    return _SEPARATORS.sub("", str(name).lower())
+
+
+_GROUP_OF = {_key(alias): group for group in _ALIAS_GROUPS for alias in group}
 
 
 def canonical_name(name: str) -> str:
     """Matching key of a class name: lower case, no separators, aliases folded."""
-    key = re.sub(r"[\s_\-]+", "", str(name).lower())
-    return _CANONICAL.get(key, key)
+    key = _key(name)
+    return _key(_GROUP_OF[key][0]) if key in _GROUP_OF else key
 
 
-def _where(source: str) -> str:
-    return f"(file {source})"
+def alias_spellings(name: str) -> tuple[str, ...]:
+    """The other spellings of ``name``'s alias group, in table order (empty if it has none)."""
+    key = _key(name)
+    return tuple(alias for alias in _GROUP_OF.get(key, ()) if alias.lower() != str(name).strip().lower())
 
 
-def load_class_names(spec: Any, key: str = "data.classes", source: str = "config") -> tuple[str, ...]:
-    """Resolve a class list: a built-in name, a file (one name a line, or a JSON list) or a list.
+def _where(source: str | None) -> str:
+    return f" (file {source})" if source else ""
 
-    Duplicate names (after alias folding) are a ConfigError.
+
+# Suffixes that make a string a class-list file name rather than a class name.
+_LIST_SUFFIXES = (".txt", ".json", ".lst", ".csv", ".names")
+
+
+def load_class_names(spec: Any, key: str = "data.classes", source: str | None = "config") -> tuple[str, ...]:
+    """Resolve a class list: a built-in name (``voc``, ``context``, ``context-png``), a file
+    (one name a line, or a JSON list), a list, or a comma-separated string
+    (``"background,cat,dog"``; a string that is none of the others is one class name).
+
+    Duplicate names (after alias folding) are a one-line ConfigError naming ``key`` and
+    ``source`` (omitted when None, e.g. for a command-line option).
     """
-    if isinstance(spec, str) and spec.lower() in BUILTIN_CLASS_LISTS:
-        names = BUILTIN_CLASS_LISTS[spec.lower()]
-    elif isinstance(spec, (str, Path)):
+    if isinstance(spec, str) and spec.strip().lower() in BUILTIN_CLASS_LISTS:
+        names = BUILTIN_CLASS_LISTS[spec.strip().lower()]
+    elif isinstance(spec, Path) or (isinstance(spec, str) and "," not in spec and Path(spec).is_file()):
         path = Path(spec)
         if not path.is_file():
-            raise ConfigError(f"{key}: {str(spec)!r} is neither a built-in class list "
-                              f"({', '.join(BUILTIN_CLASS_LISTS)}) nor a file {_where(source)}")
-        text = path.read_text()
+            raise ConfigError(f"{key}: class-list file {path} not found{_where(source)}")
+        text = path.read_text(encoding="utf-8")
         if text.lstrip().startswith("["):
             try:
                 names = json.loads(text)
@@ -107,17 +134,24 @@ def load_class_names(spec: Any, key: str = "data.classes", source: str = "config
         else:
             names = [line.strip() for line in text.splitlines() if line.strip()]
         source = str(path)
+    elif isinstance(spec, str):
+        looks_like_file = "/" in spec or "\\" in spec or Path(spec.strip()).suffix.lower() in _LIST_SUFFIXES
+        if "," not in spec and looks_like_file:
+            raise ConfigError(f"{key}: {spec!r} is neither a built-in class list "
+                              f"({', '.join(BUILTIN_CLASS_LISTS)}) nor a file{_where(source)}")
+        names = [name for name in spec.split(",") if name.strip()]
     elif isinstance(spec, (list, tuple)):
         names = spec
     else:
-        raise ConfigError(f"{key}: expected a class-list name, a file or a list, got {spec!r} {_where(source)}")
+        raise ConfigError(f"{key}: expected a class-list name, a file, a list or 'name,name,...', "
+                          f"got {spec!r}{_where(source)}")
     if not names or not all(isinstance(n, str) and n.strip() for n in names):
-        raise ConfigError(f"{key}: class names must be a non-empty list of non-empty strings {_where(source)}")
+        raise ConfigError(f"{key}: class names must be a non-empty list of non-empty strings{_where(source)}")
     names = tuple(n.strip() for n in names)
     seen: dict[str, str] = {}
     for name in names:
         if canonical_name(name) in seen:
-            raise ConfigError(f"{key}: duplicate class {name!r} (same as {seen[canonical_name(name)]!r}) "
+            raise ConfigError(f"{key}: duplicate class {name!r} (same as {seen[canonical_name(name)]!r})"
                               f"{_where(source)}")
         seen[canonical_name(name)] = name
     return names
@@ -128,23 +162,24 @@ def class_index(names: Sequence[str]) -> dict[str, int]:
     return {canonical_name(name): i for i, name in enumerate(names)}
 
 
-def _resolve_unseen(values: Iterable[Any], names: Sequence[str], key: str, source: str) -> tuple[int, ...]:
+def _resolve_unseen(values: Iterable[Any], names: Sequence[str], key: str, source: str | None,
+                    has_background: bool = True) -> tuple[int, ...]:
     index = class_index(names)
     resolved: list[int] = []
     for value in values:
         if isinstance(value, int) and not isinstance(value, bool):
             if not 0 <= value < len(names):
-                raise ConfigError(f"{key}: class index {value} out of range 0..{len(names) - 1} {_where(source)}")
+                raise ConfigError(f"{key}: class index {value} out of range 0..{len(names) - 1}{_where(source)}")
             idx = value
         elif isinstance(value, str) and canonical_name(value) in index:
             idx = index[canonical_name(value)]
         else:
-            raise ConfigError(f"{key}: unknown class {value!r} {_where(source)}; valid: {', '.join(names)}")
-        if idx == 0:
-            raise ConfigError(f"{key}: class {value!r} is the background (index 0) and cannot be unseen "
+            raise ConfigError(f"{key}: unknown class {value!r}{_where(source)}; valid: {', '.join(names)}")
+        if idx == 0 and has_background:
+            raise ConfigError(f"{key}: class {value!r} is the background (index 0) and cannot be unseen"
                               f"{_where(source)}")
         if idx in resolved:
-            raise ConfigError(f"{key}: duplicate class {value!r} ({names[idx]}) {_where(source)}")
+            raise ConfigError(f"{key}: duplicate class {value!r} ({names[idx]}){_where(source)}")
         resolved.append(idx)
     return tuple(sorted(resolved))
 
@@ -158,20 +193,31 @@ def _preset_family(data_cfg: dict) -> str:
 
 @dataclass(frozen=True)
 class ClassSplit:
-    """Ordered class names, the sorted unseen indices and whether background is ignored."""
+    """Ordered class names, the sorted unseen indices, whether background is ignored and
+    whether class 0 is a background class at all (``has_background``).
+
+    With a background, index 0 is never unseen and is left out of :attr:`seen_object` (the
+    classes of the SC loss); without one (e.g. road scenes: sky, road, car, ...) every
+    class is an object class and any class may be unseen.
+    """
 
     names: tuple[str, ...]
     unseen: tuple[int, ...]
     ignore_bg: bool = False
+    has_background: bool = True
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "names", tuple(self.names))
         object.__setattr__(self, "unseen", tuple(sorted(int(i) for i in self.unseen)))
         object.__setattr__(self, "ignore_bg", bool(self.ignore_bg))
-        bad = [i for i in self.unseen if not 0 < i < len(self.names)]
+        object.__setattr__(self, "has_background", bool(self.has_background))
+        first = 1 if self.has_background else 0
+        bad = [i for i in self.unseen if not first <= i < len(self.names)]
         if bad or len(set(self.unseen)) != len(self.unseen):
             raise ConfigError(f"class split: unseen indices {list(self.unseen)} must be distinct and in "
-                              f"1..{len(self.names) - 1}")
+                              f"{first}..{len(self.names) - 1}")
+        if self.ignore_bg and not self.has_background:
+            raise ConfigError("class split: ignore_bg needs a background class (has_background is false)")
 
     @property
     def num_classes(self) -> int:
@@ -185,8 +231,8 @@ class ClassSplit:
 
     @property
     def seen_object(self) -> tuple[int, ...]:
-        """Seen classes without the background."""
-        return tuple(i for i in self.seen if i != 0)
+        """Seen classes without the background (all seen classes when there is none)."""
+        return tuple(i for i in self.seen if i != 0 or not self.has_background)
 
     @property
     def unseen_names(self) -> tuple[str, ...]:
@@ -204,22 +250,43 @@ class ClassSplit:
 
     def to_dict(self) -> dict:
         """JSON-able form (stored in checkpoints)."""
-        return {"names": list(self.names), "unseen": list(self.unseen), "ignore_bg": self.ignore_bg}
+        return {"names": list(self.names), "unseen": list(self.unseen), "ignore_bg": self.ignore_bg,
+                "has_background": self.has_background}
 
     @classmethod
     def from_dict(cls, data: dict) -> "ClassSplit":
-        return cls(tuple(data["names"]), tuple(data["unseen"]), bool(data.get("ignore_bg", False)))
+        """Inverse of :meth:`to_dict`; dicts written before ``has_background`` existed have one."""
+        return cls(tuple(data["names"]), tuple(data["unseen"]), bool(data.get("ignore_bg", False)),
+                   bool(data.get("has_background", True)))
+
+
+def has_background(data_cfg: dict, names: Sequence[str], source: str | None = "config") -> bool:
+    """``data.background``; by default true for the built-in dataset types, and for
+    ``Custom`` whether class 0 is named background (or an alias of it, e.g. ``bg``)."""
+    value = data_cfg.get("background")
+    if value is None:
+        return data_cfg.get("type") != "Custom" or canonical_name(names[0]) == "background"
+    if not isinstance(value, bool):
+        raise ConfigError(f"data.background: expected true or false, got {value!r}{_where(source)}")
+    return value
 
 
 def parse_class_split(data_cfg: dict, source: str = "config") -> ClassSplit:
     """Build the :class:`ClassSplit` from a config's ``data`` section.
 
-    ``classes``: built-in list name, class-list file or list; ``unseen_classes``: a preset
-    name (``zs3-2`` ... ``zs3-10``, ``spnet``) or a list of class names and/or indices.
+    ``classes``: built-in list name, class-list file, list or comma-separated names;
+    ``unseen_classes``: a preset name (``zs3-2`` ... ``zs3-10``, ``spnet``) or a list of
+    class names and/or indices; ``background``: see :func:`has_background`.
     """
     if "classes" not in data_cfg:
         raise ConfigError(f"data.classes: missing (file {source})")
-    names = load_class_names(data_cfg["classes"], "data.classes", source)
+    spec = data_cfg["classes"]
+    names = load_class_names(spec, "data.classes", source)
+    if len(names) < 2:
+        raise ConfigError(f"data.classes: {spec!r} is neither a built-in class list "
+                          f"({', '.join(BUILTIN_CLASS_LISTS)}), a file, nor a list of two or more classes"
+                          f"{_where(source)}")
+    background = has_background(data_cfg, names, source)
     unseen = data_cfg.get("unseen_classes", [])
     key = "data.unseen_classes"
     if isinstance(unseen, str):
@@ -227,12 +294,47 @@ def parse_class_split(data_cfg: dict, source: str = "config") -> ClassSplit:
         presets = PRESETS.get(family, {})
         if unseen.lower() not in presets:
             valid = ", ".join(presets) if presets else f"none for {family!r}; give a list of class names"
-            raise ConfigError(f"{key}: unknown preset {unseen!r} {_where(source)}; valid: {valid}")
+            raise ConfigError(f"{key}: unknown preset {unseen!r}{_where(source)}; valid: {valid}")
         unseen = presets[unseen.lower()]
         key = f"{key} (preset {data_cfg['unseen_classes']!r})"
     elif not isinstance(unseen, (list, tuple)):
-        raise ConfigError(f"{key}: expected a preset name or a list, got {unseen!r} {_where(source)}")
+        raise ConfigError(f"{key}: expected a preset name or a list, got {unseen!r}{_where(source)}")
     ignore_bg = data_cfg.get("ignore_bg", False)
     if not isinstance(ignore_bg, bool):
-        raise ConfigError(f"data.ignore_bg: expected true or false, got {ignore_bg!r} {_where(source)}")
-    return ClassSplit(names, _resolve_unseen(unseen, names, key, source), ignore_bg)
+        raise ConfigError(f"data.ignore_bg: expected true or false, got {ignore_bg!r}{_where(source)}")
+    if ignore_bg and not background:
+        raise ConfigError(f"data.ignore_bg: true needs a background class, but data.background is false "
+                          f"(class 0 is {names[0]!r}){_where(source)}")
+    return ClassSplit(names, _resolve_unseen(unseen, names, key, source, background), ignore_bg, background)
+
+
+# ----------------------------------------------------------------------------- names -> rows
+
+
+def parse_aliases(spec: Any, names: Sequence[str], key: str, source: str | None = "config") -> dict[str, str]:
+    """Explicit aliases ``{class name: name to look up instead}`` (e.g. ``{"pavement": "sidewalk"}``),
+    keyed by the canonical class name. Every key must be a class of ``names``."""
+    if spec is None:
+        return {}
+    if not isinstance(spec, Mapping) or not all(isinstance(k, str) and isinstance(v, str) and v.strip()
+                                                for k, v in spec.items()):
+        raise ConfigError(f"{key}: expected {{\"class\": \"name to look up\", ...}}, got {spec!r}{_where(source)}")
+    index = class_index(names)
+    unknown = [k for k in spec if canonical_name(k) not in index]
+    if unknown:
+        raise ConfigError(f"{key}: {', '.join(map(repr, unknown))} not in the class list "
+                          f"({', '.join(names)}){_where(source)}")
+    return {canonical_name(k): v.strip() for k, v in spec.items()}
+
+
+def match_names(wanted: Sequence[str], available: Sequence[str],
+                aliases: Mapping[str, str] | None = None) -> list[int | None]:
+    """For each name of ``wanted``, the index of the same class in ``available`` (None if absent).
+
+    Names match by :func:`canonical_name` (case, separators and the alias table folded); a
+    class with an explicit alias (``aliases``, from :func:`parse_aliases`) is looked up by
+    its alias only.
+    """
+    index = class_index(available)
+    aliases = aliases or {}
+    return [index.get(canonical_name(aliases.get(canonical_name(name), name))) for name in wanted]

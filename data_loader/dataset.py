@@ -1,7 +1,8 @@
 """The segmentation dataset: reads an image and its label, checks them, remaps and transforms.
 
 Label values are checked on every read: a value that is neither a class index of the
-label file's class list nor 255 is a :class:`DataError` naming the file, as is a missing
+label file's class list, a value declared ignored (``data.ignore_labels``) nor 255 is a
+:class:`DataError` naming the file, as is a missing
 or unreadable file and an image/label size mismatch. With ``skip_bad_samples`` the
 sample is logged and the next one is returned instead.
 """
@@ -113,18 +114,35 @@ class LabelDict:
         return None if sample.label in self.labels else f"{self.describe(sample)}: no label for this image"
 
 
-def remap_table(label_names: Sequence[str], target_names: Sequence[str], where: str) -> np.ndarray:
-    """Lookup table raw value -> class index in ``target_names`` (matched by name), 255 -> 255,
-    anything else -> -1 (invalid). Every label class must exist in the target list."""
+def remap_table(label_names: Sequence[str], target_names: Sequence[str], where: str,
+                ignored: Sequence[int] = ()) -> np.ndarray:
+    """Lookup table raw value -> class index in ``target_names`` (matched by name), the
+    ``ignored`` raw values and 255 -> 255, anything else -> -1 (invalid). Every label class
+    that is not ignored must exist in the target list."""
     table = np.full(256, -1, dtype=np.int16)
     target = class_index(target_names)
+    ignored = set(ignored)
     for raw, name in enumerate(label_names):
+        if raw in ignored:
+            continue
         if canonical_name(name) not in target:
             raise ConfigError(f"{where}: label class {name!r} is not in the class list "
-                              f"({', '.join(target_names)})")
+                              f"({', '.join(target_names)}); to ignore its pixels, add it to data.ignore_labels")
         table[raw] = target[canonical_name(name)]
-    table[IGNORE_INDEX] = IGNORE_INDEX
+    table[sorted(ignored | {IGNORE_INDEX})] = IGNORE_INDEX
     return table
+
+
+def value_ranges(values: Sequence[int]) -> str:
+    """``[0, 1, 2, 3, 7, 255]`` -> ``"0..3, 7, 255"``."""
+    values, parts = sorted(set(int(v) for v in values)), []
+    start = None
+    for i, value in enumerate(values):
+        start = value if start is None else start
+        if i + 1 == len(values) or values[i + 1] != value + 1:
+            parts.append(str(value) if value == start else f"{start}..{value}")
+            start = None
+    return ", ".join(parts)
 
 
 def ignore_table(ignored: Sequence[int]) -> np.ndarray:
@@ -160,8 +178,8 @@ class SegmentationDataset(Dataset):
             return f"{sample.image}: image file not found"
         return self.labels.missing(sample)
 
-    def read_label(self, index: int) -> np.ndarray:
-        """The label of sample ``index`` as class indices (uint8, 255 = ignore), before ignoring."""
+    def read_raw_label(self, index: int) -> np.ndarray:
+        """The label of sample ``index`` as stored (values 0..255), before remapping."""
         sample = self.samples[index]
         raw = self.labels.read(sample)
         if raw.dtype != np.uint8:
@@ -170,23 +188,37 @@ class SegmentationDataset(Dataset):
                 bad = np.unique(raw[(raw < 0) | (raw > 255)])[:5].tolist()
                 raise DataError(f"{self.labels.describe(sample)}: label values {bad} are neither class "
                                 f"indices nor {IGNORE_INDEX}")
+        return raw
+
+    def remap_label(self, index: int, raw: np.ndarray) -> np.ndarray:
+        """Raw label values of sample ``index`` -> class indices (uint8, 255 = ignore); DataError
+        naming the file for a value that is neither a class, ignored, nor 255."""
         mapped = self.remap[raw]
         if (mapped < 0).any():
             bad = np.unique(raw[mapped < 0])[:5].tolist()
-            valid = int((self.remap[:IGNORE_INDEX] >= 0).sum())
-            raise DataError(f"{self.labels.describe(sample)}: label values {bad} are neither class indices "
-                            f"0..{valid - 1} nor {IGNORE_INDEX}")
+            valid = value_ranges(np.flatnonzero(self.remap[:IGNORE_INDEX] >= 0).tolist())
+            raise DataError(f"{self.labels.describe(self.samples[index])}: label values {bad} are neither class "
+                            f"indices {valid} nor {IGNORE_INDEX}")
         return mapped.astype(np.uint8)
 
-    def read(self, index: int) -> tuple[torch.Tensor, np.ndarray]:
-        """Checked uint8 image (3xHxW) and class-index label (HxW) of sample ``index``."""
+    def read_label(self, index: int) -> np.ndarray:
+        """The label of sample ``index`` as class indices (uint8, 255 = ignore), before ignoring."""
+        return self.remap_label(index, self.read_raw_label(index))
+
+    def read_with_raw(self, index: int) -> tuple[torch.Tensor, np.ndarray, np.ndarray]:
+        """Checked uint8 image (3xHxW), class-index label (HxW) and raw label of sample ``index``."""
         sample = self.samples[index]
         image = read_image(sample.image)
-        label = self.read_label(index)
+        raw = self.read_raw_label(index)
+        label = self.remap_label(index, raw)
         if tuple(image.shape[1:]) != label.shape:
             raise DataError(f"{self.labels.describe(sample)}: label size {label.shape[1]}x{label.shape[0]} "
                             f"differs from image {sample.image} size {image.shape[2]}x{image.shape[1]}")
-        return image, label
+        return image, label, raw
+
+    def read(self, index: int) -> tuple[torch.Tensor, np.ndarray]:
+        """Checked uint8 image (3xHxW) and class-index label (HxW) of sample ``index``."""
+        return self.read_with_raw(index)[:2]
 
     def __getitem__(self, index: int) -> dict:
         for attempt in range(len(self.samples)):

@@ -3,7 +3,9 @@
 A split is a list-file name (resolved with the layout's pattern) or a path to a list file
 (relative to the root). Each list line is either a file stem (``2007_000032``) or an
 ``image label`` pair of root-relative paths (``/JPEGImages/x.jpg /SegmentationClassAug/x.png``,
-as in the augmented VOC ``train_aug`` list).
+as in the augmented VOC ``train_aug`` list, or ``train/x.jpg trainannot/x.png`` as in CamVid's).
+A split of the ``Custom`` type may also be two folders, ``{"images": "train", "labels":
+"trainannot"}``, whose files are paired by stem.
 """
 from __future__ import annotations
 
@@ -31,7 +33,15 @@ LAYOUTS: dict[str, dict] = {
                   "label_ext": ".png", "list_dir": "ImageSets/Segmentation", "list_name": "{split}.txt",
                   "label_classes": None},
 }
+# Your own data (data.type "Custom"): a split is a list file (root-relative path) or two folders.
+# image_ext/label_ext None: any of IMAGE_EXTENSIONS / LABEL_EXTENSIONS for folders, .jpg/.png
+# for stem lines (which also need image_dir and label_dir).
+LAYOUTS["custom"] = {"image_dir": None, "image_ext": None, "label_dir": None, "label_ext": None,
+                     "list_dir": ".", "list_name": "{split}", "label_classes": None, "folder_splits": True}
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
+LABEL_EXTENSIONS = (".png", ".bmp", ".tif", ".tiff")  # lossless only: a JPEG label would be corrupt
 OVERRIDABLE = ("image_dir", "image_ext", "label_dir", "label_ext", "label_file", "label_classes")
+FOLDER_KEYS = ("images", "labels")
 CONTEXT_LAYOUTS = ("official", "png")
 
 
@@ -74,9 +84,12 @@ def list_samples(root: Path, split: str, settings: dict, key: str, source: str =
         if len(tokens) > 2:
             raise ConfigError(f"{path}:{number}: expected 'stem' or 'image label', got {line.strip()!r}")
         if len(tokens) == 1:
+            if settings.get("image_dir") is None or ("label_file" not in settings and not settings.get("label_dir")):
+                raise ConfigError(f"{path}:{number}: a stem line ({tokens[0]!r}) needs data.image_dir and "
+                                  f"data.label_dir; or write 'image label' path pairs (file {source})")
             stem = tokens[0]
-            image = root / settings["image_dir"] / f"{stem}{settings['image_ext']}"
-            label_path = root / settings["label_dir"] / f"{stem}{settings['label_ext']}" \
+            image = root / settings["image_dir"] / f"{stem}{settings['image_ext'] or '.jpg'}"
+            label_path = root / settings["label_dir"] / f"{stem}{settings['label_ext'] or '.png'}" \
                 if "label_dir" in settings else None
         else:
             image, label_path = root / tokens[0].lstrip("/"), root / tokens[1].lstrip("/")
@@ -85,6 +98,59 @@ def list_samples(root: Path, split: str, settings: dict, key: str, source: str =
     if not samples:
         raise ConfigError(f"{path}: list file is empty")
     return samples
+
+
+def _files_by_stem(folder: Path, extensions: tuple[str, ...], what: str, key: str) -> dict[str, Path]:
+    by_stem: dict[str, Path] = {}
+    for path in sorted(folder.iterdir()):
+        if path.name.startswith(".") or not path.is_file() or path.suffix.lower() not in extensions:
+            continue
+        if path.stem in by_stem:
+            raise ConfigError(f"{key}: two {what} files with stem {path.stem!r}: {by_stem[path.stem]} and {path}")
+        by_stem[path.stem] = path
+    return by_stem
+
+
+def folder_samples(root: Path, spec: dict, settings: dict, key: str, source: str = "config") -> list[Sample]:
+    """Samples of a two-folder split ``{"images": dir, "labels": dir}`` (root-relative), paired
+    by file stem; an image without label or a label without image is a ConfigError naming it."""
+    if set(spec) != set(FOLDER_KEYS) or not all(isinstance(v, str) and v for v in spec.values()):
+        raise ConfigError(f"{key}: expected {{\"images\": \"folder\", \"labels\": \"folder\"}} or a list file, "
+                          f"got {spec!r} (file {source})")
+    found = {}
+    for part, what, default in (("images", "image", IMAGE_EXTENSIONS), ("labels", "label", LABEL_EXTENSIONS)):
+        folder = root / spec[part]
+        if not folder.is_dir():
+            raise ConfigError(f"{key}.{part}: folder {folder} not found (file {source})")
+        ext = settings.get(f"{what}_ext")
+        extensions = default if ext is None else (str(ext).lower(),)
+        found[part] = _files_by_stem(folder, extensions, what, key)
+        if not found[part]:
+            raise ConfigError(f"{key}.{part}: no {'/'.join(extensions)} files in {folder} (file {source})")
+    images, labels = found["images"], found["labels"]
+    lonely = [f"image {images[s]} has no label in {root / spec['labels']}" for s in images if s not in labels]
+    lonely += [f"label {labels[s]} has no image in {root / spec['images']}" for s in labels if s not in images]
+    if lonely:
+        more = f" (and {len(lonely) - 1} more)" if len(lonely) > 1 else ""
+        raise ConfigError(f"{key}: {lonely[0]}{more} (file {source})")
+    return [Sample(stem, images[stem], labels[stem]) for stem in images]
+
+
+def split_samples(root: Path, split: str | dict, settings: dict, key: str, source: str = "config") -> list[Sample]:
+    """The samples of a split: a list file (see :func:`list_samples`) or, for the Custom
+    layout, two folders (see :func:`folder_samples`)."""
+    folders = settings.get("folder_splits", False)
+    if isinstance(split, dict) and folders:
+        return folder_samples(root, split, settings, key, source)
+    if not isinstance(split, str) or not split:
+        kinds = "a list file or {\"images\": ..., \"labels\": ...}" if folders else "a split name or a list file"
+        raise ConfigError(f"{key}: expected {kinds}, got {split!r} (file {source})")
+    return list_samples(root, split, settings, key, source)
+
+
+def split_label(split: str | dict) -> str:
+    """How a split is named in tables and ``data.expected_counts``: the list name, or the images folder."""
+    return split.get("images", "?") if isinstance(split, dict) else str(split)
 
 
 def _load_label_dict(path: Path) -> dict:

@@ -16,19 +16,22 @@ from data_loader.transforms import IGNORE_INDEX
 
 @dataclass(frozen=True)
 class SampleCheck:
-    """Classes present in a sample's label (before ignoring), or the error that made it bad."""
+    """Classes present in a sample's label (before ignoring) and its raw label values, or the
+    error that made it bad."""
 
     present: frozenset[int] = frozenset()
     error: str | None = None
+    values: frozenset[int] = frozenset()
 
 
 def _threads() -> int:
     return max(1, min(8, os.cpu_count() or 1))
 
 
-def _present(label: np.ndarray) -> frozenset[int]:
+def _present(label: np.ndarray, keep_ignore: bool = False) -> frozenset[int]:
     counts = np.bincount(label.ravel(), minlength=256)
-    counts[IGNORE_INDEX] = 0
+    if not keep_ignore:
+        counts[IGNORE_INDEX] = 0
     return frozenset(np.flatnonzero(counts).tolist())
 
 
@@ -36,15 +39,16 @@ def check_sample(dataset: SegmentationDataset, index: int, read_image: bool) -> 
     """Read sample ``index`` (its label, and its image when ``read_image``) and report."""
     try:
         if read_image:
-            _, label = dataset.read(index)
+            _, label, raw = dataset.read_with_raw(index)
         else:
             missing = dataset.missing(index)
             if missing:
                 return SampleCheck(error=missing)
-            label = dataset.read_label(index)
+            raw = dataset.read_raw_label(index)
+            label = dataset.remap_label(index, raw)
     except DataError as err:
         return SampleCheck(error=str(err))
-    return SampleCheck(_present(label))
+    return SampleCheck(_present(label), values=_present(raw, keep_ignore=True))
 
 
 def check_exists(dataset: SegmentationDataset) -> list[SampleCheck]:

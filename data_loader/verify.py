@@ -2,7 +2,8 @@
 
 Reads every image and label of the train and val splits, checks label values and sizes,
 loads the class embeddings, and prints per-split counts (listed, bad, with unseen-class
-pixels, used after unseen removal). Exits 1 when a file is bad or a count differs from
+pixels, used after unseen removal), the raw label values found, and per class the number
+of images that contain it in each split. Exits 1 when a file is bad or a count differs from
 ``data.expected_counts``, 2 on a config error; problems are printed one line each.
 """
 from __future__ import annotations
@@ -11,8 +12,10 @@ import argparse
 import sys
 from typing import TextIO
 
-from data_loader.build import count, flag, resolve
-from data_loader.scan import scan
+from data_loader.build import DataSource, count, flag, resolve
+from data_loader.dataset import value_ranges
+from data_loader.layouts import split_label
+from data_loader.scan import SampleCheck, scan
 from utils.util import ConfigError, read_json
 
 SPLIT_KEYS = ("train_split", "val_split")
@@ -30,13 +33,15 @@ def verify(data_cfg: dict, source: str = "config", out: TextIO | None = None, pr
     header = f"{'split':<12}{'listed':>8}{'bad':>6}{'with unseen':>13}{'used':>8}{'expected':>10}"
     print(header, file=out)
     problems: list[str] = []
+    checked: dict[str, list[SampleCheck]] = {}
     for key in SPLIT_KEYS:
         if key not in ds.cfg:
             continue
-        name, is_train = ds.cfg[key], key == "train_split"
+        name, is_train = split_label(ds.cfg[key]), key == "train_split"
         dataset = ds.dataset(key, train=False)
         desc = f"checking {name}" if progress else None
-        counts = count(scan(dataset, read_image=True, desc=desc), ds.split.unseen, remove and is_train)
+        checked[name] = scan(dataset, read_image=True, desc=desc)
+        counts = count(checked[name], ds.split.unseen, remove and is_train)
         want = expected.get(name)
         print(f"{name:<12}{counts.total:>8}{len(counts.bad):>6}{counts.with_unseen:>13}{len(counts.kept):>8}"
               f"{'-' if want is None else want:>10}", file=out)
@@ -44,7 +49,29 @@ def verify(data_cfg: dict, source: str = "config", out: TextIO | None = None, pr
         if want is not None and want != counts.total:
             problems.append(f"data.{key} {name!r}: {counts.total} images listed, expected {want} "
                             f"(data.expected_counts in {source})")
+    if checked:
+        print_class_tables(ds, checked, out)
     return problems
+
+
+def print_class_tables(ds: DataSource, checked: dict[str, list[SampleCheck]], out: TextIO) -> None:
+    """The raw label values found per split, then per class the images containing it per split."""
+    names = ds.label_names
+    ignored = ", ".join(f"{v} {names[v]}" if v < len(names) else str(v) for v in ds.ignored_values)
+    print(f"label values found (as stored; ignored: {ignored + ', ' if ignored else ''}255):", file=out)
+    width = max(12, *(len(name) + 2 for name in checked))
+    for name, checks in checked.items():
+        values = set().union(*(check.values for check in checks))
+        print(f"  {name:<{width}}{value_ranges(values) or '-'}", file=out)
+    unseen = set(ds.split.unseen)
+    labels = [f"{c}{' *' if i in unseen else ''}" for i, c in enumerate(ds.split.names)]
+    first = max(12, *(len(label) + 2 for label in labels))
+    columns = [max(8, len(name) + 2) for name in checked]
+    print(f"images containing each class{' (* = unseen)' if unseen else ''}:", file=out)
+    print(f"{'class':<{first}}" + "".join(f"{name:>{w}}" for name, w in zip(checked, columns)), file=out)
+    for index, label in enumerate(labels):
+        cells = [sum(index in check.present for check in checks if check.error is None) for checks in checked.values()]
+        print(f"{label:<{first}}" + "".join(f"{n:>{w}}" for n, w in zip(cells, columns)), file=out)
 
 
 def main(argv: list[str] | None = None) -> int:

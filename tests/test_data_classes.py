@@ -6,11 +6,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from data_loader import ClassSplit, parse_class_split, prepare_data
-from data_loader.build import DATA_KEYS
+from data_loader import ClassSplit, load_split_and_embeddings, parse_class_split, prepare_data
+from data_loader.build import DATA_KEYS, EMBEDDING_KEYS
 from data_loader.classes import CONTEXT_CLASSES, CONTEXT_PNG_CLASSES, VOC_CLASSES, load_class_names
 from tests.test_data_helpers import standard_voc, voc_cfg, write_embeddings
-from utils.embeddings import load_class_embeddings
 from utils.util import ConfigError, read_json
 
 
@@ -140,11 +139,15 @@ SHIPPED = sorted((Path(__file__).resolve().parents[1] / "configs").rglob("*.json
 @pytest.mark.parametrize("path", SHIPPED, ids=lambda p: p.name)
 def test_shipped_configs(path):
     data = read_json(path)["data"]
-    assert set(data) <= set(DATA_KEYS)
+    assert set(data) <= set(DATA_KEYS) and set(data["embeddings"]) <= set(EMBEDDING_KEYS)
     if data["type"] == "Synthetic":
         assert len(data["unseen_classes"]) == 3
         return
     split = parse_class_split(data, str(path))
+    if data["type"] == "Custom":  # CamVid: 10 of the 11 classes (pole has no word vector), no background
+        assert split.num_classes == 10 and split.unseen_names == ("pavement", "bicyclist")
+        assert not split.has_background and split.seen_object == split.seen
+        return
     number = re.search(r"unseen(\d+)", path.stem)
     assert len(split.unseen) == (5 if path.stem == "spnet" else int(number.group(1)) if number else 2)
     assert split.num_classes == (60 if data["type"] == "Context" else 21)
@@ -156,7 +159,7 @@ def test_shipped_config_embeddings(shared_dir):
         data = read_json(path)["data"]
         if data["type"] == "Synthetic":
             continue
-        files = [shared_dir / p.replace("data/", "", 1) for p in data["embeddings"]["paths"]]
-        rows = parse_class_split(data, str(path)).num_classes
-        emb = load_class_embeddings(files, data["embeddings"]["normalize"], num_classes=rows)
-        assert emb.shape == (rows, 300 * len(files))
+        files = [str(shared_dir / p.replace("data/", "", 1)) for p in data["embeddings"]["paths"]]
+        data["embeddings"]["paths"] = files
+        split, emb = load_split_and_embeddings(data, str(path))
+        assert emb.shape == (split.num_classes, 300 * len(files))

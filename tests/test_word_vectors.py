@@ -10,10 +10,11 @@ import pytest
 import torch
 
 import build_embeddings
-from utils.embeddings import load_class_embeddings
+from data_loader.classes import load_class_names
+from data_loader.word_vectors import (build_class_embeddings, detect_layout, gensim_available, lookup_words,
+                                      read_word_vectors, resolve_class_embeddings)
+from utils.embeddings import classes_sidecar, load_class_embeddings
 from utils.util import ConfigError
-from utils.word_vectors import (build_class_embeddings, classes_sidecar, detect_layout, gensim_available,
-                                lookup_words, read_class_list, read_word_vectors, resolve_class_embeddings)
 
 ROOT = Path(__file__).resolve().parents[1]
 VOCAB = {
@@ -169,7 +170,7 @@ def test_cli_writes_loadable_file_and_sidecar(files, tmp_path, capsys):
     assert loaded.shape == (4, 8) and torch.allclose(loaded[:, :4].norm(dim=1), torch.ones(4))
     assert classes_sidecar(out) == tmp_path / "emb" / "pascal.classes.txt"
     assert classes_sidecar(out).read_text().splitlines() == ["background", "aeroplane", "potted plant", "tvmonitor"]
-    assert read_class_list("background, aeroplane,potted plant") == ["background", "aeroplane", "potted plant"]
+    assert load_class_names("background, aeroplane,potted plant") == ("background", "aeroplane", "potted plant")
     pt = tmp_path / "pascal.pt"
     assert build_embeddings.main(["--vectors", str(files["glove"][0]), "--classes", "plant,cat",
                                   "--out", str(pt)]) == 0

@@ -4,6 +4,8 @@ Supported formats: ``.npy`` (numpy, no pickles), ``.pt``/``.pth`` (``torch.load`
 with ``weights_only=True``) and data-only pickles (``.pkl``: read with encoding
 latin-1 by a restricted unpickler that only rebuilds numpy arrays / torch tensors).
 Files whose content is not a 2-D numeric array are refused with an error naming the file.
+An embedding file ``X.npy`` may name its rows in ``X.classes.txt`` beside it
+(:func:`classes_sidecar`; written by build_embeddings.py, read by the data loader and predict.py).
 """
 from __future__ import annotations
 
@@ -74,6 +76,12 @@ def _read_one(path: Path) -> torch.Tensor:
     except Exception as err:  # noqa: BLE001 - any reader failure becomes one line naming the file
         raise ConfigError(f"{path}: cannot read embeddings ({type(err).__name__}: {err})") from None
     return _to_tensor(obj, path)
+
+
+def classes_sidecar(path: str | Path) -> Path:
+    """``X.npy`` -> ``X.classes.txt``: the file beside an embedding file naming its rows, one per line."""
+    path = Path(path)
+    return path.with_name(f"{path.stem}.classes.txt")
 
 
 def normalize_embeddings(embeddings: torch.Tensor, mode: str | None) -> torch.Tensor:

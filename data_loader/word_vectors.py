@@ -3,8 +3,9 @@
 ``read_word_vectors`` reads the vectors of some words from a word-vector file;
 ``build_class_embeddings`` turns class names ("potted plant", "tvmonitor") into one row
 each: multi-word names average their words, a phrase token ("potted_plant") is preferred
-when the vocabulary has one, case variants and the VOC aliases are tried, and every
-missing word of every class is reported in one ``ConfigError``.
+when the vocabulary has one, case variants and the project's alias spellings
+(``data_loader.classes``: "pottedplant" -> "potted plant", "airplane" -> "aeroplane", ...)
+are tried, and every missing word of every class is reported in one ``ConfigError``.
 
 Reader choice: gensim's ``KeyedVectors.load_word2vec_format`` is the well-kept reader for
 these formats and is used when gensim is importable. It is an optional dependency only
@@ -27,13 +28,12 @@ from typing import BinaryIO, Iterable, Iterator, Sequence
 import numpy as np
 import torch
 
-from utils.embeddings import NORMALIZATIONS, normalize_embeddings
+from data_loader.classes import alias_spellings
+from utils.embeddings import NORMALIZATIONS, classes_sidecar, normalize_embeddings
 from utils.util import ConfigError, atomic_torch_save, atomic_write
 
 FORMATS = ("auto", "word2vec-bin", "word2vec-text", "glove", "fasttext")
 READERS = ("auto", "builtin", "gensim")
-# Pascal VOC names written as one word; tried only when the name itself has no vector.
-VOC_ALIASES = {"pottedplant": "potted plant", "tvmonitor": "tv monitor", "diningtable": "dining table"}
 OUTPUT_SUFFIXES = (".npy", ".pt", ".pth")
 
 _SEPARATORS = re.compile(r"[\s_\-]+")
@@ -307,16 +307,21 @@ def _match_words(name: str, tokens: list[str], vocab) -> tuple[list[str], list[s
 
 
 def match_class(name: str, vocab) -> tuple[ClassMatch | None, list[str]]:
-    """Find a class name in ``vocab`` (anything supporting ``in``): (match, missing words)."""
+    """Find a class name in ``vocab`` (anything supporting ``in``): (match, missing words).
+
+    When the name itself has a missing word, the other spellings of its alias group
+    (``data_loader.classes.alias_spellings``) are tried in order; the missing words
+    reported are those of the name as written.
+    """
     tokens = name_tokens(name)
     if not tokens:
         raise ConfigError(f"empty class name {name!r}")
     keys, notes, missing = _match_words(name, tokens, vocab)
-    alias = VOC_ALIASES.get(tokens[0].lower()) if len(tokens) == 1 else None
-    if missing and alias:
+    for alias in alias_spellings(name) if missing else ():
         alias_keys, alias_notes, alias_missing = _match_words(alias, name_tokens(alias), vocab)
         if not alias_missing:
             keys, notes, missing = alias_keys, [f"alias {alias!r}", *alias_notes], []
+            break
     if missing:
         return None, missing
     return ClassMatch(name, tuple(keys), tuple(notes)), []
@@ -432,22 +437,6 @@ def build_class_embeddings(vector_paths: PathLike | Sequence[PathLike], class_na
 
 
 # ----------------------------------------------------------------------------- output
-
-
-def classes_sidecar(path: PathLike) -> Path:
-    """``X.npy`` -> ``X.classes.txt``: the file naming an embedding file's rows, one per line."""
-    path = Path(path)
-    return path.with_name(f"{path.stem}.classes.txt")
-
-
-def read_class_list(spec: str) -> list[str]:
-    """Class names from a file (one per line, blank lines skipped) or a comma-separated list."""
-    if os.path.isfile(spec):
-        lines = Path(spec).read_text(encoding="utf-8").splitlines()
-        return [line.strip() for line in lines if line.strip()]
-    if "," not in spec and Path(spec).suffix.lower() in (".txt", ".lst", ".csv"):
-        raise ConfigError(f"{spec}: class list file not found")
-    return [name.strip() for name in spec.split(",") if name.strip()]
 
 
 def check_output_path(path: PathLike) -> Path:
