@@ -220,6 +220,11 @@ class ClassSplit:
             raise ConfigError("class split: ignore_bg needs a background class (has_background is false)")
 
     @property
+    def never_predicted(self) -> tuple[int, ...]:
+        """Classes inference never chooses: an ignored background (trained on no pixel)."""
+        return (0,) if self.ignore_bg else ()
+
+    @property
     def num_classes(self) -> int:
         return len(self.names)
 

@@ -16,7 +16,8 @@ from data_loader.build import DataSource, count, flag, resolve
 from data_loader.dataset import value_ranges
 from data_loader.layouts import split_label
 from data_loader.scan import SampleCheck, scan
-from utils.util import ConfigError, read_json
+from utils.parse_config import load_config
+from utils.util import ConfigError
 
 SPLIT_KEYS = ("train_split", "val_split")
 
@@ -80,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     args = parser.parse_args(argv)
     try:
-        config = read_json(args.config)
+        config = load_config(args.config)
         if "data" not in config:
             raise ConfigError(f"{args.config}: no 'data' section")
         problems = verify(config["data"], args.config, progress=not args.quiet)

@@ -27,8 +27,7 @@ from model.segment import pixel_distances, tile_count
 from model.trained import TrainedModel, load_trained_model
 from utils.amp import amp_dtype
 from utils.distributed import resolve_device
-from utils.embeddings import load_class_embeddings, normalize_embeddings
-from utils.word_vectors import classes_sidecar  # TODO(merge): utils.embeddings
+from utils.embeddings import classes_sidecar, load_class_embeddings, normalize_embeddings
 from utils.util import ConfigError
 
 ImageLike = str | Path | np.ndarray | torch.Tensor | Any   # Any: a PIL image
@@ -94,7 +93,7 @@ def read_extra_embeddings(path: str | Path, names_spec: Any, normalize: str | No
             raise ConfigError(f"{file}: no names for its rows: give the embedding classes or write {sidecar.name} "
                               f"beside it (one class name a line)")
         names_spec = str(sidecar)
-    names = load_class_names(names_spec, "embedding classes", str(file))
+    names = load_class_names(names_spec, "embedding classes", None)
     if len(names) != table.shape[0]:
         raise ConfigError(f"{file}: has {table.shape[0]} rows but {len(names)} class names are given")
     if table.shape[1] != dim:
@@ -118,7 +117,7 @@ def choose_classes(trained: TrainedModel, classes: Any = None, embeddings: str |
     if normalize == "checkpoint":
         normalize = ((trained.config.get("data") or {}).get("embeddings") or {}).get("normalize")
     extra_table = read_extra_embeddings(embeddings, embedding_classes, normalize, dim) if embeddings else {}
-    wanted = ckpt_names if classes is None else list(load_class_names(classes, "classes"))
+    wanted = ckpt_names if classes is None else list(load_class_names(classes, "classes", None))
     names, rows, extra = [], [], []
     for name in wanted:
         key = canonical_name(name)
@@ -150,7 +149,7 @@ def _unseen_indices(chosen: ClassChoice, unseen: Any, ckpt_unseen: set[str]) -> 
         return []
     index = class_index(chosen.names)
     resolved = []
-    for name in load_class_names(unseen, "unseen"):
+    for name in load_class_names(unseen, "unseen", None):
         if canonical_name(name) not in index:
             raise ConfigError(f"unseen: {name!r} is not among the classes of this run: {', '.join(chosen.names)}")
         resolved.append(index[canonical_name(name)])
@@ -197,9 +196,8 @@ class Segmenter:
         device = trained.device
         self.prototypes = trained.prototypes(self.classes.embeddings.to(device))
         self.unseen_mask = self.classes.unseen_mask().to(device)
-        background = canonical_name(trained.split.names[0])
-        self.excluded = [i for i, name in enumerate(self.names)
-                         if trained.split.ignore_bg and canonical_name(name) == background]
+        never = {canonical_name(trained.split.names[i]) for i in trained.split.never_predicted}
+        self.excluded = [i for i, name in enumerate(self.names) if canonical_name(name) in never]
 
     @classmethod
     def from_checkpoint(cls, checkpoint: str | Path, config: dict | str | Path | None = None,

@@ -10,7 +10,8 @@ from data_loader import ClassSplit, load_split_and_embeddings, parse_class_split
 from data_loader.build import DATA_KEYS, EMBEDDING_KEYS
 from data_loader.classes import CONTEXT_CLASSES, CONTEXT_PNG_CLASSES, VOC_CLASSES, load_class_names
 from tests.test_data_helpers import standard_voc, voc_cfg, write_embeddings
-from utils.util import ConfigError, read_json
+from utils.parse_config import load_config
+from utils.util import ConfigError
 
 
 def split_of(unseen, classes="voc", **extra):
@@ -138,7 +139,7 @@ SHIPPED = sorted((Path(__file__).resolve().parents[1] / "configs").rglob("*.json
 
 @pytest.mark.parametrize("path", SHIPPED, ids=lambda p: p.name)
 def test_shipped_configs(path):
-    data = read_json(path)["data"]
+    data = load_config(path)["data"]
     assert set(data) <= set(DATA_KEYS) and set(data["embeddings"]) <= set(EMBEDDING_KEYS)
     if data["type"] == "Synthetic":
         assert len(data["unseen_classes"]) == 3
@@ -156,7 +157,7 @@ def test_shipped_configs(path):
 
 def test_shipped_config_embeddings(shared_dir):
     for path in SHIPPED:
-        data = read_json(path)["data"]
+        data = load_config(path)["data"]
         if data["type"] == "Synthetic":
             continue
         files = [str(shared_dir / p.replace("data/", "", 1)) for p in data["embeddings"]["paths"]]

@@ -257,7 +257,7 @@ def test_segmenter_accepts_paths_pil_arrays_and_tensors(trained, images):
     assert expected.shape == (40, 50) and expected.dtype == torch.long and len(expected.unique()) >= 2
     assert torch.equal(segmenter(pil), expected)
     assert torch.equal(segmenter(np.asarray(pil)), expected)
-    assert torch.equal(segmenter(torch.from_numpy(np.asarray(pil)).permute(2, 0, 1)), expected)
+    assert torch.equal(segmenter(torch.from_numpy(np.array(pil)).permute(2, 0, 1)), expected)
     result = segmenter.predict(path, distances=True)
     assert result.distances.shape == (4, 40, 50) and result.tiles == 1
     assert torch.equal(calibrate(result.distances[None], trained.split.unseen_mask(), 0.5)[0], expected)

@@ -121,7 +121,7 @@ def validate(model: torch.nn.Module, semantic_encoder: torch.nn.Module, loader, 
     """Evaluate at every configured sigma, report, and return the headline record (percent
     values): at ``inference.sigma``, or at the best harmonic mIoU of a sweep given as
     ``inference.sigma``; with a sweep it also holds ``ausuc`` and ``best_sigma``."""
-    excluded = [0] if split.ignore_bg else []   # an ignored background is never predicted
+    excluded = list(split.never_predicted)
     result = evaluate(model, semantic_encoder, loader, embeddings, [c for c in split.seen if c not in excluded],
                       split.unseen, inference.sigmas, device=device, amp=amp, channels_last=channels_last,
                       window=inference.window, keep_samples=keep_samples, extremes=bool(inference.sweep),

@@ -27,7 +27,8 @@ def _banner(config: ConfigParser, settings: RunSettings, ctx: DistContext, bundl
     data, split, batch = config["data"], bundle.split, settings.loader.batch_size
     lines = [f"run: {config.run_dir}",
              f"mode: {'test' if test_only else 'train'}; dataset: {data.get('type')} at {data.get('root')}",
-             f"classes: {split.num_classes} ({len(split.seen)} seen incl. background, {len(split.unseen)} unseen)",
+             f"classes: {split.num_classes} ({len(split.seen)} seen"
+             f"{' incl. background' if split.has_background else ', no background class'}, {len(split.unseen)} unseen)",
              f"unseen: {', '.join(split.unseen_names) or 'none'}",
              f"seen: {', '.join(split.seen_names)}",
              f"training images with unseen pixels removed: {data.get('remove_unseen_images', True)}; "

@@ -96,6 +96,9 @@ def check_compatible(checkpoint: dict, path: str | Path, config: dict, split_dic
         saved = [names[i] for i in saved_split.get("unseen", [])]
         wanted = [names[i] for i in split_dict["unseen"]]
         raise ConfigError(f"{path}: trained with unseen classes {saved}, but the config's split is {wanted}")
+    if bool(saved_split.get("has_background", True)) != bool(split_dict.get("has_background", True)):
+        raise ConfigError(f"{path}: trained with has_background {saved_split.get('has_background', True)}, the "
+                          f"config's split has {split_dict.get('has_background', True)}")
     saved_arch, wanted_arch = checkpoint.get("architecture", {}), architecture(config)
     for section, spec in wanted_arch.items():
         for key, value in spec.items():
