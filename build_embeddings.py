@@ -17,7 +17,7 @@ from typing import Sequence
 from data_loader.classes import load_class_names
 from data_loader.word_vectors import (FORMATS, READERS, SourceReport, check_output_path, resolve_class_embeddings,
                                       save_class_embeddings)
-from utils.util import ConfigError
+from utils.util import ConfigError, error_exit
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -61,8 +61,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         array, reports = resolve_class_embeddings(args.vectors, names, args.normalize, args.fmt, args.reader)
         sidecar = save_class_embeddings(array, names, out)
     except ConfigError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+        return error_exit(err)
     print(f"wrote {out}: {array.shape[0]} classes x {array.shape[1]} dims (float32, normalize "
           f"{args.normalize}), row names in {sidecar}")
     print("\n".join(summary(reports)))

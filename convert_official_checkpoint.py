@@ -11,7 +11,7 @@ from pathlib import Path
 from model.official import convert_official
 from utils.checkpoint import save_checkpoint
 from utils.parse_config import load_config
-from utils.util import ConfigError
+from utils.util import ConfigError, error_exit
 
 
 def main(argv=None) -> int:
@@ -30,8 +30,7 @@ def main(argv=None) -> int:
             del content[key]
         save_checkpoint(out, **content)
     except ConfigError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+        return error_exit(err)
     print(f"wrote {out}")
     return 0
 

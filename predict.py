@@ -23,7 +23,7 @@ from data_loader.dataset import DataError
 from model.inference import CALIBRATIONS, sigma_values
 from model.segmenter import Segmenter, image_tensor
 from utils.amp import parse_amp
-from utils.util import ConfigError
+from utils.util import ConfigError, error_exit
 from utils.visualization import colorize, palette, save_mask
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
@@ -243,8 +243,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return run(args)
     except ConfigError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+        return error_exit(err)
 
 
 if __name__ == "__main__":

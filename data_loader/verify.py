@@ -17,7 +17,7 @@ from data_loader.dataset import value_ranges
 from data_loader.layouts import split_label
 from data_loader.scan import SampleCheck, scan
 from utils.parse_config import load_config
-from utils.util import ConfigError
+from utils.util import ConfigError, error_exit
 
 SPLIT_KEYS = ("train_split", "val_split")
 
@@ -86,8 +86,7 @@ def main(argv: list[str] | None = None) -> int:
             raise ConfigError(f"{args.config}: no 'data' section")
         problems = verify(config["data"], args.config, progress=not args.quiet)
     except ConfigError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+        return error_exit(err)
     for problem in problems:
         print(f"error: {problem}", file=sys.stderr)
     print(f"{len(problems)} problem(s) found" if problems else "data OK", file=sys.stderr if problems else sys.stdout)

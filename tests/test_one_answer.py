@@ -12,34 +12,14 @@ from PIL import Image
 
 import predict
 from data_loader.transforms import to_model_input
-from model import DeepLabV3Plus, SemanticEncoder
+from model import DeepLabV3Plus
 from model.segmenter import Segmenter, image_tensor
-from tests.tiny import TINY
+from tests.tiny import TINY, fit_prototypes
 from trainer.cli import main as cli_main
 from utils.checkpoint import architecture, save_checkpoint
 
 NAMES = ["background", "cat", "dog", "horse"]
 SIZES = {"odd": (67, 45), "small": (50, 40)}   # width x height
-
-
-def _fit_prototypes(model: torch.nn.Module, image: torch.Tensor, dim: int = 8):
-    """A linear semantic encoder onto the main directions of the image's features and class
-    embeddings at k-means centres of its pixels, so that predictions use several classes."""
-    encoder = SemanticEncoder(dim, 256, 0)
-    with torch.no_grad():
-        pixels = model.features(image).permute(0, 2, 3, 1).reshape(-1, 256)
-        mean = pixels.mean(0)
-        _, singular, directions = torch.pca_lowrank(pixels - mean, q=dim, center=False)
-        scale = singular / len(pixels) ** 0.5
-        encoder.model.weight.copy_(directions * scale)
-        encoder.model.bias.copy_(mean)
-        coords = (pixels - mean) @ directions / scale
-        centres = coords[torch.linspace(0, len(coords) - 1, len(NAMES)).long()]
-        for _ in range(10):
-            nearest = torch.cdist(coords, centres).argmin(1)
-            centres = torch.stack([coords[nearest == k].mean(0) if (nearest == k).any() else centres[k]
-                                   for k in range(len(NAMES))])
-    return encoder, centres
 
 
 @pytest.fixture(scope="module")
@@ -60,7 +40,8 @@ def setup(tmp_path_factory):
         (voc / "ImageSets" / "Segmentation" / f"{split}.txt").write_text("odd\nsmall\n")
     torch.manual_seed(0)
     model = DeepLabV3Plus(len(NAMES), backbone=18).eval()
-    encoder, centres = _fit_prototypes(model, to_model_input(image_tensor(voc / "JPEGImages" / "odd.jpg"))[None])
+    encoder, centres = fit_prototypes(model, to_model_input(image_tensor(voc / "JPEGImages" / "odd.jpg"))[None],
+                                      len(NAMES))
     np.save(root / "embeddings.npy", centres.numpy())
     config = copy.deepcopy(TINY)
     config["data"] = {"type": "VOC", "root": str(voc), "classes": NAMES, "unseen_classes": ["horse"],

@@ -15,9 +15,9 @@ from data_loader.transforms import to_model_input
 from model.inference import SlidingWindow, calibrate, distance_bands, squared_distances, upsampled_squared_distances
 from model.segment import sliding_window_features, tile_boxes, tile_starts
 from model.segmenter import Segmenter, choose_classes, image_tensor
-from model.semantic_encoder import SemanticEncoder
 from model.trained import load_trained_model
 from model.visual_encoder import DeepLabV3Plus
+from tests.tiny import fit_prototypes
 from utils.checkpoint import architecture, save_checkpoint
 from utils.visualization import palette
 
@@ -43,21 +43,7 @@ def ckpt(tmp_path_factory, images) -> Path:
     prototypes would give one class everywhere)."""
     torch.manual_seed(0)
     model = DeepLabV3Plus(len(NAMES), backbone=18).eval()
-    encoder = SemanticEncoder(DIM, 256, 0)
-    image = to_model_input(image_tensor(images / "small.png"))[None]
-    with torch.no_grad():
-        pixels = model.features(image).permute(0, 2, 3, 1).reshape(-1, 256)
-        mean = pixels.mean(0)
-        _, singular, directions = torch.pca_lowrank(pixels - mean, q=DIM, center=False)
-        scale = singular / len(pixels) ** 0.5
-        encoder.model.weight.copy_(directions * scale)
-        encoder.model.bias.copy_(mean)
-        coords = (pixels - mean) @ directions / scale
-        centres = coords[torch.linspace(0, len(coords) - 1, len(NAMES)).long()]
-        for _ in range(10):
-            nearest = torch.cdist(coords, centres).argmin(1)
-            centres = torch.stack([coords[nearest == k].mean(0) if (nearest == k).any() else centres[k]
-                                   for k in range(len(NAMES))])
+    encoder, centres = fit_prototypes(model, to_model_input(image_tensor(images / "small.png"))[None], len(NAMES), DIM)
     path = tmp_path_factory.mktemp("ckpt") / "model.pth"
     save_checkpoint(path, epoch=1, visual_encoder=model.state_dict(), semantic_encoder=encoder.state_dict(),
                     config=CONFIG, class_split={"names": NAMES, "unseen": UNSEEN, "ignore_bg": False},

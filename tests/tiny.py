@@ -5,6 +5,8 @@ import copy
 import json
 from pathlib import Path
 
+import torch
+
 TINY = {
     "name": "tiny",
     "seed": 0,
@@ -49,3 +51,26 @@ def write_tiny_config(tmp_path: Path, cache: Path, **overrides) -> Path:
 
 def read_metrics(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def fit_prototypes(model: torch.nn.Module, image: torch.Tensor, num_classes: int, dim: int = 8):
+    """For an untrained visual encoder: a linear semantic encoder onto the ``dim`` main directions
+    of ``image``'s features and ``num_classes`` class embeddings at k-means centres of its pixels,
+    so that predictions use several classes (random prototypes give one class everywhere).
+    Returns (semantic encoder, embeddings)."""
+    from model import SemanticEncoder
+    encoder = SemanticEncoder(dim, 256, 0)
+    with torch.no_grad():
+        pixels = model.features(image).permute(0, 2, 3, 1).reshape(-1, 256)
+        mean = pixels.mean(0)
+        _, singular, directions = torch.pca_lowrank(pixels - mean, q=dim, center=False)
+        scale = singular / len(pixels) ** 0.5
+        encoder.model.weight.copy_(directions * scale)
+        encoder.model.bias.copy_(mean)
+        coords = (pixels - mean) @ directions / scale
+        centres = coords[torch.linspace(0, len(coords) - 1, num_classes).long()]
+        for _ in range(10):
+            nearest = torch.cdist(coords, centres).argmin(1)
+            centres = torch.stack([coords[nearest == k].mean(0) if (nearest == k).any() else centres[k]
+                                   for k in range(num_classes)])
+    return encoder, centres

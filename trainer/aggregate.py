@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from model.inference import sigma_values
-from utils.util import ConfigError, atomic_write, read_json, write_json
+from utils.util import ConfigError, atomic_write, error_exit, read_json, write_json
 
 # (key, column label, format): the per-seed values that are averaged over seeds.
 METRICS: list[tuple[str, str, str]] = [
@@ -263,8 +263,7 @@ def main(argv: list[str] | None = None) -> int:
         args = parser.parse_args(list(sys.argv[1:] if argv is None else argv))
         return _compare_command(args)
     except ConfigError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+        return error_exit(err)
 
 
 if __name__ == "__main__":

@@ -8,7 +8,7 @@ import sys
 
 from utils.amp import parse_amp
 from utils.parse_config import CustomArgs, ConfigParser, load_config, new_run_id, parse_assignment
-from utils.util import ConfigError
+from utils.util import ConfigError, error_exit
 
 logger = logging.getLogger("joem")
 
@@ -144,8 +144,7 @@ def main(default_config: str | None = None, argv: list[str] | None = None) -> in
             return 0
         return _worker(None, None, argv, default_config, args.run_id)
     except ConfigError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+        return error_exit(err)
 
 
 def _worker(rank: int | None, world_size: int | None, argv: list[str], default_config: str | None,

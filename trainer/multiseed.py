@@ -25,7 +25,7 @@ from pathlib import Path
 
 from trainer.aggregate import ArgParser, aggregate, aggregate_markdown, read_run, write_aggregate, write_text
 from utils.parse_config import new_run_id
-from utils.util import ConfigError
+from utils.util import ConfigError, error_exit
 
 ROOT = Path(__file__).resolve().parents[1]
 PROG = "python -m trainer.multiseed"
@@ -326,8 +326,7 @@ def main(argv: list[str] | None = None, default_config: str | None = None) -> in
         outcomes = runner.run_all(jobs, device_slots(args.device))
         return finish_group(outcomes, out_dir, mode, [PROG, *argv], config)
     except ConfigError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+        return error_exit(err)
     except KeyboardInterrupt:
         runner.interrupt()
         return 130

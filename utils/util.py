@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import sys
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -13,6 +14,12 @@ import torch
 
 class ConfigError(ValueError):
     """A user-facing error about a config, a file or a value; printed as one line."""
+
+
+def error_exit(err: ConfigError, code: int = 2) -> int:
+    """A command line's answer to a user error: one ``error: ...`` line on stderr, status 2."""
+    print(f"error: {err}", file=sys.stderr)
+    return code
 
 
 def read_json(path: str | Path) -> Any:
