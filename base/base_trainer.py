@@ -10,7 +10,7 @@ logger = logging.getLogger("joem")
 
 
 class TrainingDiverged(RuntimeError):
-    """The loss became NaN or Inf."""
+    """The loss, a gradient or the weights became NaN or Inf."""
 
 
 class BaseTrainer:
@@ -18,7 +18,8 @@ class BaseTrainer:
 
     ``settings``: the ``trainer`` section (``epochs``, ``save_period``, ``monitor``,
     ``early_stop``). Subclasses implement ``_train_epoch(epoch) -> dict`` (with the monitored
-    key when the epoch was evaluated) and ``_save_checkpoint(path, epoch)``.
+    key when the epoch was evaluated), ``_save_checkpoint(path, epoch)`` and may override
+    ``_epoch_done(epoch)`` (called after each epoch's checkpoints).
     """
 
     def __init__(self, settings, run_dir: Path, is_main: bool = True):
@@ -32,6 +33,7 @@ class BaseTrainer:
             self.mnt_mode, self.mnt_metric = settings.monitor.split()
         self.mnt_best = -math.inf if self.mnt_mode == "max" else math.inf
         self.early_stop = settings.early_stop
+        self.not_improved = 0
         self.start_epoch = 1
         self.epoch = 0
         self.completed_epoch = 0
@@ -45,39 +47,34 @@ class BaseTrainer:
     def _save_checkpoint(self, path: Path, epoch: int) -> None:
         raise NotImplementedError
 
+    def _epoch_done(self, epoch: int) -> None:
+        """Called once an epoch and its checkpoints are done."""
+
     def _improved(self, value: float) -> bool:
         if value is None or math.isnan(value):
             return False
         return value > self.mnt_best if self.mnt_mode == "max" else value < self.mnt_best
 
     def train(self) -> None:
-        """The full training loop. Ctrl-C saves ``checkpoint-interrupted.pth`` (resumable)."""
-        not_improved = 0
-        try:
-            for epoch in range(self.start_epoch, self.epochs + 1):
-                self.epoch = epoch
-                log = self._train_epoch(epoch)
-                self.completed_epoch = epoch
-                best = False
-                if self.mnt_mode != "off" and self.mnt_metric in log:
-                    if self._improved(log[self.mnt_metric]):
-                        self.mnt_best, not_improved, best = log[self.mnt_metric], 0, True
-                    else:
-                        not_improved += 1
-                if best:
-                    self.best_path = self.run_dir / "model_best.pth"
-                if self.is_main and best:
-                    self._save_checkpoint(self.best_path, epoch)
-                    logger.info("saved model_best.pth (%s = %.2f)", self.mnt_metric, self.mnt_best)
-                if self.is_main and epoch % self.save_period == 0:
-                    self._save_checkpoint(self.run_dir / f"checkpoint-epoch{epoch}.pth", epoch)
-                if self.early_stop and not_improved >= self.early_stop:
-                    logger.info("%s did not improve for %d evaluations: early stop", self.mnt_metric, not_improved)
-                    break
-        except KeyboardInterrupt:
-            if self.is_main:
-                path = self.run_dir / "checkpoint-interrupted.pth"
-                self._save_checkpoint(path, self.completed_epoch)
-                logger.warning("interrupted in epoch %d: saved %s (resume with -r; it restarts epoch %d)",
-                               self.epoch, path, self.completed_epoch + 1)
-            raise
+        """The full training loop (from ``start_epoch``)."""
+        for epoch in range(self.start_epoch, self.epochs + 1):
+            self.epoch = epoch
+            log = self._train_epoch(epoch)
+            self.completed_epoch = epoch
+            best = False
+            if self.mnt_mode != "off" and self.mnt_metric in log:
+                if self._improved(log[self.mnt_metric]):
+                    self.mnt_best, self.not_improved, best = log[self.mnt_metric], 0, True
+                else:
+                    self.not_improved += 1
+            if best:
+                self.best_path = self.run_dir / "model_best.pth"
+            if self.is_main and best:
+                self._save_checkpoint(self.best_path, epoch)
+                logger.info("saved model_best.pth (%s = %.2f)", self.mnt_metric, self.mnt_best)
+            if self.is_main and epoch % self.save_period == 0:
+                self._save_checkpoint(self.run_dir / f"checkpoint-epoch{epoch}.pth", epoch)
+            if self.early_stop and self.not_improved >= self.early_stop:
+                logger.info("%s did not improve for %d evaluations: early stop", self.mnt_metric, self.not_improved)
+                break
+            self._epoch_done(epoch)

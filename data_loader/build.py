@@ -177,8 +177,11 @@ def _filtered(ds: DataSource, split_key: str, train: bool, logger: logging.Logge
     dataset = ds.dataset(split_key, train)
     remove = train and flag(ds.cfg, "remove_unseen_images", True, ds.source) and bool(ds.split.unseen)
     label = split_label(ds.cfg[split_key])
-    desc = f"scanning {label} labels" if remove else None
-    counts = count(scan(dataset, desc=desc) if remove else check_exists(dataset), ds.split.unseen, remove)
+    if train:   # labels read when unseen images are removed, else only existence (images are read each epoch)
+        checks = scan(dataset, desc=f"scanning {label} labels") if remove else check_exists(dataset)
+    else:       # evaluation reads each file once: check every image and label now, before any training
+        checks = scan(dataset, read_image=True, desc=f"checking {label}")
+    counts = count(checks, ds.split.unseen, remove)
     if counts.bad:
         if not dataset.skip_bad_samples:
             more = f" (and {len(counts.bad) - 1} more; list them with python -m data_loader.verify)" \

@@ -220,7 +220,10 @@ class SegmentationDataset(Dataset):
         """Checked uint8 image (3xHxW) and class-index label (HxW) of sample ``index``."""
         return self.read_with_raw(index)[:2]
 
-    def __getitem__(self, index: int) -> dict:
+    def __getitem__(self, key: int | tuple[int, int]) -> dict:
+        """Sample ``key``: an index, or ``(index, seed)`` from the training sampler, in which case
+        the random augmentation draws from ``seed`` alone (the global RNG is left untouched)."""
+        index, seed = key if isinstance(key, tuple) else (key, None)
         for attempt in range(len(self.samples)):
             current = (index + attempt) % len(self.samples)
             try:
@@ -233,5 +236,10 @@ class SegmentationDataset(Dataset):
         else:
             raise DataError("every sample of the dataset is bad (see the warnings above)")
         target = torch.from_numpy(self.ignore[label])
-        image, target = apply(self.transform, image, target)
+        if seed is None:
+            image, target = apply(self.transform, image, target)
+        else:
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(seed)
+                image, target = apply(self.transform, image, target)
         return {"image": image, "label": target, "name": self.samples[current].name}

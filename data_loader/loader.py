@@ -1,14 +1,17 @@
-"""DataLoader factory: seeded shuffling, distributed sampling and evaluation sharding, padding collate.
+"""DataLoader factory: the training order and augmentation as functions of (seed, epoch), evaluation
+sharding, padding collate.
 
-Workers need no seeding of their own: the DataLoader seeds ``random``, numpy and torch in each
-worker from its generator."""
+Training batches come from :class:`EpochSampler`: each epoch's order is a permutation drawn from
+(seed, epoch) alone, and every sample carries its own augmentation seed drawn from (seed, epoch,
+index). So an epoch can be resumed at any step (the sampler starts at that position), and the
+augmentation does not depend on the number of workers or processes."""
 from __future__ import annotations
 
 from typing import Iterator, Sequence
 
 import torch
 import torch.distributed as dist
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 from data_loader.transforms import IGNORE_INDEX
 
@@ -26,6 +29,52 @@ def pad_collate(items: Sequence[dict]) -> dict:
         labels[i, :h, :w] = item["label"]
     return {"image": images, "label": labels, "name": [item["name"] for item in items],
             "size": [tuple(item["label"].shape) for item in items]}
+
+
+def sample_seed(seed: int, epoch: int, index: int) -> int:
+    """The augmentation seed of sample ``index`` in ``epoch`` (the same whatever the order,
+    the worker or the process that loads it)."""
+    return ((seed * 1_000_003 + epoch) * 1_000_033 + index) % (2 ** 62)
+
+
+class EpochSampler(Sampler[tuple[int, int]]):
+    """Training samples as ``(index, augmentation seed)``: a permutation of the dataset drawn from
+    (``seed``, epoch) (in order when ``shuffle`` is false), split over ``num_replicas`` processes
+    like ``DistributedSampler`` (padded with the first indices to a multiple of them).
+    ``set_epoch(epoch, start)`` selects the epoch and the position to start from (a resumed epoch)."""
+
+    def __init__(self, size: int, seed: int = 0, shuffle: bool = True, num_replicas: int = 1, rank: int = 0):
+        self.size, self.seed, self.shuffle = size, seed, shuffle
+        self.num_replicas, self.rank = num_replicas, rank
+        self.epoch, self.start = 0, 0
+
+    def set_epoch(self, epoch: int, start: int = 0) -> None:
+        self.epoch, self.start = epoch, start
+
+    def order(self) -> list[int]:
+        """This process's indices for the current epoch, from the first position."""
+        if self.shuffle:
+            generator = torch.Generator().manual_seed(self.seed * 100003 + self.epoch)
+            indices = torch.randperm(self.size, generator=generator).tolist()
+        else:
+            indices = list(range(self.size))
+        total = -(-self.size // self.num_replicas) * self.num_replicas
+        indices += indices[:total - len(indices)]
+        return indices[self.rank:total:self.num_replicas]
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        for index in self.order()[self.start:]:
+            yield index, sample_seed(self.seed, self.epoch, index)
+
+    def __len__(self) -> int:
+        return max(0, -(-self.size // self.num_replicas) - self.start)
+
+
+def steps_per_epoch(loader: DataLoader) -> int:
+    """Batches in a full training epoch (whatever position the sampler starts from)."""
+    sampler = loader.sampler
+    full = -(-sampler.size // sampler.num_replicas) if isinstance(sampler, EpochSampler) else len(sampler)
+    return full // loader.batch_size if loader.drop_last else -(-full // loader.batch_size)
 
 
 class ShardSampler(Sampler[int]):
@@ -46,18 +95,18 @@ class ShardSampler(Sampler[int]):
 def build_dataloader(dataset: Dataset, *, batch_size: int, train: bool, num_workers: int = 0,
                      pin_memory: bool = False, persistent_workers: bool = False, distributed: bool = False,
                      seed: int = 0, drop_last: bool | None = None, shuffle: bool = True) -> DataLoader:
-    """A DataLoader for training (shuffled, seeded, drop_last by default, ``DistributedSampler``
-    when distributed) or evaluation (in order, sharded without padding when distributed).
-    ``shuffle=False`` keeps training batches in dataset order too."""
-    generator = torch.Generator().manual_seed(seed)
-    sampler = None
-    if distributed:
-        sampler = DistributedSampler(dataset, shuffle=shuffle, seed=seed) if train else ShardSampler(dataset)
+    """A DataLoader for training (an :class:`EpochSampler`: seeded order and augmentation, split
+    over the processes when distributed; drop_last by default) or evaluation (in order, sharded
+    without padding when distributed). ``shuffle=False`` keeps training batches in dataset order."""
+    if train:
+        world, rank = (dist.get_world_size(), dist.get_rank()) if distributed else (1, 0)
+        sampler = EpochSampler(len(dataset), seed, shuffle, world, rank)
+    else:
+        sampler = ShardSampler(dataset) if distributed else None
     if drop_last is None:
         drop_last = train
     return DataLoader(
-        dataset, batch_size=batch_size, shuffle=train and shuffle and sampler is None, sampler=sampler,
-        num_workers=num_workers, collate_fn=pad_collate, pin_memory=pin_memory and torch.cuda.is_available(),
-        drop_last=drop_last, generator=generator,
-        persistent_workers=persistent_workers and num_workers > 0,
+        dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers, collate_fn=pad_collate,
+        pin_memory=pin_memory and torch.cuda.is_available(), drop_last=drop_last,
+        generator=torch.Generator().manual_seed(seed), persistent_workers=persistent_workers and num_workers > 0,
     )

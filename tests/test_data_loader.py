@@ -5,10 +5,8 @@ import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
-from torch.utils.data import DistributedSampler
-
 from data_loader import DataError, build_dataloader, prepare_data
-from data_loader.loader import ShardSampler, pad_collate
+from data_loader.loader import EpochSampler, ShardSampler, pad_collate, sample_seed, steps_per_epoch
 from tests.test_data_helpers import standard_voc, voc_cfg
 
 
@@ -54,11 +52,48 @@ def test_shard_sampler():
     assert shards == [[0, 3, 6], [1, 4], [2, 5]] and len(ShardSampler(data, 3, 1)) == 2
 
 
+def test_epoch_sampler_order_start_and_ranks():
+    sampler = EpochSampler(10, seed=4)
+    sampler.set_epoch(3)
+    full = list(sampler)
+    assert sorted(i for i, _ in full) == list(range(10)) and len(sampler) == 10
+    assert all(seed == sample_seed(4, 3, i) for i, seed in full)
+    sampler.set_epoch(3, start=6)
+    assert list(sampler) == full[6:] and len(sampler) == 4      # a resumed epoch: the same tail
+    sampler.set_epoch(4)
+    assert [i for i, _ in sampler] != [i for i, _ in full]
+    shards = [EpochSampler(10, seed=4, num_replicas=3, rank=r) for r in range(3)]
+    for shard in shards:
+        shard.set_epoch(3)
+    parts = [[i for i, _ in shard] for shard in shards]
+    assert [len(p) for p in parts] == [4, 4, 4] and set(sum(parts, [])) == set(range(10))
+    assert [i for i, _ in EpochSampler(5, shuffle=False)] == [0, 1, 2, 3, 4]
+
+
+def test_augmentation_follows_the_sample_not_the_worker_or_the_position(voc):
+    """Each sample's random crop/flip/scale come from its own seed: the same with 0 or 2 workers,
+    and the same for the samples of a resumed epoch."""
+    def batches(workers, start=0):
+        loader = build_dataloader(voc.train_set, batch_size=1, train=True, seed=1, num_workers=workers)
+        loader.sampler.set_epoch(2, start)
+        return {b["name"][0]: (b["image"], b["label"]) for b in loader}
+    before = torch.get_rng_state()
+    plain = batches(0)
+    assert torch.equal(torch.get_rng_state(), before)    # the global RNG (dropout) is left alone
+    workers, resumed = batches(2), batches(0, start=3)
+    assert set(resumed) < set(plain) and len(resumed) == 2
+    for name, (image, label) in plain.items():
+        assert torch.equal(image, workers[name][0]) and torch.equal(label, workers[name][1])
+        if name in resumed:
+            assert torch.equal(image, resumed[name][0])
+    assert steps_per_epoch(build_dataloader(voc.train_set, batch_size=2, train=True)) == 2
+
+
 def test_distributed_samplers(voc, tmp_path):
     dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1)
     try:
         train = build_dataloader(voc.train_set, batch_size=2, train=True, distributed=True, seed=5)
-        assert isinstance(train.sampler, DistributedSampler) and train.sampler.seed == 5 and train.sampler.shuffle
+        assert isinstance(train.sampler, EpochSampler) and train.sampler.seed == 5 and train.sampler.shuffle
         train.sampler.set_epoch(1)
         epoch1 = names(train)
         assert len(epoch1) == 4 and names(train) == epoch1

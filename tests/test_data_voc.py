@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from data_loader import DataError, prepare_data
+from data_loader.build import resolve
 from data_loader.transforms import IMAGENET_MEAN, IMAGENET_STD
 from tests.test_data_helpers import (CLASS_COLOURS, COW, SHEEP, blank_label, make_voc, standard_voc, voc_cfg,
                                      write_image, write_label)
@@ -125,7 +126,9 @@ def test_bad_label_values_and_sizes(tmp_path, caplog):
     write_label(root / "SegmentationClass" / "v0.png", blank_label(20, 32))
     write_image(root / "JPEGImages" / "v1.jpg", np.zeros((24, 32, 3), np.uint8)[:, :, :1].repeat(3, 2)[:, :30])
     (root / "JPEGImages" / "v2.jpg").write_bytes(b"not a jpeg")
-    val = prepare_data(voc_cfg(root, emb), train=False).val_set
+    with pytest.raises(DataError, match=r"v0.png: label size 32x20 differs .* \(and 2 more; list them with "):
+        prepare_data(voc_cfg(root, emb), train=False)   # the val split is read in full at start
+    val = resolve(voc_cfg(root, emb)).dataset("val_split", train=False)
     with pytest.raises(DataError, match=r"v0.png: label size 32x20 differs from image .*v0.jpg size 32x24"):
         val[0]
     with pytest.raises(DataError, match=r"v1.png: label size 32x24 differs from image .*v1.jpg size 30x24"):
@@ -137,8 +140,7 @@ def test_bad_label_values_and_sizes(tmp_path, caplog):
     write_image(root / "JPEGImages" / "v2.jpg", np.zeros((30, 20, 3), np.uint8))
     with pytest.raises(DataError, match=r"v2.png: label must be a single-channel class-index PNG .* got mode RGB"):
         val[2]
-    skipping = prepare_data(voc_cfg(root, emb, skip_bad_samples=True), train=False).val_set
     with caplog.at_level(logging.WARNING):
-        with pytest.raises(DataError, match="every sample of the dataset is bad"):
-            skipping[0]
+        with pytest.raises(ConfigError, match="data.val_split: no usable sample left"):
+            prepare_data(voc_cfg(root, emb, skip_bad_samples=True), train=False)
     assert sum("skipping bad sample" in r.message for r in caplog.records) == 3

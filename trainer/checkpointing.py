@@ -7,27 +7,50 @@ from pathlib import Path
 from typing import Any
 
 from utils.checkpoint import architecture, set_rng_state
+from utils.util import ConfigError
 
 logger = logging.getLogger("joem")
 
 
-def training_checkpoint(trainer: Any, epoch: int) -> dict:
-    """``trainer`` (a :class:`trainer.trainer.Trainer`) as checkpoint content: both encoders, both optimizers, the LR schedule, the GradScaler, epoch and step, the
-    monitored best, config, class split and embeddings (RNG states are added when saving)."""
-    return {"epoch": epoch, "visual_encoder": trainer.model.state_dict(),
+def training_checkpoint(trainer: Any, epoch: int, progress: dict | None = None) -> dict:
+    """``trainer`` (a :class:`trainer.trainer.Trainer`) as checkpoint content: both encoders, both
+    optimizers, the LR schedule, the GradScaler, the last completed ``epoch``, the global step, the
+    monitored best, config, class split and embeddings (RNG states are added when saving).
+    ``progress``: where in an unfinished epoch the run stopped (phase, step, loss sums)."""
+    return {"epoch": epoch, "progress": progress, "visual_encoder": trainer.model.state_dict(),
             "semantic_encoder": trainer.semantic_encoder.state_dict(),
             "optimizer": trainer.optimizer.state_dict(), "optimizer_gen": trainer.optimizer_gen.state_dict(),
             "lr_scheduler": trainer.scheduler.state_dict() if trainer.scheduler is not None else None,
             "scaler": trainer.scaler.state_dict(), "monitor_best": trainer.mnt_best,
-            "global_step": trainer.global_step, "best_sigma": trainer.best_sigma,
+            "not_improved": trainer.not_improved, "global_step": trainer.global_step, "best_sigma": trainer.best_sigma,
             "best_checkpoint": str(trainer.best_path) if trainer.best_path is not None else None,
             "config": json.loads(json.dumps(trainer.config.config)), "class_split": trainer.split.to_dict(),
             "embeddings": trainer.embeddings.detach().cpu(), "architecture": architecture(trainer.config.config)}
 
 
-def restore_training(trainer: Any, checkpoint: dict) -> None:
+def _apply_optimizer_settings(trainer: Any, changes: dict) -> None:
+    """Config changes of the optimizers' arguments on top of their restored state."""
+    config = trainer.config.config
+    if any(key.startswith("optimizer.") for key in changes):
+        spec = config["optimizer"]
+        args = dict(spec.get("args", {}))
+        fresh = trainer.model.param_groups(float(args.get("lr", 0.01)), float(spec.get("head_lr_mult", 10.0)))
+        for group, new in zip(trainer.optimizer.param_groups, fresh):
+            group.update({k: v for k, v in args.items() if k in group and k != "lr"})
+            group["initial_lr"] = group["lr"] = new["lr"]
+        if trainer.scheduler is not None:
+            trainer.scheduler.scheduler.base_lrs = [group["lr"] for group in fresh]
+            trainer.scheduler.rebase()
+    if any(key.startswith("optimizer_gen.") for key in changes):
+        args = config["optimizer_gen"].get("args", {})
+        for group in trainer.optimizer_gen.param_groups:
+            group.update({k: v for k, v in args.items() if k in group})
+
+
+def restore_training(trainer: Any, checkpoint: dict, changes: dict | None = None) -> None:
     """Continue from a full training checkpoint whose weights are already loaded: optimizers,
-    LR schedule (re-based when the run's length changed), scaler, epoch, best metric, RNG."""
+    LR schedule (re-based when the run's length changed), scaler, position (epoch, or the step of
+    an interrupted epoch), best metric, RNG; then the config ``changes`` to the optimizers."""
     trainer.optimizer.load_state_dict(checkpoint["optimizer"])
     trainer.optimizer_gen.load_state_dict(checkpoint["optimizer_gen"])
     if trainer.scheduler is not None and checkpoint.get("lr_scheduler") is not None:
@@ -36,13 +59,25 @@ def restore_training(trainer: Any, checkpoint: dict) -> None:
             logger.info("schedule length changed from %d to %d: poly LR recomputed", old_total, trainer.scheduler.total)
     if checkpoint.get("scaler"):
         trainer.scaler.load_state_dict(checkpoint["scaler"])
-    trainer.start_epoch = int(checkpoint["epoch"]) + 1
+    _apply_optimizer_settings(trainer, changes or {})
     trainer.completed_epoch = int(checkpoint["epoch"])
+    progress = checkpoint.get("progress")
+    if progress is not None and progress.get("steps_per_epoch") not in (None, trainer.steps_per_epoch):
+        raise ConfigError(f"the interrupted epoch had {progress['steps_per_epoch']} steps, this run has "
+                          f"{trainer.steps_per_epoch} (dataset or batch size changed): resume from an epoch "
+                          "checkpoint instead")
+    trainer.progress = progress
+    trainer.start_epoch = int(progress["epoch"]) if progress else trainer.completed_epoch + 1
     trainer.mnt_best = float(checkpoint.get("monitor_best", trainer.mnt_best))
+    trainer.not_improved = int(checkpoint.get("not_improved", 0))
     trainer.best_sigma = checkpoint.get("best_sigma")
     best = checkpoint.get("best_checkpoint")   # the best checkpoint so far may live in the resumed run
     trainer.best_path = Path(best) if best and Path(best).is_file() else None
     trainer.global_step = int(checkpoint.get("global_step", 0))
     if "rng" in checkpoint:
         set_rng_state(checkpoint["rng"])
-    logger.info("resumed from epoch %d (best %s = %s)", checkpoint["epoch"], trainer.mnt_metric, trainer.mnt_best)
+        trainer.resume_rng = checkpoint["rng"]
+    where = (f"epoch {progress['epoch']}, step {progress['step']}/{progress['steps_per_epoch']}"
+             f"{' (validation)' if progress['phase'] == 'validate' else ''}" if progress
+             else f"the end of epoch {checkpoint['epoch']}")
+    logger.info("resumed at %s (best %s = %s)", where, trainer.mnt_metric, trainer.mnt_best)

@@ -5,6 +5,7 @@ import argparse
 import logging
 import os
 import sys
+from pathlib import Path
 
 from utils.amp import parse_amp
 from utils.parse_config import CustomArgs, ConfigParser, load_config, new_run_id, parse_assignment
@@ -61,7 +62,11 @@ def build_arg_parser(default_config: str | None) -> argparse.ArgumentParser:
         epilog="Exit status: 0 ok, 2 bad config/input (one 'error:' line), 3 training diverged, 130 interrupted.")
     parser.add_argument("-c", "--config", default=None,
                         help=f"config JSON (default: {default_config}; with -r alone, the checkpoint's config)")
-    parser.add_argument("-r", "--resume", default=None, help="checkpoint: resume training, or evaluate with --test")
+    parser.add_argument("-r", "--resume", default=None,
+                        help="a checkpoint to resume training from (into a new run folder) or to evaluate with --test; "
+                             "a run folder: continue that run in place from its newest loadable checkpoint "
+                             "(--test: its model_best.pth); 'auto': the run folder named by --run_id, continued "
+                             "when it has a checkpoint, else started (a requeued job reruns its own command)")
     parser.add_argument("-d", "--device", default=None, help="GPU ids, e.g. 0,1,2,3 (several = DDP), or cpu")
     parser.add_argument("--test", action="store_true", help="evaluate the -r checkpoint on the validation split")
     parser.add_argument("--run_id", default=None,
@@ -95,27 +100,68 @@ def overrides_of(args: argparse.Namespace) -> dict:
     return overrides
 
 
-def resolve_run(args: argparse.Namespace, default_config: str | None, run_id: str) -> tuple[ConfigParser, dict | None]:
+class NothingToDo(Exception):
+    """The run asked for is already complete (a requeued job after its end): exit 0."""
+
+
+def _resumable(folder: Path, test: bool) -> tuple[Path, dict] | None:
+    """What ``-r`` on a run folder continues: the newest loadable training checkpoint (or, with
+    ``--test``, the folder's model_best.pth)."""
+    from trainer.resume import find_resumable
+    from utils.checkpoint import load_checkpoint
+    from utils.run_dir import FINISHED, read_status
+    if test:
+        best = folder / "model_best.pth"
+        if not best.is_file():
+            raise ConfigError(f"{folder}: no model_best.pth to evaluate")
+        return best, load_checkpoint(best)
+    if read_status(folder).get("status") == FINISHED:
+        raise NothingToDo(f"{folder}: the run is already finished; nothing to resume")
+    return find_resumable(folder) if folder.is_dir() else None
+
+
+def resolve_run(args: argparse.Namespace, default_config: str | None,
+                run_id: str) -> tuple[ConfigParser, dict | None, bool]:
     """The run's config (``-c``, the default config, or the ``-r`` checkpoint's own) with the
-    overrides applied, and the ``-r`` checkpoint's content (official files converted)."""
+    overrides applied, the ``-r`` checkpoint's content (official files converted), and whether
+    the run continues in the folder it resumes from (``-r RUN_DIR``, ``-r auto``)."""
     from model.official import is_official
     from model.trained import as_project_checkpoint
     from trainer.settings import CONFIG_SCHEMA
     from utils.checkpoint import load_checkpoint
-    raw = load_checkpoint(args.resume) if args.resume else None
+    resume, raw, in_place, run_dir = args.resume, None, False, None
+    if resume == "auto":
+        if args.run_id is None:
+            raise ConfigError("-r auto continues the run named by --run_id: add --run_id NAME")
+        config_path = args.config or default_config
+        if config_path is None:
+            raise ConfigError("-r auto needs the run's config: add -c config.json")
+        probe = ConfigParser(load_config(config_path), overrides=overrides_of(args), run_id=run_id,
+                             schema=CONFIG_SCHEMA)
+        found = _resumable(probe.run_dir, args.test)
+        resume, raw = found if found else (None, None)
+        in_place, run_dir = True, probe.run_dir
+    elif resume is not None and Path(resume).is_dir():
+        found = _resumable(Path(resume), args.test)
+        if found is None:
+            raise ConfigError(f"{resume}: no loadable training checkpoint in this run folder")
+        in_place, run_dir = not args.test, (None if args.test else Path(resume))
+        resume, raw = found
+    elif resume is not None:
+        raw = load_checkpoint(resume)
     config_path = args.config or (default_config if raw is None else None)
     if config_path is not None:
         config, source = load_config(config_path), config_path
     elif is_official(raw):
-        raise ConfigError(f"{args.resume}: an official JoEm checkpoint holds no config or class split; pass -c CONFIG")
+        raise ConfigError(f"{resume}: an official JoEm checkpoint holds no config or class split; pass -c CONFIG")
     elif not isinstance(raw.get("config"), dict):
-        raise ConfigError(f"{args.resume}: holds no config; pass the training config with -c")
+        raise ConfigError(f"{resume}: holds no config; pass the training config with -c")
     else:
-        config, source = raw["config"], str(args.resume)
-    parser = ConfigParser(config, args.resume, overrides_of(args), run_id=run_id, config_path=source,
+        config, source = raw["config"], str(resume)
+    parser = ConfigParser(config, resume, overrides_of(args), run_id=run_id, run_dir=run_dir, config_path=source,
                           schema=CONFIG_SCHEMA)
-    checkpoint = None if raw is None else as_project_checkpoint(raw, args.resume, parser.config, source)
-    return parser, checkpoint
+    checkpoint = None if raw is None else as_project_checkpoint(raw, resume, parser.config, source)
+    return parser, checkpoint, in_place
 
 
 def test_run_id(run_id: str) -> str:
@@ -135,51 +181,64 @@ def main(default_config: str | None = None, argv: list[str] | None = None) -> in
         from utils.distributed import launched_by_torchrun, parse_devices
         devices = parse_devices(args.device)
         if devices is not None and len(devices) > 1 and not launched_by_torchrun():
-            import torch.multiprocessing as mp
-            from utils.distributed import free_port
-            os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-            os.environ.setdefault("MASTER_PORT", str(free_port()))
-            run_id = args.run_id or new_run_id()
-            mp.spawn(_worker, args=(len(devices), argv, default_config, run_id), nprocs=len(devices), join=True)
-            return 0
+            return _spawn(devices, argv, default_config, args.run_id or new_run_id())
         return _worker(None, None, argv, default_config, args.run_id)
     except ConfigError as err:
         return error_exit(err)
 
 
+def _spawn(devices: list[int], argv: list[str], default_config: str | None, run_id: str) -> int:
+    """One process per GPU (DDP); this process waits for them (signals reach them, not it)."""
+    import torch.multiprocessing as mp
+    from utils.distributed import free_port
+    from utils.signals import StopSignals
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", str(free_port()))
+    with StopSignals() as stop, stop.deferred():
+        try:
+            mp.spawn(_worker, args=(len(devices), argv, default_config, run_id), nprocs=len(devices), join=True)
+        except mp.ProcessExitedException as err:
+            return err.exit_code
+    return 0
+
+
 def _worker(rank: int | None, world_size: int | None, argv: list[str], default_config: str | None,
             run_id: str | None) -> int:
+    """One process of the run: its exit status (0, 2 bad input, 3 diverged, 128 + signal)."""
     from base.base_trainer import TrainingDiverged
     from trainer.session import run
     from utils.distributed import broadcast_object, cleanup, init_process, parse_devices
     from utils.logger import start_logging
     from utils.malloc import retain_freed_memory
+    from utils.signals import Interrupted, StopSignals
     retain_freed_memory()
     args = build_arg_parser(default_config).parse_args(argv)
-    ctx = init_process(parse_devices(args.device), rank, world_size)
-    start_logging(ctx.is_main)
-    try:
-        if args.test and args.resume is None:
-            raise ConfigError("--test needs a checkpoint: add -r path/to/model_best.pth")
-        run_id = broadcast_object(run_id or new_run_id())
-        config, checkpoint = resolve_run(args, default_config, test_run_id(run_id) if args.test else run_id)
-        run(config, ctx, checkpoint, test_only=args.test)
-        return 0
-    except ConfigError as err:
-        if ctx.is_main:
-            print(f"error: {err}", file=sys.stderr)
-        if rank is not None:
-            raise SystemExit(2)
-        return 2
-    except TrainingDiverged as err:
-        logger.error("error: %s", err)
-        if rank is not None:
-            raise SystemExit(3)
-        return 3
-    except KeyboardInterrupt:
-        return 130
-    finally:
-        cleanup()
+    code, ctx = 0, None
+    with StopSignals() as stop:
+        try:
+            ctx = init_process(parse_devices(args.device), rank, world_size)
+            start_logging(ctx.is_main)
+            if args.test and args.resume is None:
+                raise ConfigError("--test needs a checkpoint: add -r path/to/model_best.pth")
+            run_id = broadcast_object(run_id or args.run_id or new_run_id())
+            config, checkpoint, in_place = resolve_run(args, default_config, test_run_id(run_id) if args.test else run_id)
+            run(config, ctx, checkpoint, test_only=args.test, stop=stop, in_place=in_place)
+        except NothingToDo as done:
+            print(done)
+        except ConfigError as err:
+            code = error_exit(err) if ctx is None or ctx.is_main else 2
+        except TrainingDiverged as err:
+            logger.error("error: %s", err)
+            code = 3
+        except Interrupted as err:
+            if ctx is None or ctx.is_main:
+                logging.getLogger("joem").warning("%s", err) if logging.getLogger().handlers else print(err)
+            code = err.exit_code
+        finally:
+            cleanup()
+    if rank is not None and code:
+        raise SystemExit(code)
+    return code
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ from trainer.reporting import Reporter
 from trainer.sweep import summarize
 from utils.distributed import all_reduce_sum
 from utils.logger import progress_enabled
+from utils.signals import StopSignals
 
 
 @dataclass
@@ -38,7 +39,7 @@ def evaluate(model: torch.nn.Module, semantic_encoder: torch.nn.Module, loader, 
              amp: str | bool | None = None, channels_last: bool = False, window: SlidingWindow | None = None,
              keep_samples: int = 0, extremes: bool = False, excluded: Sequence[int] = (),
              calibration: str = "top2", on_prediction: Callable[[str, torch.Tensor], None] | None = None,
-             desc: str = "eval") -> EvalResult:
+             stop: StopSignals | None = None, desc: str = "eval") -> EvalResult:
     """Segment every image of ``loader`` (each at its own size, through
     :func:`model.segment.pixel_distances`) and accumulate one confusion matrix per sigma.
 
@@ -46,8 +47,9 @@ def evaluate(model: torch.nn.Module, semantic_encoder: torch.nn.Module, loader, 
     matrices hold the sweep's ends (seen-only and unseen-only predictions) and one per
     ``AUSUC_GRID`` value of calibrated stacking. ``excluded`` classes are never predicted
     (background when it is ignored). ``on_prediction(name, labels)`` receives each image's
-    labels at the first sigma. In a distributed run each process evaluates its own shard
-    and the matrices are summed.
+    labels at the first sigma. ``stop``: checked before every batch (raises
+    :class:`utils.signals.Interrupted` when a signal arrived). In a distributed run each process
+    evaluates its own shard and the matrices are summed.
     """
     model.eval()
     semantic_encoder.eval()
@@ -66,6 +68,8 @@ def evaluate(model: torch.nn.Module, semantic_encoder: torch.nn.Module, loader, 
     stacking = [evaluator() for _ in AUSUC_GRID] if extremes else []
     samples: list[dict] = []
     for batch in tqdm(loader, desc=desc, leave=False, disable=not progress_enabled()):
+        if stop is not None:
+            stop.check()
         images = batch["image"].to(device, non_blocking=True)
         labels = batch["label"].to(device, non_blocking=True)
         sizes = batch.get("size") or [tuple(images.shape[-2:])] * images.shape[0]
@@ -117,7 +121,7 @@ def metrics_record(evaluator: Evaluator, class_names: Sequence[str], sigma: floa
 def validate(model: torch.nn.Module, semantic_encoder: torch.nn.Module, loader, split: ClassSplit,
              embeddings: torch.Tensor, inference: InferenceSettings, reporter: Reporter, *, epoch: int,
              split_name: str, device: torch.device, amp: str | bool | None = None, channels_last: bool = False,
-             keep_samples: int = 0, save_predictions: bool = False) -> dict:
+             keep_samples: int = 0, save_predictions: bool = False, stop: StopSignals | None = None) -> dict:
     """Evaluate at every configured sigma, report, and return the headline record (percent
     values): at ``inference.sigma``, or at the best harmonic mIoU of a sweep given as
     ``inference.sigma``; with a sweep it also holds ``ausuc`` and ``best_sigma``."""
@@ -126,7 +130,8 @@ def validate(model: torch.nn.Module, semantic_encoder: torch.nn.Module, loader, 
                       split.unseen, inference.sigmas, device=device, amp=amp, channels_last=channels_last,
                       window=inference.window, keep_samples=keep_samples, extremes=bool(inference.sweep),
                       excluded=excluded, calibration=inference.calibration, desc=split_name,
-                      on_prediction=reporter.prediction_writer(split_name) if save_predictions else None)
+                      on_prediction=reporter.prediction_writer(split_name) if save_predictions else None,
+                      stop=stop)
     records = [metrics_record(ev, split.names, s) for ev, s in zip(result.evaluators, result.sigmas)]
     summary = None
     if inference.sweep:

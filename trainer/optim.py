@@ -5,6 +5,7 @@ from typing import Mapping
 
 import torch
 
+from data_loader.loader import steps_per_epoch
 from trainer.settings import SchedulerSection
 from utils.parse_config import call_with_config_args, lookup_type
 
@@ -57,12 +58,12 @@ class PolySchedule:
 
 
 def build_scheduler(config: Mapping, optimizer: torch.optim.Optimizer,
-                    steps_per_epoch: int) -> tuple[PolySchedule | None, str]:
+                    train_loader) -> tuple[PolySchedule | None, str]:
     """Poly LR (``interval`` "epoch": stepped once per epoch, epoch 1 at the base LR, as the
     official code; "step": every iteration) or ``"constant"`` (None). Returns (schedule, interval)."""
     spec = SchedulerSection(**(config.get("lr_scheduler") or {}))
     if spec.type.lower() == "constant":
         return None, spec.interval
     epochs = int(config["trainer"]["epochs"])
-    total = epochs if spec.interval == "epoch" else epochs * max(1, steps_per_epoch)
+    total = epochs if spec.interval == "epoch" else epochs * max(1, steps_per_epoch(train_loader))
     return PolySchedule(optimizer, total, spec.power), spec.interval

@@ -5,12 +5,14 @@ import logging
 
 import torch
 
+from base.base_trainer import TrainingDiverged
 from data_loader import build_dataloader, prepare_data
 from model.builder import build_encoders, load_encoder_weights, place
 from trainer.evaluate import validate
 from trainer.optim import build_optimizers, build_scheduler
 from trainer.parallel import to_sync_bn
 from trainer.reporting import Reporter
+from trainer.resume import check_resume_changes
 from trainer.settings import RunSettings, check_config
 from trainer.trainer import Trainer, seed_everything
 from utils.checkpoint import check_compatible, load_checkpoint
@@ -18,7 +20,9 @@ from utils.distributed import DistContext, broadcast_object
 from utils.environment import banner
 from utils.logger import log_to_file
 from utils.parse_config import ConfigParser
-from utils.util import ConfigError, write_json
+from utils.run_dir import RunFolder
+from utils.signals import Interrupted, StopSignals
+from utils.util import ConfigError, read_json, write_json
 
 logger = logging.getLogger("joem")
 
@@ -42,17 +46,33 @@ def _banner(config: ConfigParser, settings: RunSettings, ctx: DistContext, bundl
     return "\n".join(lines)
 
 
-def create_run_dir(config: ConfigParser, ctx: DistContext) -> None:
-    """Make the run folder, snapshot the resolved config, log into its train.log (main process)."""
-    if ctx.is_main:
-        config.run_dir.mkdir(parents=True, exist_ok=True)
-        write_json(config.config, config.run_dir / "config.json")
-        log_to_file(config.run_dir)
+def _write_config(config: ConfigParser) -> None:
+    """``config.json`` (the resolved config); a resumed run that changed it keeps the earlier one
+    as ``config.previous-N.json``."""
+    path = config.run_dir / "config.json"
+    if path.is_file():
+        earlier = read_json(path)
+        if earlier == config.config:
+            return
+        number = 1 + sum(1 for _ in config.run_dir.glob("config.previous-*.json"))
+        write_json(earlier, config.run_dir / f"config.previous-{number}.json")
+    write_json(config.config, path)
 
 
-def run(config: ConfigParser, ctx: DistContext, checkpoint: dict | None = None, test_only: bool = False) -> dict:
+def _progress(checkpoint: dict | None) -> dict | None:
+    return None if checkpoint is None else checkpoint.get("progress")
+
+
+def run(config: ConfigParser, ctx: DistContext, checkpoint: dict | None = None, *, test_only: bool = False,
+        stop: StopSignals | None = None, in_place: bool = False) -> dict:
     """Train (or with ``test_only`` evaluate ``checkpoint``, the ``-r`` file's content, official
-    files already converted); returns the final headline record."""
+    files already converted); returns the final headline record.
+
+    Every check runs before the run folder is made (a run that fails them leaves no folder);
+    the folder is locked for the run's life; ``in_place``: continue the run of that folder.
+    A signal inside training saves ``checkpoint-interrupted.pth`` and raises
+    :class:`utils.signals.Interrupted`."""
+    stop = stop or StopSignals()
     settings = check_config(config.config, config.source)
     seed_everything(settings.seed)
     bundle = prepare_data(config["data"], train=not test_only, val=True, source=config.source, logger=logger)
@@ -60,18 +80,18 @@ def run(config: ConfigParser, ctx: DistContext, checkpoint: dict | None = None, 
     if settings.loader.batch_size % ctx.world_size:
         raise ConfigError(f"data_loader.batch_size {settings.loader.batch_size} is not divisible by the "
                           f"{ctx.world_size} processes")
+    changes = {}
     if checkpoint is not None:
         check_compatible(checkpoint, config.resume, config.config, split.to_dict())
-    create_run_dir(config, ctx)
-    if ctx.is_main:
-        logger.info(_banner(config, settings, ctx, bundle, test_only))
-
+        if not test_only and "optimizer" in checkpoint:
+            progress = _progress(checkpoint)
+            changes = check_resume_changes(checkpoint["config"], config.config,
+                                           progress is not None and progress["phase"] == "train", config.resume)
     torch.manual_seed(settings.seed)
     model, semantic_encoder = build_encoders(config.config, split.num_classes, bundle.embeddings.shape[1],
                                              pretrained=checkpoint is None)
     if checkpoint is not None:
         load_encoder_weights(model, semantic_encoder, checkpoint, config.resume)
-        logger.info("loaded %s (epoch %s)", config.resume, checkpoint.get("epoch"))
     place(model, semantic_encoder, ctx.device, settings.trainer.channels_last)
     if ctx.distributed and ctx.device.type == "cuda":
         to_sync_bn(model)
@@ -80,34 +100,86 @@ def run(config: ConfigParser, ctx: DistContext, checkpoint: dict | None = None, 
                    "persistent_workers": loader.persistent_workers, "seed": settings.seed}
     val_loader = build_dataloader(bundle.val_set, batch_size=loader.val_batch_size, train=False,
                                   distributed=ctx.distributed, **loader_args)
-    reporter = Reporter(config.run_dir, split.unseen_names, ctx.is_main, settings.trainer.tensorboard,
-                        settings.trainer.log_step)
+    train_loader = None if test_only else build_dataloader(
+        bundle.train_set, batch_size=loader.batch_size // ctx.world_size, train=True, distributed=ctx.distributed,
+        shuffle=loader.shuffle, **loader_args)
+    stop.check()
+
+    folder = RunFolder(config.run_dir, resume_in_place=in_place)
+    started, reporter = False, None
     try:
+        if ctx.is_main:
+            folder.open()
+            _write_config(config)
+            log_to_file(config.run_dir)
+            folder.set_status("running")
+            logger.info(_banner(config, settings, ctx, bundle, test_only))
+            if checkpoint is not None:
+                logger.info("loaded %s (epoch %s)", config.resume, checkpoint.get("epoch"))
+        reporter = Reporter(config.run_dir, split.unseen_names, ctx.is_main, settings.trainer.tensorboard,
+                            settings.trainer.log_step)
         if test_only:
+            started = True
             record = validate(model, semantic_encoder, val_loader, split, bundle.embeddings, settings.inference,
                               reporter, epoch=int(checkpoint.get("epoch", 0)), split_name="test", device=ctx.device,
                               amp=settings.trainer.amp, channels_last=settings.trainer.channels_last,
                               keep_samples=settings.trainer.tensorboard_images if reporter.wants_images else 0,
-                              save_predictions=settings.inference.save_predictions)
-            reporter.final(record)
-            return record
-        train_loader = build_dataloader(bundle.train_set, batch_size=loader.batch_size // ctx.world_size, train=True,
-                                        distributed=ctx.distributed, shuffle=loader.shuffle, **loader_args)
-        optimizer, optimizer_gen = build_optimizers(config.config, model, semantic_encoder)
-        scheduler, interval = build_scheduler(config.config, optimizer, len(train_loader))
-        trainer = Trainer(config, settings, ctx, model, semantic_encoder, split, bundle.embeddings, train_loader,
-                          val_loader, optimizer, optimizer_gen, scheduler, interval, reporter)
-        if checkpoint is not None and "optimizer" in checkpoint:
-            trainer.resume(checkpoint)
-        elif checkpoint is not None:
-            logger.info("training starts at epoch 1 from the weights of %s (it holds no optimizer state)",
-                        config.resume)
-        trainer.train()
-        record = _final_test(trainer, ctx) if settings.trainer.test_after_train else {}
+                              save_predictions=settings.inference.save_predictions, stop=stop)
+        else:
+            record = _train(config, settings, ctx, model, semantic_encoder, split, bundle.embeddings, train_loader,
+                            val_loader, reporter, checkpoint, changes, stop)
+            started = True
+        if ctx.is_main:
+            folder.set_status("finished")
         reporter.final(record)
         return record
+    except Interrupted as err:
+        started = started or (config.run_dir / "checkpoint-interrupted.pth").is_file()
+        _record_status(folder, ctx, "interrupted", str(err))
+        raise
+    except TrainingDiverged as err:
+        started = True
+        _record_status(folder, ctx, "diverged", str(err))
+        raise
+    except BaseException as err:
+        _record_status(folder, ctx, "failed", f"{type(err).__name__}: {err}")
+        raise
     finally:
-        reporter.close()
+        if reporter is not None:
+            reporter.close()
+        if ctx.is_main:
+            folder.close(remove=not started)
+
+
+def _record_status(folder: RunFolder, ctx: DistContext, status: str, message: str) -> None:
+    """Best effort: the status file may itself be unwritable (a full disk)."""
+    if ctx.is_main and folder.lock.handle is not None:
+        try:
+            folder.set_status(status, message=message)
+        except ConfigError:
+            pass
+
+
+def _train(config: ConfigParser, settings: RunSettings, ctx: DistContext, model, semantic_encoder, split, embeddings,
+           train_loader, val_loader, reporter: Reporter, checkpoint: dict | None, changes: dict,
+           stop: StopSignals) -> dict:
+    optimizer, optimizer_gen = build_optimizers(config.config, model, semantic_encoder)
+    scheduler, interval = build_scheduler(config.config, optimizer, train_loader)
+    trainer = Trainer(config, settings, ctx, model, semantic_encoder, split, embeddings, train_loader, val_loader,
+                      optimizer, optimizer_gen, scheduler, interval, reporter, stop)
+    if checkpoint is not None and "optimizer" in checkpoint:
+        trainer.resume(checkpoint, config.resume, changes)
+    elif checkpoint is not None:
+        logger.info("training starts at epoch 1 from the weights of %s (it holds no optimizer state)", config.resume)
+    with stop.deferred():
+        trainer.train()
+        if not settings.trainer.test_after_train:
+            return {}
+        try:
+            return _final_test(trainer, ctx)
+        except Interrupted as err:
+            raise Interrupted(err.signum, f"stopped during the final test (training is complete); run it again "
+                                          f"with -r {config.run_dir}") from None
 
 
 def _final_test(trainer: Trainer, ctx: DistContext) -> dict:

@@ -50,11 +50,24 @@ class StepSettings:
 
 
 class NonFiniteLoss(TrainingDiverged):
-    """The step's loss is NaN or Inf (nothing was updated); ``values`` names each loss."""
+    """The step's loss or gradient is NaN or Inf (nothing was updated); ``values`` says which."""
 
     def __init__(self, values: str):
-        super().__init__(f"loss is not finite ({values})")
+        super().__init__(f"not finite: {values}")
         self.values = values
+
+
+def norms_finite(tensors: list[torch.Tensor]) -> bool:
+    """Whether every tensor's L2 norm (float32) is finite: no NaN or Inf, and no value so large
+    that the norm overflows (|x| beyond ~1e19: a diverged update)."""
+    if not tensors:
+        return True
+    norms = torch._foreach_norm([t.float() if t.dtype != torch.float32 else t for t in tensors])
+    return bool(torch.isfinite(torch.stack(norms)).all())
+
+
+def _grads(*modules: torch.nn.Module) -> list[torch.Tensor]:
+    return [p.grad for module in modules for p in module.parameters() if p.grad is not None]
 
 
 def train_step(model: Callable, semantic_encoder: torch.nn.Module, optimizer: torch.optim.Optimizer,
@@ -73,12 +86,15 @@ def train_step(model: Callable, semantic_encoder: torch.nn.Module, optimizer: to
                        embeddings, semantic_encoder, seen_object, **settings.loss_args)
     total = losses["total"]
     if not torch.isfinite(total):
-        raise NonFiniteLoss(", ".join(f"{k}={v.item():.4g}" for k, v in losses.items()))
+        raise NonFiniteLoss("loss (" + ", ".join(f"{k}={v.item():.4g}" for k, v in losses.items()) + ")")
     optimizer.zero_grad(set_to_none=True)
     optimizer_gen.zero_grad(set_to_none=True)
     scaler.scale(total).backward()
     if after_backward is not None:
         after_backward()
+    if not scaler.is_enabled():   # fp16: the GradScaler skips steps with overflowing gradients itself
+        if not norms_finite(_grads(model, semantic_encoder)):
+            raise NonFiniteLoss(f"gradient (loss {total.item():.4g})")
     scaler.step(optimizer)
     scaler.step(optimizer_gen)
     scaler.update()

@@ -1,4 +1,5 @@
-"""The one JoEm Trainer: the training loop (epochs of steps, per-epoch seeding, validation)."""
+"""The one JoEm Trainer: the training loop (epochs of steps, per-epoch seeding, validation), its
+stops (a signal: a resumable checkpoint at the next safe point; divergence: nothing saved)."""
 from __future__ import annotations
 
 import logging
@@ -12,16 +13,19 @@ import torch.nn as nn
 from tqdm import tqdm
 
 from base.base_trainer import BaseTrainer, TrainingDiverged
+from data_loader.loader import steps_per_epoch
 from trainer.checkpointing import restore_training, training_checkpoint
 from trainer.evaluate import validate
 from trainer.parallel import gradient_average, training_forward
 from trainer.reporting import Reporter
+from trainer.resume import checkpoint_files
 from trainer.settings import RunSettings
-from trainer.step import NonFiniteLoss, train_step
+from trainer.step import NonFiniteLoss, norms_finite, train_step
 from utils.amp import amp_dtype
-from utils.checkpoint import save_checkpoint
+from utils.checkpoint import save_checkpoint, set_rng_state
 from utils.distributed import DistContext, all_reduce_sum
 from utils.logger import progress_enabled
+from utils.signals import Interrupted, StopSignals
 
 logger = logging.getLogger("joem")
 
@@ -39,12 +43,14 @@ class Trainer(BaseTrainer):
         config: the ConfigParser; settings: its checked sections; ctx: process/device;
         model / semantic_encoder: the encoders (on ``ctx.device``); split: the ClassSplit;
         embeddings: class embeddings (num_classes x D); train_loader / val_loader;
-        optimizer, optimizer_gen, scheduler (+ its ``interval``); reporter: where results go.
+        optimizer, optimizer_gen, scheduler (+ its ``interval``); reporter: where results go;
+        stop: the run's signal handlers (polled after every step and evaluation batch).
     """
 
     def __init__(self, config, settings: RunSettings, ctx: DistContext, model: nn.Module,
                  semantic_encoder: nn.Module, split, embeddings: torch.Tensor, train_loader, val_loader,
-                 optimizer, optimizer_gen, scheduler, interval: str, reporter: Reporter):
+                 optimizer, optimizer_gen, scheduler, interval: str, reporter: Reporter,
+                 stop: StopSignals | None = None):
         super().__init__(settings.trainer, config.run_dir, ctx.is_main)
         self.config, self.settings, self.ctx, self.split = config, settings, ctx, split
         self.device = ctx.device
@@ -58,8 +64,13 @@ class Trainer(BaseTrainer):
         self.scheduler, self.interval = scheduler, interval
         self.reporter = reporter
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=amp_dtype(settings.trainer.amp) == torch.float16)
+        self.stop = stop or StopSignals()
+        self.steps_per_epoch = steps_per_epoch(train_loader)
         self.global_step = 0
         self.best_sigma: float | None = None   # the best sigma of the last validation (sweeps)
+        self.progress: dict | None = None      # where a resumed run stopped inside an epoch
+        self.resume_rng: dict | None = None
+        self.resumed_from: Path | None = None
 
     def _train_step(self, batch: dict) -> dict[str, torch.Tensor]:
         images = batch["image"].to(self.device, non_blocking=True)
@@ -69,34 +80,52 @@ class Trainer(BaseTrainer):
                                 self.scaler, images, labels, self.embeddings, self.seen_object, self.settings.step,
                                 self.after_backward)
         except NonFiniteLoss as err:
-            raise TrainingDiverged(f"loss is not finite at epoch {self.epoch}, step {self.global_step} "
-                                   f"({err.values}); training stopped, the last good checkpoint in "
-                                   f"{self.run_dir} is kept") from None
+            raise TrainingDiverged(f"{err.values} is not finite at epoch {self.epoch} (step {self.global_step + 1} of "
+                                   f"the run): training stopped before the optimizer step; {self._last_good()}"
+                                   ) from None
         if self.scheduler is not None and self.interval == "step":
             self.scheduler.step()
         return losses
 
-    def _begin_epoch(self, epoch: int) -> None:
+    def _begin_epoch(self, epoch: int, start_step: int = 0) -> None:
         """Per-epoch seeding: the same epoch sees the same data order, augmentation and dropout
-        whether the run was resumed or not."""
-        seed = self.settings.seed
-        seed_everything(seed * 100003 + epoch * 1009 + self.ctx.rank)
-        sampler = getattr(self.train_loader, "sampler", None)
-        if hasattr(sampler, "set_epoch"):
-            sampler.set_epoch(epoch)
-        generator = getattr(self.train_loader, "generator", None)
-        if generator is not None:
-            generator.manual_seed(seed * 100003 + epoch)
+        whether the run was resumed or not; a resumed epoch starts at ``start_step``."""
+        seed_everything(self.settings.seed * 100003 + epoch * 1009 + self.ctx.rank)
+        self.train_loader.sampler.set_epoch(epoch, start_step * self.train_loader.batch_size)
+
+    def _stop_requested(self) -> bool:
+        """Whether a signal asks the run to stop (every process agrees on the same step)."""
+        flag = torch.tensor(float(self.stop.requested), device=self.device)
+        return bool(all_reduce_sum(flag) > 0) if self.ctx.distributed else bool(flag)
 
     def _train_epoch(self, epoch: int) -> dict:
-        self._begin_epoch(epoch)
+        progress, self.progress = (self.progress if self.progress and self.progress["epoch"] == epoch else None), None
+        if progress is not None and progress["phase"] == "validate":
+            means = progress["means"]        # the steps and the epoch's LR step are done
+        else:
+            means = self._train_steps(epoch, progress)
+        log = dict(means)
+        if self.val_loader is not None and (epoch % self.settings.trainer.val_period == 0 or epoch == self.epochs):
+            try:
+                log.update(self.validate(epoch, "val"))
+            except Interrupted:
+                self._interrupt(epoch, {"phase": "validate", "step": self.steps_per_epoch, "means": means})
+        return log
+
+    def _train_steps(self, epoch: int, progress: dict | None) -> dict[str, float]:
+        """The epoch's training steps (from ``progress["step"]`` when resuming inside it); returns
+        the mean losses and steps the epoch's LR schedule."""
+        start_step = progress["step"] if progress else 0
+        self._begin_epoch(epoch, start_step)
+        if progress is not None and self.resume_rng is not None:
+            set_rng_state(self.resume_rng)   # dropout continues exactly where it stopped
         self.model.train()
         self.semantic_encoder.train()
-        sums: dict[str, torch.Tensor] = {}
-        steps = 0
+        sums = {k: torch.tensor(v, device=self.device) for k, v in (progress or {}).get("sums", {}).items()}
+        steps = start_step
         start = time.perf_counter()
-        bar = tqdm(self.train_loader, desc=f"epoch {epoch}/{self.epochs}", leave=False,
-                   disable=not (self.is_main and progress_enabled()))
+        bar = tqdm(self.train_loader, desc=f"epoch {epoch}/{self.epochs}", leave=False, initial=start_step,
+                   total=self.steps_per_epoch, disable=not (self.is_main and progress_enabled()))
         for batch in bar:
             losses = self._train_step(batch)
             steps += 1
@@ -106,6 +135,9 @@ class Trainer(BaseTrainer):
             self.reporter.training_step(self.global_step, losses)
             if steps % 10 == 0:
                 bar.set_postfix(loss=f"{float(losses['total']):.3f}")
+            if self._stop_requested():
+                self._interrupt(epoch, {"phase": "train", "step": steps,
+                                        "sums": {k: float(v) for k, v in sums.items()}})
         if steps == 0:
             raise TrainingDiverged("the training loader yielded no batch: the training set is smaller than "
                                    "one batch (lower data_loader.batch_size or check the split)")
@@ -114,11 +146,36 @@ class Trainer(BaseTrainer):
         lrs = self._learning_rates()
         if self.scheduler is not None and self.interval == "epoch":
             self.scheduler.step()
-        self.reporter.epoch(epoch, self.epochs, means, lrs, time.perf_counter() - start, steps)
-        log = dict(means)
-        if self.val_loader is not None and (epoch % self.settings.trainer.val_period == 0 or epoch == self.epochs):
-            log.update(self.validate(epoch, "val"))
-        return log
+        self.reporter.epoch(epoch, self.epochs, means, lrs, time.perf_counter() - start, steps - start_step)
+        return means
+
+    def _epoch_done(self, epoch: int) -> None:
+        if self._stop_requested():
+            self._interrupt(epoch, None)
+
+    def _interrupt(self, epoch: int, progress: dict | None) -> None:
+        """Save ``checkpoint-interrupted.pth`` (the position inside ``epoch``, or its end when
+        ``progress`` is None) and stop with :class:`Interrupted`."""
+        if progress is not None:
+            progress = {"epoch": epoch, "steps_per_epoch": self.steps_per_epoch, **progress}
+        path = self.run_dir / "checkpoint-interrupted.pth"
+        if self.is_main:
+            self._save_checkpoint(path, self.completed_epoch, progress)
+        if progress is None:
+            where = f"the end of epoch {epoch}"
+        elif progress["phase"] == "validate":
+            where = f"epoch {epoch}'s validation (it reruns on resume)"
+        else:
+            where = f"epoch {epoch}, step {progress['step']}/{self.steps_per_epoch}"
+        raise Interrupted(self.stop.signum or 2, f"stopped at {where}: saved {path}; resume with -r {self.run_dir}")
+
+    def _last_good(self) -> str:
+        """The newest checkpoint on disk (every saved checkpoint has finite weights), for messages."""
+        files = checkpoint_files(self.run_dir) if self.run_dir.is_dir() else []
+        newest = files[0] if files else self.resumed_from
+        if newest is None:
+            return "no checkpoint was written yet (nothing to resume from)"
+        return f"the last good checkpoint is {newest}"
 
     def _learning_rates(self) -> dict[str, float]:
         rates = {group.get("name", str(i)): group["lr"] for i, group in enumerate(self.optimizer.param_groups)}
@@ -133,16 +190,22 @@ class Trainer(BaseTrainer):
                           self.settings.inference, self.reporter, epoch=epoch, split_name=split_name,
                           device=self.device, amp=trainer.amp, channels_last=trainer.channels_last,
                           keep_samples=trainer.tensorboard_images if self.reporter.wants_images else 0,
-                          save_predictions=split_name == "test" and self.settings.inference.save_predictions)
+                          save_predictions=split_name == "test" and self.settings.inference.save_predictions,
+                          stop=self.stop)
         self.best_sigma = record.get("best_sigma", self.best_sigma)
         self.model.train()
         self.semantic_encoder.train()
         return record
 
-    def _save_checkpoint(self, path: Path, epoch: int) -> None:
-        save_checkpoint(path, **training_checkpoint(self, epoch))
+    def _save_checkpoint(self, path: Path, epoch: int, progress: dict | None = None) -> None:
+        """Write a checkpoint, never one whose weights are not finite (or overflow float32)."""
+        if not norms_finite([*self.model.parameters(), *self.semantic_encoder.parameters()]):
+            raise TrainingDiverged(f"the weights are not finite after epoch {self.epoch}, step {self.global_step}: "
+                                   f"{path.name} was not written; {self._last_good()}")
+        save_checkpoint(path, **training_checkpoint(self, epoch, progress))
         logger.debug("saved %s", path)
 
-    def resume(self, checkpoint: dict) -> None:
-        """Continue from a full training checkpoint (weights already loaded)."""
-        restore_training(self, checkpoint)
+    def resume(self, checkpoint: dict, path: Path, changes: dict | None = None) -> None:
+        """Continue from a full training checkpoint (weights already loaded) read from ``path``."""
+        restore_training(self, checkpoint, changes)
+        self.resumed_from = Path(path)

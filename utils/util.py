@@ -1,15 +1,18 @@
-"""Small file helpers shared by the whole project."""
+"""Small file helpers shared by the whole project: one-line errors, JSON, atomic writes."""
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
 import sys
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
+
+TMP_SUFFIX = ".tmp"
 
 
 class ConfigError(ValueError):
@@ -20,6 +23,10 @@ def error_exit(err: ConfigError, code: int = 2) -> int:
     """A command line's answer to a user error: one ``error: ...`` line on stderr, status 2."""
     print(f"error: {err}", file=sys.stderr)
     return code
+
+
+class StorageError(ConfigError):
+    """A file could not be written (read-only folder, disk full, permission denied); one line."""
 
 
 def read_json(path: str | Path) -> Any:
@@ -34,20 +41,89 @@ def read_json(path: str | Path) -> Any:
         raise ConfigError(f"{path}: invalid JSON at line {err.lineno} column {err.colno}: {err.msg}") from None
 
 
-def atomic_write(path: Path, write) -> None:
-    """Write through a temporary file in the same folder, then rename over ``path``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+@functools.cache
+def file_mode() -> int:
+    """The permissions new files get under this process's umask (0o666 & ~umask)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
+def storage_error(err: OSError, path: Path, what: str = "write") -> StorageError:
+    """A one-line error for a failed file operation: the file, the OS's reason."""
+    reason = err.strerror or type(err).__name__
+    return StorageError(f"cannot {what} {path}: {reason}")
+
+
+def make_dirs(path: str | Path) -> Path:
+    """``mkdir -p``; an OS refusal (read-only, permission) is a one-line StorageError."""
+    path = Path(path)
     try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise storage_error(err, path, "create folder") from None
+    return path
+
+
+class _WriteRecorder:
+    """A binary file that remembers the first OS error of its ``write`` (torch's zip writer
+    turns it into a RuntimeError about stream positions)."""
+
+    def __init__(self, handle):
+        self.handle = handle
+        self.error: OSError | None = None
+
+    def write(self, data) -> int:
+        try:
+            return self.handle.write(data)
+        except OSError as err:
+            self.error = self.error or err
+            raise
+
+    def __getattr__(self, name: str):
+        return getattr(self.handle, name)
+
+
+def atomic_write(path: Path, write: Callable) -> None:
+    """Write through a temporary file in the same folder (``.<name>.*.tmp``), fsync, then rename
+    over ``path``: a crash or a full disk never leaves a half-written ``path``, and the previous
+    file stays intact. The new file follows the umask. OS errors become one-line StorageErrors
+    (the temporary file is removed)."""
+    path = Path(path)
+    make_dirs(path.parent)
+    tmp, recorder = None, None
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TMP_SUFFIX, dir=path.parent)
         with os.fdopen(fd, "wb") as handle:
-            write(handle)
+            os.fchmod(handle.fileno(), file_mode())
+            recorder = _WriteRecorder(handle)
+            write(recorder)
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
+        tmp = None
+    except OSError as err:
+        raise storage_error(err, path) from None
+    except RuntimeError:
+        if recorder is None or recorder.error is None:
+            raise
+        raise storage_error(recorder.error, path) from None
+    finally:
+        if tmp is not None and os.path.exists(tmp):
             os.unlink(tmp)
-        raise
+
+
+def remove_stale_temporaries(folder: Path) -> list[Path]:
+    """Delete the ``.*.tmp`` files :func:`atomic_write` leaves when its process is killed
+    (call only when no other process writes into ``folder``)."""
+    removed = []
+    for path in Path(folder).glob(f".*{TMP_SUFFIX}"):
+        try:
+            path.unlink()
+            removed.append(path)
+        except OSError:
+            pass
+    return removed
 
 
 def write_json(content: Any, path: str | Path) -> None:

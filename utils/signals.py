@@ -1,0 +1,74 @@
+"""SIGINT and SIGTERM (what Ctrl-C, SLURM and Kubernetes send) end a run cleanly.
+
+Outside a :meth:`StopSignals.deferred` section a signal stops the run at once (start-up, a
+``--test`` evaluation: nothing to save). Inside it, the signal is only recorded: the training
+loop polls :attr:`StopSignals.requested` at its safe points (after a step, between evaluation
+batches, never inside a checkpoint write), saves a resumable checkpoint and stops.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+from typing import Iterator
+
+HANDLED = (signal.SIGINT, signal.SIGTERM)
+
+
+class Interrupted(Exception):
+    """The run was stopped by a signal; the exit status is 128 + the signal number."""
+
+    def __init__(self, signum: int, message: str | None = None):
+        super().__init__(message or f"interrupted by {signal.Signals(signum).name}")
+        self.signum = signum
+
+    @property
+    def exit_code(self) -> int:
+        return 128 + self.signum
+
+
+class StopSignals:
+    """Handlers for SIGINT/SIGTERM, installed for the life of a ``with`` block."""
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self._deferring = 0
+        self._previous: dict[int, object] = {}
+
+    def __enter__(self) -> "StopSignals":
+        for signum in HANDLED:
+            self._previous[signum] = signal.signal(signum, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+        self._previous.clear()
+
+    def _handle(self, signum: int, frame) -> None:
+        first = self.signum is None
+        self.signum = self.signum or signum
+        if self._deferring:
+            if first:
+                os.write(2, f"{signal.Signals(signum).name} received: stopping at the next safe point "
+                            "(a checkpoint to resume from will be written)\n".encode())
+            return
+        raise Interrupted(signum)
+
+    @property
+    def requested(self) -> bool:
+        return self.signum is not None
+
+    @contextlib.contextmanager
+    def deferred(self) -> Iterator[None]:
+        """Signals only set :attr:`requested` inside this block (nested blocks allowed)."""
+        self._deferring += 1
+        try:
+            yield
+        finally:
+            self._deferring -= 1
+
+    def check(self) -> None:
+        """Raise :class:`Interrupted` when a signal arrived (outside the training loop's polling)."""
+        if self.signum is not None:
+            raise Interrupted(self.signum)
