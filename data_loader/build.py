@@ -19,6 +19,7 @@ from data_loader.scan import SampleCheck, check_exists, scan
 from data_loader.synthetic import SyntheticParams, ensure_synthetic
 from data_loader.transforms import train_transform, val_transform
 from utils.embeddings import classes_sidecar, load_class_embeddings
+from utils.logger import progress_enabled
 from utils.util import ConfigError
 
 log = logging.getLogger(__name__)
@@ -102,7 +103,7 @@ def resolve(data_cfg: dict, source: str = "config", progress: bool = True) -> Da
     if kind == "Synthetic":
         if "root" in cfg:
             raise ConfigError(f"data.root: not used by Synthetic, set data.synthetic.cache_dir (file {source})")
-        root = ensure_synthetic(SyntheticParams.from_config(cfg.get("synthetic"), source), progress)
+        root = ensure_synthetic(SyntheticParams.from_config(cfg.get("synthetic"), source), progress and progress_enabled())
         cfg.setdefault("classes", str(root / "classes.txt"))
         cfg["embeddings"] = {"paths": [str(root / "embeddings.npy")], **(cfg.get("embeddings") or {})}
     else:

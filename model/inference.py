@@ -43,7 +43,8 @@ def calibrate(distances: torch.Tensor, unseen_mask: torch.Tensor, sigma: float |
     single = sigmas.dim() == 0
     sigmas = sigmas.reshape(-1)
     if mode == "all":
-        pred = torch.stack([stacked_nearest(distances, unseen_mask, float(s)) for s in sigmas])
+        nearest = GroupNearest(distances, unseen_mask)
+        pred = torch.stack([nearest.stacked(float(s)) for s in sigmas])
         return pred[0] if single else pred
     if distances.shape[1] < 2:
         pred = distances.argmin(1)
@@ -56,20 +57,29 @@ def calibrate(distances: torch.Tensor, unseen_mask: torch.Tensor, sigma: float |
     return pred[0] if single else pred
 
 
+class GroupNearest:
+    """Each pixel's nearest seen class and nearest unseen class with their squared distances:
+    everything calibrated stacking needs, for any number of sigmas (a sweep, the AUSUC grid)."""
+
+    def __init__(self, distances: torch.Tensor, unseen_mask: torch.Tensor):
+        unseen = unseen_mask.to(device=distances.device, dtype=torch.bool)[None, :, None, None]
+        self.seen_min, self.seen_arg = distances.masked_fill(unseen, float("inf")).min(1)
+        self.unseen_min, self.unseen_arg = distances.masked_fill(~unseen, float("inf")).min(1)
+        self.first = torch.minimum(self.seen_arg, self.unseen_arg)   # argmin's choice on a tie
+
+    def stacked(self, sigma: float) -> torch.Tensor:
+        """``argmin`` over classes of the distances with unseen ones times ``sigma`` (ties to the
+        lower class index, as argmin)."""
+        scaled = self.unseen_min * sigma
+        return torch.where(scaled < self.seen_min, self.unseen_arg,
+                           torch.where(scaled > self.seen_min, self.seen_arg, self.first))
+
+
 def stacked_nearest(distances: torch.Tensor, unseen_mask: torch.Tensor, sigma: float) -> torch.Tensor:
     """Calibrated stacking over *all* classes (Chao et al., 2016): unseen squared distances times
     ``sigma``, then the nearest class. Its limits are the sweep's ends (sigma -> 0: every pixel
     to an unseen class; sigma -> inf: to a seen class); used for AUSUC."""
-    unseen_mask = unseen_mask.to(device=distances.device, dtype=torch.bool)
-    scale = torch.where(unseen_mask, sigma, 1.0).to(distances.dtype)
-    return (distances * scale[None, :, None, None]).argmin(1)
-
-
-def restricted_nearest(distances: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
-    """Nearest class among ``allowed`` (bool K) only: the ends of a calibration sweep
-    (every pixel to a seen class, or every pixel to an unseen class)."""
-    allowed = allowed.to(device=distances.device, dtype=torch.bool)
-    return distances.masked_fill(~allowed[None, :, None, None], float("inf")).argmin(1)
+    return GroupNearest(distances, unseen_mask).stacked(sigma)
 
 
 def bilinear_taps(out_size: int, in_size: int, device: torch.device | None = None

@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from model.inference import restricted_nearest, sigma_values, stacked_nearest
+from model.inference import GroupNearest, sigma_values, stacked_nearest
 from model.metric import ausuc
 from trainer.sweep import summarize
 from utils.util import ConfigError
@@ -27,13 +27,32 @@ def test_ausuc_trapezoid_and_envelope():
     assert math.isclose(ausuc([(0, 0.8), (0.1, 0.0), (0.2, 0.9)]), 0.18)
 
 
+def _masked_argmin(distances, allowed):
+    return distances.masked_fill(~allowed[None, :, None, None], float("inf")).argmin(1)
+
+
 def test_stacking_limits_are_the_sweep_ends():
     torch.manual_seed(0)
     distances = torch.rand(2, 5, 4, 6)
     unseen = torch.tensor([False, False, True, False, True])
-    assert torch.equal(stacked_nearest(distances, unseen, 1e-9), restricted_nearest(distances, unseen))
-    assert torch.equal(stacked_nearest(distances, unseen, 1e9), restricted_nearest(distances, ~unseen))
+    nearest = GroupNearest(distances, unseen)
+    assert torch.equal(nearest.unseen_arg, _masked_argmin(distances, unseen))
+    assert torch.equal(nearest.seen_arg, _masked_argmin(distances, ~unseen))
+    assert torch.equal(stacked_nearest(distances, unseen, 1e-9), nearest.unseen_arg)
+    assert torch.equal(stacked_nearest(distances, unseen, 1e9), nearest.seen_arg)
     assert torch.equal(stacked_nearest(distances, unseen, 1.0), distances.argmin(1))
+
+
+def test_stacking_from_group_minima_equals_argmin_of_scaled_distances():
+    """The reference: argmin over all classes of the distances with unseen ones scaled (ties
+    included: quantised distances make many, and argmin takes the lower index)."""
+    torch.manual_seed(1)
+    distances = torch.randint(0, 6, (3, 7, 9, 11)).float()
+    unseen = torch.tensor([False, True, False, False, True, False, True])
+    nearest = GroupNearest(distances, unseen)
+    for sigma in (0.25, 0.5, 1.0, 2.0, 4.0):
+        scale = torch.where(unseen, sigma, 1.0)
+        assert torch.equal(nearest.stacked(sigma), (distances * scale[None, :, None, None]).argmin(1)), sigma
 
 
 def test_summarize_picks_best_harmonic():

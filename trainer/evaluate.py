@@ -9,8 +9,7 @@ import torch
 from tqdm import tqdm
 
 from data_loader.classes import ClassSplit
-from model.inference import (AUSUC_GRID, InferenceSettings, SlidingWindow, calibrate, restricted_nearest,
-                             stacked_nearest)
+from model.inference import AUSUC_GRID, GroupNearest, InferenceSettings, SlidingWindow, calibrate
 from model.metric import Evaluator
 from model.segment import pixel_distances, same_size_groups
 from trainer.reporting import Reporter
@@ -57,8 +56,6 @@ def evaluate(model: torch.nn.Module, semantic_encoder: torch.nn.Module, loader, 
     prototypes = semantic_encoder(embeddings.to(device)).float()
     unseen_mask = torch.zeros(num_classes, dtype=torch.bool, device=device)
     unseen_mask[list(unseen)] = True
-    allowed = torch.ones(num_classes, dtype=torch.bool, device=device)
-    allowed[list(excluded)] = False
     sigma_tensor = torch.tensor(list(sigmas), dtype=torch.float32, device=device)
 
     def evaluator() -> Evaluator:
@@ -85,11 +82,12 @@ def evaluate(model: torch.nn.Module, semantic_encoder: torch.nn.Module, loader, 
                 preds[:, indices, rows.start:rows.stop, :width] = band_preds
                 for ev, pred in zip(evaluators, band_preds):
                     ev.add_batch(band_truth, pred)
-                for name, ev in ends.items():
-                    group_mask = ~unseen_mask if name == "seen_only" else unseen_mask
-                    ev.add_batch(band_truth, restricted_nearest(distances, group_mask & allowed))
-                for ev, sigma in zip(stacking, AUSUC_GRID):
-                    ev.add_batch(band_truth, stacked_nearest(distances, unseen_mask, sigma))
+                if extremes:   # excluded classes are at infinite distance already
+                    nearest = GroupNearest(distances, unseen_mask)
+                    ends["seen_only"].add_batch(band_truth, nearest.seen_arg)
+                    ends["unseen_only"].add_batch(band_truth, nearest.unseen_arg)
+                    for ev, sigma in zip(stacking, AUSUC_GRID):
+                        ev.add_batch(band_truth, nearest.stacked(sigma))
             if on_prediction is not None:
                 for index in indices:
                     on_prediction(batch["name"][index], preds[0, index, :height, :width].cpu())

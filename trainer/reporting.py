@@ -11,7 +11,7 @@ import torch
 
 from data_loader.transforms import denormalize
 from trainer.sweep import format_sweep_table, sweep_figure, write_sweep
-from utils.util import json_safe
+from utils.util import atomic_write, json_safe
 from utils.visualization import colorize, save_mask
 
 logger = logging.getLogger("joem")
@@ -102,6 +102,22 @@ class Reporter:
                 panel = torch.cat([denormalize(sample["image"]), colorize(sample["label"]),
                                    colorize(sample["pred"][0])], dim=2)
                 self.writer.add_image(f"{split_name}/image_truth_prediction_{index}", panel, epoch)
+
+    def keep_records_until(self, epoch: int) -> None:
+        """A run continued in its folder from the end of ``epoch``: evaluations it will redo are
+        moved out of ``metrics.jsonl`` (the whole earlier file is kept as ``metrics.previous-N.jsonl``)."""
+        if not self.is_main or not self.metrics_path.is_file():
+            return
+        lines = self.metrics_path.read_text().splitlines()
+        kept = [line for line in lines if line.strip() and json.loads(line).get("epoch", 0) <= epoch]
+        if len(kept) == len([line for line in lines if line.strip()]):
+            return
+        number = 1 + sum(1 for _ in self.run_dir.glob("metrics.previous-*.jsonl"))
+        self.metrics_path.rename(self.run_dir / f"metrics.previous-{number}.jsonl")
+        text = "".join(line + "\n" for line in kept).encode()
+        atomic_write(self.metrics_path, lambda handle: handle.write(text))
+        logger.info("metrics.jsonl: %d evaluation(s) after epoch %d will be redone (the earlier file is "
+                    "metrics.previous-%d.jsonl)", len(lines) - len(kept), epoch, number)
 
     def prediction_writer(self, split_name: str) -> Callable[[str, torch.Tensor], None]:
         """A function saving each image's predicted labels as ``predictions_<split>/<name>.png``

@@ -118,6 +118,8 @@ def run(config: ConfigParser, ctx: DistContext, checkpoint: dict | None = None, 
                 logger.info("loaded %s (epoch %s)", config.resume, checkpoint.get("epoch"))
         reporter = Reporter(config.run_dir, split.unseen_names, ctx.is_main, settings.trainer.tensorboard,
                             settings.trainer.log_step)
+        if in_place:
+            reporter.keep_records_until(int(checkpoint["epoch"]) if checkpoint is not None else 0)
         if test_only:
             started = True
             record = validate(model, semantic_encoder, val_loader, split, bundle.embeddings, settings.inference,

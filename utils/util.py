@@ -1,7 +1,6 @@
 """Small file helpers shared by the whole project: one-line errors, JSON, atomic writes."""
 from __future__ import annotations
 
-import functools
 import json
 import math
 import os
@@ -41,12 +40,22 @@ def read_json(path: str | Path) -> Any:
         raise ConfigError(f"{path}: invalid JSON at line {err.lineno} column {err.colno}: {err.msg}") from None
 
 
-@functools.cache
-def file_mode() -> int:
-    """The permissions new files get under this process's umask (0o666 & ~umask)."""
-    umask = os.umask(0)
+def current_umask() -> int:
+    """This process's umask, read without changing it (Linux: /proc/self/status)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    umask = os.umask(0o022)   # elsewhere: read it by setting it, then put it back
     os.umask(umask)
-    return 0o666 & ~umask
+    return umask
+
+
+def file_mode() -> int:
+    """The permissions new files get under the current umask (0o666 & ~umask)."""
+    return 0o666 & ~current_umask()
 
 
 def storage_error(err: OSError, path: Path, what: str = "write") -> StorageError:

@@ -1,0 +1,140 @@
+"""Run the training command line with faults injected (for tests/test_reliability.py).
+
+    python tests/fault_driver.py <trainer.cli arguments>
+
+``JOEM_FAULTS`` (JSON) says what to inject; ``JOEM_FAULT_MARKERS`` is a folder where the driver
+writes a marker file when it reaches a pause, so the test knows when to send its signal:
+
+- ``{"pause_after_step": N}``: after the N-th training step (``paused`` marker), sleep 3 s.
+- ``{"pause_in_save": K}``: inside the K-th checkpoint write, after its first megabyte.
+- ``{"pause_in_validation": K}``: at the first batch of the K-th validation.
+- ``{"pause_after_validation": K}``: when the K-th validation has been reported.
+- ``{"file_size_limit_after_saves": [N, BYTES]}``: after N checkpoints, ``RLIMIT_FSIZE`` = BYTES
+  (a real kernel limit: writes beyond it fail with EFBIG, as on a full disk).
+- ``{"deny_writes": [N, "EROFS" | "EACCES", FOLDER]}``: after N checkpoints, every file or
+  folder creation under FOLDER fails with that error (a read-only or forbidden folder).
+"""
+from __future__ import annotations
+
+import builtins
+import errno
+import json
+import os
+import resource
+import signal
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+FAULTS = json.loads(os.environ.get("JOEM_FAULTS", "{}"))
+MARKERS = Path(os.environ.get("JOEM_FAULT_MARKERS", "."))
+PAUSE_S = 3.0
+state = {"steps": 0, "saves": 0, "validations": 0, "pause_write": False}
+
+
+def pause(name: str) -> None:
+    (MARKERS / name).write_text(str(os.getpid()))
+    time.sleep(PAUSE_S)
+
+
+def deny(code: str, folder: str) -> None:
+    """From now on, creating files or folders under ``folder`` fails with ``code``."""
+    number, root = getattr(errno, code), os.path.realpath(folder)
+
+    def blocked(path) -> bool:
+        return os.path.realpath(os.fsdecode(path)).startswith(root)
+
+    def refuse(path):
+        raise OSError(number, os.strerror(number), os.fsdecode(path))
+    real_open, real_mkdir, real_builtin_open = os.open, os.mkdir, builtins.open
+
+    def os_open(path, flags, *args, **kwargs):
+        if flags & (os.O_WRONLY | os.O_RDWR | os.O_CREAT) and blocked(path):
+            refuse(path)
+        return real_open(path, flags, *args, **kwargs)
+
+    def mkdir(path, *args, **kwargs):
+        if blocked(path):
+            refuse(path)
+        return real_mkdir(path, *args, **kwargs)
+
+    def builtin_open(file, mode="r", *args, **kwargs):
+        if isinstance(file, (str, bytes, os.PathLike)) and any(c in mode for c in "wax+") and blocked(file):
+            refuse(file)
+        return real_builtin_open(file, mode, *args, **kwargs)
+    os.open, os.mkdir, builtins.open = os_open, mkdir, builtin_open
+
+
+def install() -> None:
+    import trainer.evaluate
+    import trainer.trainer
+    import utils.checkpoint
+    import utils.util
+
+    real_step = trainer.trainer.train_step
+
+    def step(*args, **kwargs):
+        result = real_step(*args, **kwargs)
+        state["steps"] += 1
+        if state["steps"] == FAULTS.get("pause_after_step"):
+            pause("paused")
+        return result
+    trainer.trainer.train_step = step
+
+    real_save = utils.checkpoint.atomic_torch_save
+
+    def save(obj, path):
+        state["saves"] += 1
+        state["pause_write"] = state["saves"] == FAULTS.get("pause_in_save")
+        real_save(obj, path)
+        done = state["saves"]
+        limit = FAULTS.get("file_size_limit_after_saves")
+        if limit and done == limit[0]:
+            signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+            resource.setrlimit(resource.RLIMIT_FSIZE, (limit[1], limit[1]))
+        denied = FAULTS.get("deny_writes")
+        if denied and done == denied[0]:
+            deny(denied[1], denied[2])
+    utils.checkpoint.atomic_torch_save = save
+
+    real_write = utils.util._WriteRecorder.write
+
+    def write(self, data):
+        written = real_write(self, data)
+        self.total = getattr(self, "total", 0) + len(data)
+        if state["pause_write"] and self.total > 1 << 20:
+            state["pause_write"] = False
+            pause("paused")
+        return written
+    utils.util._WriteRecorder.write = write
+
+    real_validate = trainer.trainer.validate
+    real_distances = trainer.evaluate.pixel_distances
+
+    def validate(*args, **kwargs):
+        state["validations"] += 1
+        state["pause_eval"] = state["validations"] == FAULTS.get("pause_in_validation")
+        record = real_validate(*args, **kwargs)
+        if state["validations"] == FAULTS.get("pause_after_validation"):
+            pause("paused")
+        return record
+
+    def distances(*args, **kwargs):
+        if state.pop("pause_eval", False):
+            pause("paused")
+        return real_distances(*args, **kwargs)
+    trainer.trainer.validate = validate
+    trainer.evaluate.pixel_distances = distances
+
+    denied = FAULTS.get("deny_writes")
+    if denied and denied[0] == 0:
+        deny(denied[1], denied[2])
+
+
+if __name__ == "__main__":
+    install()
+    from trainer.cli import main
+    sys.exit(main(argv=sys.argv[1:]))

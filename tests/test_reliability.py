@@ -1,0 +1,296 @@
+"""Fault injection on real training subprocesses (tiny config, CPU): signals at any moment,
+exact resume, requeue, one run per folder, divergence, storage faults, settings checked at start.
+
+Faults are caused for real: signals are sent to the training process when it reports (through
+tests/fault_driver.py) that it is inside a step, a validation or a checkpoint write; a full
+disk is the kernel's file-size limit (RLIMIT_FSIZE); a read-only or forbidden folder is
+simulated by failing every file creation under it with EROFS/EACCES (chmod does not stop root).
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.tiny import read_metrics, write_tiny_config
+from trainer.cli import main as cli_main
+from trainer.step import norms_finite
+from utils.parse_config import new_run_id
+from utils.util import atomic_write
+
+ROOT = Path(__file__).resolve().parents[1]
+DRIVER = ROOT / "tests" / "fault_driver.py"
+FAST = {"data__synthetic__num_train": 24, "data__synthetic__num_val": 3, "data_loader__val_batch_size": 1, "trainer__epochs": 2,
+        "trainer__save_period": 2, "trainer__test_after_train": False,
+        "optimizer": {"type": "SGD", "args": {"lr": 0.01, "momentum": 0.9}, "head_lr_mult": 1}}
+
+
+class Run:
+    """A training subprocess under the fault driver."""
+
+    def __init__(self, tmp: Path, argv: list, faults: dict | None = None, umask: int | None = None):
+        self.markers = tmp / f"markers-{time.monotonic_ns()}"
+        self.markers.mkdir()
+        env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1",
+               "JOEM_FAULTS": json.dumps(faults or {}), "JOEM_FAULT_MARKERS": str(self.markers)}
+        self.proc = subprocess.Popen([sys.executable, str(DRIVER), *map(str, argv), "-d", "cpu"], cwd=tmp, env=env,
+                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                     preexec_fn=None if umask is None else (lambda: os.umask(umask)))
+
+    def wait_for(self, marker: str = "paused", timeout: float = 120) -> None:
+        deadline = time.monotonic() + timeout
+        while not (self.markers / marker).exists():
+            assert self.proc.poll() is None, f"exited early ({self.proc.returncode}): {self.proc.communicate()}"
+            assert time.monotonic() < deadline, "the driver never reached its pause"
+            time.sleep(0.05)
+
+    def signal(self, signum: int) -> None:
+        self.wait_for()
+        self.proc.send_signal(signum)
+
+    def finish(self, timeout: float = 300) -> tuple[int, str, str]:
+        out, err = self.proc.communicate(timeout=timeout)
+        return self.proc.returncode, out, err
+
+
+def run_to_end(tmp: Path, *argv, **kwargs) -> tuple[int, str, str]:
+    return Run(tmp, list(argv), **kwargs).finish()
+
+
+def last_line(text: str) -> str:
+    lines = [line for line in text.strip().splitlines() if line.strip()]
+    return lines[-1] if lines else ""
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    """The tiny config and an uninterrupted run of it (the reference)."""
+    tmp = tmp_path_factory.mktemp("reliability")
+    config = write_tiny_config(tmp, tmp / "cache", **FAST)
+    code, out, err = run_to_end(tmp, "-c", config, "--run_id", "straight")
+    assert code == 0, err
+    return tmp, config, tmp / "saved" / "tiny"
+
+
+def assert_same_training(a: Path, b: Path) -> None:
+    """Weights, optimizer states, schedule and metrics of two runs' epoch-2 checkpoints are equal."""
+    first = torch.load(a / "checkpoint-epoch2.pth", weights_only=True)
+    second = torch.load(b / "checkpoint-epoch2.pth", weights_only=True)
+    for part in ("visual_encoder", "semantic_encoder"):
+        assert first[part].keys() == second[part].keys()
+        for key in first[part]:
+            assert torch.equal(first[part][key], second[part][key]), (part, key)
+    for part in ("optimizer", "optimizer_gen"):
+        assert first[part]["param_groups"] == second[part]["param_groups"]
+        for index, state in first[part]["state"].items():
+            for key, value in state.items():
+                assert torch.equal(value, second[part]["state"][index][key]), (part, index, key)
+    assert first["lr_scheduler"] == second["lr_scheduler"] and first["global_step"] == second["global_step"]
+    assert read_metrics(a) == read_metrics(b)
+    losses = [dict(re.findall(r"epoch (\d)/2  (loss [0-9.]+ \(ce [0-9.]+)", (run / "train.log").read_text()))
+              for run in (a, b)]   # the last line of each epoch (an attempt killed before a checkpoint may log more)
+    assert losses[0] == losses[1] and len(losses[0]) == 2
+
+
+def interrupt_and_resume(setup, name: str, faults: dict, signum: int, where: str) -> Path:
+    tmp, config, runs = setup
+    run = Run(tmp, ["-c", config, "--run_id", name], faults)
+    run.signal(signum)
+    code, out, err = run.finish()
+    folder = runs / name
+    assert code == 128 + signum, err
+    assert "Traceback" not in out + err
+    message = last_line(out)
+    assert f"stopped at {where}: saved {folder / 'checkpoint-interrupted.pth'}; resume with -r {folder}" in message
+    saved = torch.load(folder / "checkpoint-interrupted.pth", weights_only=True)
+    assert norms_finite(list(saved["visual_encoder"].values()))
+    assert json.loads((folder / "run.json").read_text())["status"] == "interrupted"
+    assert not list(folder.glob(".*.tmp")) and not (folder / "run.lock").exists()
+    code, out, err = run_to_end(tmp, "-r", folder)
+    assert code == 0, err
+    assert_same_training(runs / "straight", folder)
+    return folder
+
+
+def test_sigterm_mid_epoch_resumes_exactly(setup):
+    folder = interrupt_and_resume(setup, "term", {"pause_after_step": 2}, signal.SIGTERM, "epoch 1, step 2/4")
+    log = (folder / "train.log").read_text()
+    assert "resumed at epoch 1, step 2/4" in log and "SIGTERM" not in log.split("resumed at")[1]
+
+
+def test_sigint_during_validation_resumes_exactly(setup):
+    interrupt_and_resume(setup, "val", {"pause_in_validation": 1}, signal.SIGINT,
+                         "epoch 1's validation (it reruns on resume)")
+
+
+def test_sigint_between_epochs_resumes_exactly(setup):
+    interrupt_and_resume(setup, "between", {"pause_after_validation": 1}, signal.SIGINT, "the end of epoch 1")
+
+
+def test_signal_during_a_checkpoint_write_lets_it_complete(setup):
+    tmp, config, runs = setup
+    run = Run(tmp, ["-c", config, "--run_id", "write"], {"pause_in_save": 1})   # the first: model_best.pth
+    run.signal(signal.SIGINT)
+    code, out, err = run.finish()
+    assert code == 130 and "Traceback" not in out + err
+    best = torch.load(runs / "write" / "model_best.pth", weights_only=True)        # the write completed
+    assert best["epoch"] == 1 and "stopped at the end of epoch 1" in last_line(out)
+    assert torch.equal(best["visual_encoder"]["decoder.pred_conv.weight"], torch.load(
+        runs / "write" / "checkpoint-interrupted.pth", weights_only=True)["visual_encoder"]["decoder.pred_conv.weight"])
+    code, out, err = run_to_end(tmp, "-r", runs / "write")
+    assert code == 0, err
+    assert_same_training(runs / "straight", runs / "write")
+
+
+def test_requeue_reruns_its_own_command_and_cleans_a_killed_write(setup):
+    tmp, config, runs = setup
+    command = ["-c", config, "--run_id", "requeue", "-r", "auto"]
+    run = Run(tmp, command, {"pause_in_save": 1})   # killed -9 inside its first checkpoint write
+    run.wait_for()
+    run.proc.kill()
+    run.finish()
+    folder = runs / "requeue"
+    assert list(folder.glob(".model_best.pth.*.tmp"))              # what a killed writer leaves
+    run = Run(tmp, command, {"pause_after_step": 3}, umask=0o027)  # requeued: starts over (no checkpoint)
+    run.signal(signal.SIGTERM)
+    code, out, err = run.finish()
+    assert code == 143 and not list(folder.glob(".*.tmp"))
+    for name in ("run.json", "checkpoint-interrupted.pth"):
+        assert (folder / name).stat().st_mode & 0o777 == 0o640, name   # files follow the umask
+    code, out, err = run_to_end(tmp, *command)                     # requeued again: continues in place
+    assert code == 0, err
+    assert_same_training(runs / "straight", folder)
+    code, out, err = run_to_end(tmp, *command)
+    assert code == 0 and "already finished" in out
+
+
+def test_one_live_run_per_folder(setup):
+    tmp, config, runs = setup
+    first = Run(tmp, ["-c", config, "--run_id", "twice"], {"pause_after_step": 1})
+    first.wait_for()
+    code, out, err = run_to_end(tmp, "-c", config, "--run_id", "twice")
+    assert code == 2 and err.count("\n") == 1
+    assert f"run folder in use by pid {first.proc.pid} on host" in err
+    assert first.finish()[0] == 0
+    code, out, err = run_to_end(tmp, "-c", config, "--run_id", "twice")
+    assert code == 2 and "run folder exists (earlier run, status finished)" in err
+    assert json.loads((runs / "twice" / "config.json").read_text())["seed"] == 0
+    ids = {new_run_id() for _ in range(2000)}
+    assert len(ids) == 2000 and all(re.fullmatch(r"\d{8}_\d{6}_\d{6}_[0-9a-f]{4}", i) for i in ids)
+
+
+def test_divergence_never_saves_non_finite_weights(setup):
+    tmp, config, runs = setup
+    code, out, err = run_to_end(tmp, "-c", config, "--run_id", "diverge", "--lr", "1e30", "--bs", "16",
+                                "--epochs", "4", "-o", "trainer.save_period=1")
+    folder = runs / "diverge"
+    assert code == 3, err
+    message = last_line(out)
+    assert message.startswith("error: ") and "not finite" in message
+    saved = sorted(folder.glob("*.pth"))
+    for path in saved:
+        checkpoint = torch.load(path, weights_only=True)
+        assert norms_finite([*checkpoint["visual_encoder"].values(), *checkpoint["semantic_encoder"].values()]), path
+    if saved:
+        named = re.search(r"the last good checkpoint is (\S+)", message).group(1)
+        assert Path(named).is_file() and Path(named).parent == folder
+    else:
+        assert "no checkpoint was written yet" in message
+    assert json.loads((folder / "run.json").read_text())["status"] == "diverged"
+
+
+@pytest.mark.parametrize("fault,reason", [
+    ({"file_size_limit_after_saves": [1, 1 << 20]}, "File too large"),           # the disk fills up
+    ({"deny_writes": [1, "EACCES", "RUN"]}, "Permission denied"),                 # the folder turns forbidden
+])
+def test_storage_faults_at_a_checkpoint_keep_earlier_ones(setup, fault, reason):
+    tmp, config, runs = setup
+    name = "full" if "file_size_limit_after_saves" in fault else "denied"
+    folder = runs / name
+    if "deny_writes" in fault:
+        fault = {"deny_writes": [1, "EACCES", str(folder)]}
+    code, out, err = run_to_end(tmp, "-c", config, "--run_id", name, "-o", "trainer.save_period=1", faults=fault)
+    assert code == 2, err
+    assert err.count("\n") == 1 and err.startswith(f"error: cannot write {folder / 'checkpoint-epoch1.pth'}: ")
+    assert reason in err and "Traceback" not in out + err and not list(folder.glob(".*.tmp"))
+    assert torch.load(folder / "model_best.pth", weights_only=True)["epoch"] == 1   # the earlier one is intact
+    assert json.loads((folder / "run.json").read_text())["status"] in ("running", "failed")
+
+
+def test_read_only_save_dir_leaves_nothing(setup):
+    tmp, config, runs = setup
+    readonly = tmp / "readonly"
+    readonly.mkdir()
+    code, out, err = run_to_end(tmp, "-c", config, "--save_dir", readonly,
+                                faults={"deny_writes": [0, "EROFS", str(readonly)]})
+    assert code == 2 and err.count("\n") == 1 and "Read-only file system" in err
+    assert not any(readonly.iterdir())
+
+
+@pytest.mark.parametrize("override,key", [
+    (["--bs", "0"], "data_loader.batch_size: must be >= 1, got 0"),
+    (["-o", "data_loader.batch_size=-2"], "data_loader.batch_size: must be >= 1, got -2"),
+    (["-o", "data_loader.val_batch_size=0"], "data_loader.val_batch_size: must be >= 1"),
+    (["-o", "data_loader.num_workers=-1"], "data_loader.num_workers: must be >= 0"),
+    (["-o", "trainer.save_period=0"], "trainer.save_period: must be >= 1"),
+    (["--epochs", "0"], "trainer.epochs: must be >= 1, got 0"),
+    (["-o", "trainer.epochs=\"ten\""], "trainer.epochs: invalid value 'ten'"),
+])
+def test_settings_are_checked_before_any_work(tmp_path, capsys, override, key):
+    config = write_tiny_config(tmp_path, tmp_path / "cache")
+    assert cli_main(argv=["-c", str(config), "-d", "cpu", *override]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and key in err
+    assert not (tmp_path / "saved").exists() and not (tmp_path / "cache").exists()   # no data made, no folder
+
+
+def test_bad_validation_files_are_found_at_start(tmp_path, capsys):
+    from PIL import Image
+    from tests.test_data_helpers import standard_voc, voc_cfg, write_label
+    root, emb = standard_voc(tmp_path)
+    write_label(root / "SegmentationClass" / "v0.png", torch.full((20, 32), 50, dtype=torch.uint8).numpy())
+    jpeg = (root / "JPEGImages" / "v1.jpg").read_bytes()
+    (root / "JPEGImages" / "v1.jpg").write_bytes(jpeg[: len(jpeg) // 2])     # truncated
+    Image.new("L", (7, 7)).save(root / "SegmentationClass" / "v2.png")       # size mismatch
+    config = json.loads(write_tiny_config(tmp_path, tmp_path / "cache").read_text())
+    config["data"] = voc_cfg(root, emb)
+    path = tmp_path / "voc.json"
+    path.write_text(json.dumps(config))
+    assert cli_main(argv=["-c", str(path), "-d", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "v0.png" in err and "(and 2 more; list them with python -m data_loader.verify)" in err
+    assert not (tmp_path / "saved").exists()
+
+
+def test_overrides_when_resuming_are_applied_or_refused(setup, capsys):
+    tmp, config, runs = setup
+    checkpoint = runs / "straight" / "checkpoint-epoch2.pth"
+    assert cli_main(argv=["-r", str(checkpoint), "--epochs", "3", "--lr", "0.5", "--run_id", "more", "-d", "cpu",
+                          "--save_dir", str(tmp / "saved")]) == 0
+    log = (runs / "more" / "train.log").read_text()
+    assert "resuming with a changed setting: optimizer.args.lr 0.01 -> 0.5 (applied)" in log
+    assert "epoch 3/3" in log and f"lr backbone={0.5 * (1 - 2 / 3) ** 0.9:.3g}" in log
+    assert cli_main(argv=["-r", str(checkpoint), "-o", "optimizer.type=Adam", "-d", "cpu",
+                          "--save_dir", str(tmp / "saved")]) == 2
+    err = capsys.readouterr().err
+    assert "optimizer.type: cannot change from 'SGD' to 'Adam' when resuming" in err and err.count("\n") == 1
+
+
+def test_atomic_writes_follow_the_umask_and_keep_the_old_file(tmp_path):
+    old = os.umask(0o002)
+    try:
+        atomic_write(tmp_path / "a.txt", lambda handle: handle.write(b"one"))
+        assert (tmp_path / "a.txt").stat().st_mode & 0o777 == 0o664
+    finally:
+        os.umask(old)
+    with pytest.raises(ZeroDivisionError):
+        atomic_write(tmp_path / "a.txt", lambda handle: (handle.write(b"two"), 1 / 0))
+    assert (tmp_path / "a.txt").read_bytes() == b"one" and [p.name for p in tmp_path.iterdir()] == ["a.txt"]
