@@ -75,8 +75,9 @@ def build_arg_parser(default_config: str | None) -> argparse.ArgumentParser:
                         help="with --test (or the final test): write each image's predicted mask as a palette PNG "
                              "into predictions_test/")
     parser.add_argument("--seeds", default=None,
-                        help="several runs, one per seed (e.g. 1,2,3; with -d 0,1,2 one seed per GPU), then their "
-                             "mean ± std in aggregate.md/.json (see docs/experiments.md; python -m trainer.multiseed)")
+                        help="several runs, one per seed (e.g. 1,2,3; with -d 0,1,2 one seed per GPU) into one group "
+                             "folder (--group NAME), then their mean ± std in aggregate.md/.json (see "
+                             "docs/experiments.md; python -m trainer.multiseed)")
     group = parser.add_argument_group("config overrides")
     group.add_argument("-o", "--override", action="append", default=[], metavar="KEY=VALUE",
                        help="set any nested config key, e.g. -o data.root=/data/VOC2012 -o trainer.epochs=5 "
@@ -173,10 +174,11 @@ def test_run_id(run_id: str) -> str:
 def main(default_config: str | None = None, argv: list[str] | None = None) -> int:
     """Parse the command line; train or test, launching one process per GPU when asked."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    args = build_arg_parser(default_config).parse_args(argv)
-    if args.seeds is not None:
+    parser = build_arg_parser(default_config)
+    if parser.parse_known_args(argv)[0].seeds is not None:   # its own options (--group ...) included
         from trainer.multiseed import main as multiseed_main
         return multiseed_main(argv, default_config)
+    args = parser.parse_args(argv)
     try:
         from utils.distributed import launched_by_torchrun, parse_devices
         devices = parse_devices(args.device)
