@@ -294,3 +294,18 @@ def test_atomic_writes_follow_the_umask_and_keep_the_old_file(tmp_path):
     with pytest.raises(ZeroDivisionError):
         atomic_write(tmp_path / "a.txt", lambda handle: (handle.write(b"two"), 1 / 0))
     assert (tmp_path / "a.txt").read_bytes() == b"one" and [p.name for p in tmp_path.iterdir()] == ["a.txt"]
+
+
+def test_run_lock_is_exclusive_and_a_stale_one_is_taken_over(tmp_path):
+    from utils.run_dir import RunFolderBusy, RunLock
+    first = RunLock(tmp_path / "run")
+    first.acquire()
+    with pytest.raises(RunFolderBusy, match=f"in use by pid {os.getpid()} on host"):
+        RunLock(tmp_path / "run").acquire()
+    first.release()
+    assert not (tmp_path / "run" / "run.lock").exists()
+    (tmp_path / "run" / "run.lock").write_text("pid 1 on host gone since 2020-01-01 00:00:00\n")  # left by a killed run
+    second = RunLock(tmp_path / "run")
+    second.acquire()
+    assert f"pid {os.getpid()}" in (tmp_path / "run" / "run.lock").read_text()
+    second.release()

@@ -55,25 +55,35 @@ class RunLock:
     def acquire(self) -> None:
         """Take the lock or raise :class:`RunFolderBusy` naming the process that holds it."""
         make_dirs(self.folder)
-        try:
-            handle = open(self.path, "a+")
-        except OSError as err:
-            raise storage_error(err, self.path, "create") from None
-        try:
-            fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as err:
-            handle.seek(0)
-            holder = handle.read().strip() or "another process"
-            handle.close()
-            if err.errno in (errno.EAGAIN, errno.EACCES):
-                raise RunFolderBusy(f"{self.folder}: run folder in use by {holder}; wait for it to end, or choose "
-                                    "another --run_id") from None
-            raise storage_error(err, self.path, "lock") from None
+        while True:
+            try:
+                handle = open(self.path, "a+")
+            except OSError as err:
+                raise storage_error(err, self.path, "create") from None
+            try:
+                fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError as err:
+                handle.seek(0)
+                holder = handle.read().strip() or "another process"
+                handle.close()
+                if err.errno in (errno.EAGAIN, errno.EACCES):
+                    raise RunFolderBusy(f"{self.folder}: run folder in use by {holder}; wait for it to end, or "
+                                        "choose another --run_id") from None
+                raise storage_error(err, self.path, "lock") from None
+            if self._still_the_lock_file(handle):
+                break
+            handle.close()   # its holder released it (and removed the file) meanwhile: try again
         handle.seek(0)
         handle.truncate()
         handle.write(f"pid {os.getpid()} on host {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
         handle.flush()
         self.handle = handle
+
+    def _still_the_lock_file(self, handle) -> bool:
+        try:
+            return os.stat(self.path).st_ino == os.fstat(handle.fileno()).st_ino
+        except OSError:
+            return False
 
     def release(self) -> None:
         if self.handle is None:

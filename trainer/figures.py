@@ -1,0 +1,90 @@
+"""A figure of predictions on validation images: photo, ground truth, prediction, one row each.
+
+    python -m trainer.figures -r CHECKPOINT [-c CONFIG] [--count 4] --out docs/images/predictions.png
+
+Images come from the config's validation split (the checkpoint's config by default), those
+with unseen-class pixels first; predictions come from :class:`model.segmenter.Segmenter` (the
+path ``--test`` and ``predict.py`` use) at the checkpoint's sigma and calibration. The legend
+marks unseen classes with ``*``; white is ignored/void.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+from data_loader import prepare_data
+from data_loader.transforms import denormalize
+from model.segmenter import Segmenter
+from utils.parse_config import load_config
+from utils.util import ConfigError, error_exit
+from utils.visualization import colorize, palette
+
+
+def pick_samples(val_set, unseen: set[int], count: int) -> list[int]:
+    """The first ``count`` samples with the most unseen-class pixels (in dataset order on ties)."""
+    scores = []
+    for index in range(len(val_set)):
+        label = val_set[index]["label"]
+        scores.append((-int(sum((label == c).sum() for c in unseen)) if unseen else 0, index))
+    return [index for _, index in sorted(scores)[:count]]
+
+
+def draw(rows: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]], names: list[str], unseen: list[int],
+         title: str, out: Path) -> None:
+    """Save a grid: one row per image (photo, ground truth, prediction) and a class legend."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.patches import Patch
+    height, width = rows[0][0].shape[-2:]
+    figure, axes = plt.subplots(len(rows), 3, figsize=(9, 3 * len(rows) * height / width + 0.9), squeeze=False)
+    for row, (image, truth, pred) in zip(axes, rows):
+        for axis, panel, label in zip(row, (image, colorize(truth), colorize(pred)),
+                                      ("photo", "ground truth", "prediction")):
+            axis.imshow(panel.permute(1, 2, 0).numpy())
+            axis.set_title(label, fontsize=9)
+            axis.axis("off")
+    colours = palette().float() / 255
+    handles = [Patch(color=colours[i].tolist(), label=f"{name}{' *' if i in unseen else ''}")
+               for i, name in enumerate(names)]
+    handles.append(Patch(facecolor="white", edgecolor="0.6", label="ignored / void"))
+    figure.legend(handles=handles, loc="lower center", ncol=min(6, len(handles)), fontsize=8, frameon=False)
+    figure.suptitle(title, fontsize=10)
+    figure.tight_layout(rect=(0, 0.06, 1, 0.97))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(out, dpi=110)
+    plt.close(figure)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("-r", "--checkpoint", required=True, help="checkpoint (model_best.pth, checkpoint-epochN.pth)")
+    parser.add_argument("-c", "--config", help="config whose val split to show (default: the checkpoint's)")
+    parser.add_argument("--count", type=int, default=4, help="images (rows), default 4")
+    parser.add_argument("--title", default="", help="figure title")
+    parser.add_argument("--out", required=True, help="PNG to write")
+    args = parser.parse_args(argv)
+    try:
+        segmenter = Segmenter.from_checkpoint(args.checkpoint, config=args.config)
+        config = load_config(args.config) if args.config else segmenter.trained.config
+        val_set = prepare_data(config["data"], train=False, val=True, source=args.config or args.checkpoint).val_set
+        unseen = list(segmenter.trained.split.unseen)
+        rows = []
+        for index in pick_samples(val_set, set(unseen), max(1, args.count)):
+            item = val_set[index]
+            sample = val_set.samples[index]
+            rows.append((denormalize(item["image"]), item["label"], segmenter(sample.image)))
+        title = args.title or f"{Path(args.checkpoint).parent.name}: sigma {segmenter.sigma:g}, " \
+                              f"{segmenter.calibration} calibration (* = unseen)"
+        draw(rows, segmenter.names, unseen, title, Path(args.out))
+    except ConfigError as err:
+        return error_exit(err)
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
