@@ -19,6 +19,16 @@ def table(out):
     return [line.split() for line in lines[start + 1:start + 3]]
 
 
+def test_verify_resolves_a_base_config(tmp_path, capsys):
+    root, emb = standard_voc(tmp_path)
+    write_config(tmp_path, voc_cfg(root, emb))
+    child = tmp_path / "splits" / "zs3_unseen1.json"
+    child.parent.mkdir()
+    child.write_text(json.dumps({"_base_": "../config.json", "data": {"unseen_classes": ["sheep"]}}))
+    assert main(["-c", str(child), "--quiet"]) == 0
+    assert "unseen: sheep" in capsys.readouterr().out
+
+
 def test_verify_counts(tmp_path, capsys):
     root, emb = standard_voc(tmp_path)
     config = write_config(tmp_path, voc_cfg(root, emb, expected_counts={"train": 5, "val": 3}))

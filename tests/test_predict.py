@@ -1,6 +1,7 @@
 """predict.py, the Segmenter and model/segment.py: tiling, banding, class resolution, outputs, errors."""
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import numpy as np
@@ -249,6 +250,14 @@ def test_segmenter_accepts_paths_pil_arrays_and_tensors(trained, images):
     assert torch.equal(calibrate(result.distances[None], trained.split.unseen_mask(), 0.5)[0], expected)
     with pytest.raises(predict.ConfigError, match="H x W x 3 uint8"):
         segmenter(np.zeros((4, 4), np.float32))
+
+
+def test_a_sweep_in_the_checkpoint_uses_its_best_sigma(trained):
+    swept = dataclasses.replace(trained, config={**trained.config, "inference": {"sigma": [0.3, 0.5, 0.7]}})
+    with pytest.raises(predict.ConfigError, match=r"inference.sigma is a sweep \[0.3, 0.5, 0.7\].*give sigma"):
+        Segmenter(swept)
+    assert Segmenter(dataclasses.replace(swept, best_sigma=0.7)).sigma == 0.7
+    assert Segmenter(swept, sigma=0.25).sigma == 0.25
 
 
 def test_bf16_segment_runs(trained, images):
