@@ -209,15 +209,18 @@ class DataBundle:
     val_set: Dataset | None
 
 
-def _row_names(path: Path, spec: Any, source: str) -> tuple[tuple[str, ...] | None, str]:
-    """The names of an embedding file's rows and where they come from, or (None, "")."""
+def embedding_row_names(path: Path, spec: Any, source: str | None = "config",
+                        key: str = "data.embeddings.names") -> tuple[tuple[str, ...] | None, str]:
+    """The names of an embedding file's rows and where they come from: ``spec`` (a built-in
+    list, a file, a list or a comma string), else the file's ``.classes.txt`` sidecar, else
+    (None, "")."""
     if spec is not None:
         where = f"the built-in list {spec!r}" if isinstance(spec, str) and spec.lower() in BUILTIN_CLASS_LISTS \
-            else str(spec) if isinstance(spec, str) else "data.embeddings.names"
-        return load_class_names(spec, "data.embeddings.names", source), where
+            else str(spec) if isinstance(spec, str) else key
+        return load_class_names(spec, key, source), where
     sidecar = classes_sidecar(path)
     if sidecar.is_file():
-        return load_class_names(sidecar, f"data.embeddings: row names of {path}", source), str(sidecar)
+        return load_class_names(sidecar, f"{key}: row names of {path}", source), str(sidecar)
     return None, ""
 
 
@@ -244,7 +247,7 @@ def class_embeddings(spec: dict, class_names: Sequence[str], source: str = "conf
     parts, named = [], False
     for path in map(Path, paths):
         table = load_class_embeddings(path, normalize=spec["normalize"])
-        row_names, where = _row_names(path, spec.get("names"), source)
+        row_names, where = embedding_row_names(path, spec.get("names"), source)
         if row_names is None:
             if table.shape[0] != len(class_names):
                 raise ConfigError(f"{path}: has {table.shape[0]} rows but the class list has {len(class_names)} "

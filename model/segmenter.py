@@ -19,7 +19,8 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from data_loader.classes import canonical_name, class_index, load_class_names
+from data_loader.build import embedding_row_names
+from data_loader.classes import canonical_name, class_index, load_class_names, match_names
 from data_loader.dataset import read_image
 from data_loader.transforms import to_model_input
 from model.inference import CALIBRATIONS, InferenceSettings, SlidingWindow, calibrate
@@ -82,24 +83,20 @@ def image_tensor(image: ImageLike) -> torch.Tensor:
 
 
 def read_extra_embeddings(path: str | Path, names_spec: Any, normalize: str | None,
-                          dim: int) -> dict[str, tuple[str, torch.Tensor]]:
-    """The rows of an embedding file keyed by canonical class name: ``{key: (name, vector)}``.
-    Row names come from ``names_spec`` (list, comma string or file) or the sidecar file."""
+                          dim: int) -> tuple[list[str], torch.Tensor]:
+    """An embedding file's row names and rows (normalised as asked). Row names come from
+    ``names_spec`` (list, comma string or file) or the file's ``.classes.txt`` sidecar."""
     file = Path(path)
-    table = load_class_embeddings(file)
-    if names_spec is None:
-        sidecar = classes_sidecar(file)
-        if not sidecar.is_file():
-            raise ConfigError(f"{file}: no names for its rows: give the embedding classes or write {sidecar.name} "
-                              f"beside it (one class name a line)")
-        names_spec = str(sidecar)
-    names = load_class_names(names_spec, "embedding classes", None)
+    table = normalize_embeddings(load_class_embeddings(file), normalize)
+    names, _ = embedding_row_names(file, names_spec, None, "embedding classes")
+    if names is None:
+        raise ConfigError(f"{file}: no names for its rows: give the embedding classes or write "
+                          f"{classes_sidecar(file).name} beside it (one class name a line)")
     if len(names) != table.shape[0]:
         raise ConfigError(f"{file}: has {table.shape[0]} rows but {len(names)} class names are given")
     if table.shape[1] != dim:
         raise ConfigError(f"{file}: embeddings have {table.shape[1]} dims, the checkpoint's have {dim}")
-    table = normalize_embeddings(table, normalize)
-    return {canonical_name(name): (name, table[row]) for row, name in enumerate(names)}
+    return list(names), table
 
 
 def choose_classes(trained: TrainedModel, classes: Any = None, embeddings: str | Path | None = None,
@@ -112,25 +109,23 @@ def choose_classes(trained: TrainedModel, classes: Any = None, embeddings: str |
     ``normalize``: none (default), l2, max_norm, or "checkpoint" (the training config's mode).
     """
     ckpt_names = list(trained.split.names)
-    ckpt_index = class_index(ckpt_names)
-    dim = trained.embeddings.shape[1]
     if normalize == "checkpoint":
         normalize = ((trained.config.get("data") or {}).get("embeddings") or {}).get("normalize")
-    extra_table = read_extra_embeddings(embeddings, embedding_classes, normalize, dim) if embeddings else {}
+    extra_names, extra_table = ([], None) if not embeddings else read_extra_embeddings(
+        embeddings, embedding_classes, normalize, trained.embeddings.shape[1])
     wanted = ckpt_names if classes is None else list(load_class_names(classes, "classes", None))
     names, rows, extra = [], [], []
-    for name in wanted:
-        key = canonical_name(name)
-        if key in ckpt_index:
-            names.append(ckpt_names[ckpt_index[key]])
-            rows.append(trained.embeddings[ckpt_index[key]])
-        elif key in extra_table:
+    for name, ckpt_row, extra_row in zip(wanted, match_names(wanted, ckpt_names), match_names(wanted, extra_names)):
+        if ckpt_row is not None:
+            names.append(ckpt_names[ckpt_row])
+            rows.append(trained.embeddings[ckpt_row])
+        elif extra_row is not None:
             extra.append(len(names))
-            names.append(extra_table[key][0])
-            rows.append(extra_table[key][1])
+            names.append(extra_names[extra_row])
+            rows.append(extra_table[extra_row])
         else:
             message = f"classes: unknown class {name!r}; checkpoint classes: {', '.join(ckpt_names)}"
-            message += (f"; in {embeddings}: {', '.join(n for n, _ in extra_table.values())}" if embeddings
+            message += (f"; in {embeddings}: {', '.join(extra_names)}" if embeddings
                         else "; other classes need an embedding file")
             raise ConfigError(message)
     chosen = ClassChoice(names, torch.stack(rows).float(), [], extra)
