@@ -2,8 +2,8 @@
 
     python -m trainer.figures -r CHECKPOINT [-c CONFIG] [--count 4] --out docs/images/predictions.png
 
-Images come from the config's validation split (the checkpoint's config by default), those
-with unseen-class pixels first; predictions come from :class:`model.segmenter.Segmenter` (the
+Images come from the config's validation split (the checkpoint's config by default), spread
+over the split among those with unseen-class pixels; predictions come from :class:`model.segmenter.Segmenter` (the
 path ``--test`` and ``predict.py`` use) at the checkpoint's sigma and calibration. The legend
 marks unseen classes with ``*``; white is ignored/void.
 """
@@ -24,12 +24,12 @@ from utils.visualization import colorize, palette
 
 
 def pick_samples(val_set, unseen: set[int], count: int) -> list[int]:
-    """The first ``count`` samples with the most unseen-class pixels (in dataset order on ties)."""
-    scores = []
-    for index in range(len(val_set)):
-        label = val_set[index]["label"]
-        scores.append((-int(sum((label == c).sum() for c in unseen)) if unseen else 0, index))
-    return [index for _, index in sorted(scores)[:count]]
+    """``count`` samples spread evenly over the split (in order), among those with unseen-class
+    pixels when there are such samples (neighbouring video frames look alike)."""
+    candidates = [index for index in range(len(val_set))
+                  if any(bool((val_set[index]["label"] == c).any()) for c in unseen)] or list(range(len(val_set)))
+    step = len(candidates) / min(count, len(candidates))
+    return [candidates[int(k * step)] for k in range(min(count, len(candidates)))]
 
 
 def draw(rows: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]], names: list[str], unseen: list[int],
