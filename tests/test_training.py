@@ -156,3 +156,13 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, cach
     assert f"the last good checkpoint is {run}" in log
     assert sorted(p.name for p in run.glob("*.pth")) == ["checkpoint-epoch1.pth", "model_best.pth"]
     assert torch.load(run / "checkpoint-epoch1.pth", weights_only=True)["epoch"] == 1
+
+
+def test_figure_of_predictions(trained, tmp_path):
+    from PIL import Image
+    from trainer.figures import main as figures_main
+    _, run = trained
+    out = tmp_path / "fig.png"
+    assert figures_main(["-r", str(run / "model_best.pth"), "--count", "2", "--out", str(out)]) == 0
+    width, height = Image.open(out).size
+    assert width > 500 and height > 300

@@ -13,6 +13,7 @@ import argparse
 import sys
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from data_loader import prepare_data
@@ -26,8 +27,8 @@ from utils.visualization import colorize, palette
 def pick_samples(val_set, unseen: set[int], count: int) -> list[int]:
     """``count`` samples spread evenly over the split (in order), among those with unseen-class
     pixels when there are such samples (neighbouring video frames look alike)."""
-    candidates = [index for index in range(len(val_set))
-                  if any(bool((val_set[index]["label"] == c).any()) for c in unseen)] or list(range(len(val_set)))
+    candidates = [index for index in range(len(val_set))   # labels only: no image is decoded here
+                  if np.isin(val_set.read_label(index), list(unseen)).any()] or list(range(len(val_set)))
     step = len(candidates) / min(count, len(candidates))
     return [candidates[int(k * step)] for k in range(min(count, len(candidates)))]
 
