@@ -9,18 +9,11 @@ import torch
 from model.semantic_encoder import SemanticEncoder
 from model.visual_encoder import DeepLabV3Plus
 from utils.checkpoint import load_state
-from utils.parse_config import call_with_config_args, lookup_type
+from utils.parse_config import call_with_config_args, init_obj, lookup_type
 from utils.util import ConfigError
 
 VISUAL_ENCODERS = {"DeepLabV3Plus": DeepLabV3Plus}
 SEMANTIC_ENCODERS = {"SemanticEncoder": SemanticEncoder}
-
-
-def _spec(config: Mapping, section: str) -> dict:
-    spec = config.get(section)
-    if spec is None:
-        raise ConfigError(f"config: missing key {section!r}")
-    return spec
 
 
 def build_encoders(config: Mapping, num_classes: int, embed_dim: int,
@@ -29,7 +22,9 @@ def build_encoders(config: Mapping, num_classes: int, embed_dim: int,
     (``semantic_encoder``) from ``embed_dim``-d embeddings to the visual feature size.
 
     ``pretrained=False`` skips the ImageNet backbone file (the weights come from a checkpoint)."""
-    spec = _spec(config, "model")
+    if "model" not in config:
+        raise ConfigError("config: missing key 'model'")
+    spec = config["model"]
     args = dict(spec.get("args", {}))
     if "num_classes" in args:
         raise ConfigError("config key model.args.num_classes: set by the class list, remove it")
@@ -37,14 +32,8 @@ def build_encoders(config: Mapping, num_classes: int, embed_dim: int,
         args["pretrained_backbone"] = None
     visual = call_with_config_args(lookup_type(VISUAL_ENCODERS, spec, "model"), "model",
                                    num_classes=num_classes, **args)
-    semantic_spec = _spec(config, "semantic_encoder")
-    semantic_args = dict(semantic_spec.get("args", {}))
-    overlap = {"embed_dim", "feature_dim"} & set(semantic_args)
-    if overlap:
-        raise ConfigError(f"config key semantic_encoder.args: {sorted(overlap)} may not be set here (set by the program)")
-    semantic = call_with_config_args(lookup_type(SEMANTIC_ENCODERS, semantic_spec, "semantic_encoder"),
-                                     "semantic_encoder", embed_dim=embed_dim,
-                                     feature_dim=visual.decoder.pred_conv.in_channels, **semantic_args)
+    semantic = init_obj(config, "semantic_encoder", SEMANTIC_ENCODERS, embed_dim=embed_dim,
+                        feature_dim=visual.decoder.pred_conv.in_channels)
     return visual, semantic
 
 

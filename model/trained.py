@@ -87,10 +87,8 @@ def load_trained_model(path: str | Path, device: torch.device | str = "cpu", con
         embeddings = load_split_and_embeddings(saved_config["data"], str(path))[1]
     model, semantic_encoder = build_encoders(saved_config, split.num_classes, embeddings.shape[1], pretrained=False)
     load_encoder_weights(model, semantic_encoder, checkpoint, path)
-    channels_last = bool((saved_config.get("trainer") or {}).get("channels_last", False))
-    place(model, semantic_encoder, device, channels_last)
-    model.eval()
-    semantic_encoder.eval()
     best_sigma = checkpoint.get("best_sigma")
-    return TrainedModel(model, semantic_encoder, split, embeddings.float(), saved_config,
-                        int(checkpoint.get("epoch", 0)), None if best_sigma is None else float(best_sigma))
+    trained = TrainedModel(model.eval(), semantic_encoder.eval(), split, embeddings.float(), saved_config,
+                           int(checkpoint.get("epoch", 0)), None if best_sigma is None else float(best_sigma))
+    place(model, semantic_encoder, device, trained.channels_last)
+    return trained

@@ -121,24 +121,35 @@ def _resumable(folder: Path, test: bool) -> tuple[Path, dict] | None:
     return find_resumable(folder) if folder.is_dir() else None
 
 
+def _run_config(config_path: str | None, raw: dict | None, resume) -> tuple[dict, str]:
+    """The config file given (or the default one), else the ``-r`` checkpoint's own config."""
+    from model.official import is_official
+    if config_path is not None:
+        return load_config(config_path), config_path
+    if is_official(raw):
+        raise ConfigError(f"{resume}: an official JoEm checkpoint holds no config or class split; pass -c CONFIG")
+    if not isinstance(raw.get("config"), dict):
+        raise ConfigError(f"{resume}: holds no config; pass the training config with -c")
+    return raw["config"], str(resume)
+
+
 def resolve_run(args: argparse.Namespace, default_config: str | None,
                 run_id: str) -> tuple[ConfigParser, dict | None, bool]:
     """The run's config (``-c``, the default config, or the ``-r`` checkpoint's own) with the
     overrides applied, the ``-r`` checkpoint's content (official files converted), and whether
     the run continues in the folder it resumes from (``-r RUN_DIR``, ``-r auto``)."""
-    from model.official import is_official
     from model.trained import as_project_checkpoint
     from trainer.settings import CONFIG_SCHEMA
     from utils.checkpoint import load_checkpoint
-    resume, raw, in_place, run_dir = args.resume, None, False, None
-    if resume == "auto":
+    resume, raw, in_place, run_dir, config = args.resume, None, False, None, None
+    if resume == "auto":   # the requeued command's own config names the run folder and is used
         if args.run_id is None:
             raise ConfigError("-r auto continues the run named by --run_id: add --run_id NAME")
-        config_path = args.config or default_config
-        if config_path is None:
+        source = args.config or default_config
+        if source is None:
             raise ConfigError("-r auto needs the run's config: add -c config.json")
-        probe = ConfigParser(load_config(config_path), overrides=overrides_of(args), run_id=run_id,
-                             schema=CONFIG_SCHEMA)
+        config = load_config(source)
+        probe = ConfigParser(config, overrides=overrides_of(args), run_id=run_id, schema=CONFIG_SCHEMA)
         found = _resumable(probe.run_dir, args.test)
         resume, raw = found if found else (None, None)
         in_place, run_dir = True, probe.run_dir
@@ -150,15 +161,8 @@ def resolve_run(args: argparse.Namespace, default_config: str | None,
         resume, raw = found
     elif resume is not None:
         raw = load_checkpoint(resume)
-    config_path = args.config or (default_config if raw is None else None)
-    if config_path is not None:
-        config, source = load_config(config_path), config_path
-    elif is_official(raw):
-        raise ConfigError(f"{resume}: an official JoEm checkpoint holds no config or class split; pass -c CONFIG")
-    elif not isinstance(raw.get("config"), dict):
-        raise ConfigError(f"{resume}: holds no config; pass the training config with -c")
-    else:
-        config, source = raw["config"], str(resume)
+    if config is None:
+        config, source = _run_config(args.config or (default_config if raw is None else None), raw, resume)
     parser = ConfigParser(config, resume, overrides_of(args), run_id=run_id, run_dir=run_dir, config_path=source,
                           schema=CONFIG_SCHEMA)
     checkpoint = None if raw is None else as_project_checkpoint(raw, resume, parser.config, source)

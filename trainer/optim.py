@@ -7,7 +7,7 @@ import torch
 
 from data_loader.loader import steps_per_epoch
 from trainer.settings import SchedulerSection
-from utils.parse_config import call_with_config_args, lookup_type
+from utils.parse_config import init_obj
 
 
 def build_optimizers(config: Mapping, model: torch.nn.Module,
@@ -17,11 +17,8 @@ def build_optimizers(config: Mapping, model: torch.nn.Module,
     spec = config["optimizer"]
     args = dict(spec.get("args", {}))
     groups = model.param_groups(float(args.get("lr", 0.01)), float(spec.get("head_lr_mult", 10.0)))
-    optimizer = call_with_config_args(lookup_type(torch.optim, spec, "optimizer"), "optimizer", groups, **args)
-    gen = config["optimizer_gen"]
-    optimizer_gen = call_with_config_args(lookup_type(torch.optim, gen, "optimizer_gen"), "optimizer_gen",
-                                          semantic_encoder.parameters(), **gen.get("args", {}))
-    return optimizer, optimizer_gen
+    return (init_obj(config, "optimizer", torch.optim, groups),
+            init_obj(config, "optimizer_gen", torch.optim, semantic_encoder.parameters()))
 
 
 class PolySchedule:

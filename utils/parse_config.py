@@ -149,14 +149,8 @@ class ConfigParser:
         ``module`` may be a module or a dict ``{name: class}``. An unknown type is a ConfigError
         listing the valid names; ``kwargs`` set by the program may not appear in the config.
         """
-        spec = self[name]
-        factory = lookup_type(module, spec, name)
-        module_args = dict(spec.get("args", {}))
-        overlap = set(kwargs) & set(module_args)
-        if overlap:
-            raise ConfigError(f"config key {name}.args: {sorted(overlap)} may not be set here (set by the program)")
-        module_args.update(kwargs)
-        return call_with_config_args(factory, name, *args, **module_args)
+        self[name]   # a missing section is an error naming this config's file
+        return init_obj(self._config, name, module, *args, **kwargs)
 
     def __getitem__(self, name: str) -> Any:
         try:
@@ -177,6 +171,21 @@ class ConfigParser:
     @property
     def run_dir(self) -> Path:
         return self._run_dir
+
+
+def init_obj(config: Mapping, name: str, module: Any, *args, **kwargs) -> Any:
+    """Build ``config[name]['type']`` from ``module`` (a module or a dict ``{name: class}``) with
+    ``config[name]['args']`` plus ``kwargs``, which the program sets and the config may not."""
+    if name not in config:
+        raise ConfigError(f"config: missing key {name!r}")
+    spec = config[name]
+    factory = lookup_type(module, spec, name)
+    module_args = dict(spec.get("args", {}))
+    overlap = set(kwargs) & set(module_args)
+    if overlap:
+        raise ConfigError(f"config key {name}.args: {sorted(overlap)} may not be set here (set by the program)")
+    module_args.update(kwargs)
+    return call_with_config_args(factory, name, *args, **module_args)
 
 
 def call_with_config_args(factory: Callable, name: str, *args, **kwargs) -> Any:
