@@ -69,7 +69,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--calibration", choices=CALIBRATIONS,
                         help="top2 (official) or all (default: the checkpoint config's inference.calibration)")
     parser.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when available, else cpu)")
-    parser.add_argument("--amp", help="bf16, fp16 or false (default: the checkpoint config's trainer.amp, as --test)")
+    parser.add_argument("--amp", help="auto, bf16, fp16 or false (default: the checkpoint config's trainer.amp, "
+                                      "as --test; auto: what this device runs natively)")
     parser.add_argument("--max-size", type=int,
                         help="longer image side above which the sliding window is used (default 1024; 0 = never)")
     parser.add_argument("--tile", type=int, help="sliding-window tile side, multiple of 16 (default 512)")
@@ -209,7 +210,9 @@ def run(args: argparse.Namespace) -> int:
     except OSError as err:
         raise ConfigError(f"--out {out}: cannot write ({err.strerror or err})") from None
     unseen_names = ", ".join(segmenter.names[i] for i in segmenter.unseen) or "none"
-    amp = f", {segmenter.amp}" if segmenter.amp else ""
+    amp = f", {segmenter.precision.name}"
+    if segmenter.precision.warning:
+        print(f"warning: {segmenter.precision.warning}", file=sys.stderr)
     print(f"{len(images)} image(s), {len(segmenter.names)} classes (unseen: {unseen_names}; sigma "
           f"{segmenter.sigma:g}, {segmenter.calibration} calibration), device {segmenter.trained.device}{amp} -> {out}")
     skipped = 0

@@ -26,7 +26,7 @@ from data_loader.transforms import to_model_input
 from model.inference import CALIBRATIONS, InferenceSettings, SlidingWindow, calibrate
 from model.segment import pixel_distances, tile_count
 from model.trained import TrainedModel, load_trained_model
-from utils.amp import amp_dtype
+from utils.amp import resolve_precision
 from utils.distributed import resolve_device
 from utils.embeddings import classes_sidecar, load_class_embeddings, normalize_embeddings
 from utils.util import ConfigError
@@ -162,8 +162,8 @@ class Segmenter:
         unseen: classes to calibrate (default: the checkpoint's unseen ones plus the new ones).
         sigma, calibration: Apollonius calibration (default: the checkpoint's config; when the
             config lists several sigmas, the best sigma of the validation that chose the checkpoint).
-        amp, channels_last, window: precision, memory format and sliding window (default: as
-            the checkpoint's config evaluates).
+        amp, channels_last, window: precision (``"auto"``: what the device runs natively, see
+            utils.amp), memory format and sliding window (default: as the checkpoint's config evaluates).
     """
 
     def __init__(self, trained: TrainedModel, classes: Any = None, *, embeddings: str | Path | None = None,
@@ -179,8 +179,9 @@ class Segmenter:
         self.calibration = calibration or settings.calibration
         if self.calibration not in CALIBRATIONS:
             raise ConfigError(f"calibration: {self.calibration!r}; valid: {', '.join(CALIBRATIONS)}")
-        self.amp = trained.amp if amp is None else amp
-        amp_dtype(self.amp)   # validates
+        # "auto" resolved for the model's device; .precision.warning says when the choice is slow here
+        self.precision = resolve_precision(trained.amp if amp is None else amp, trained.device)
+        self.amp = self.precision.amp
         self.channels_last = trained.channels_last if channels_last is None else bool(channels_last)
         if isinstance(window, dict):
             window = SlidingWindow(**{**settings.window.__dict__, **window})

@@ -12,6 +12,7 @@ from data_loader.classes import ClassSplit
 from model.builder import build_encoders, load_encoder_weights, place
 from model.inference import InferenceSettings
 from model.official import convert_official, is_official
+from utils.amp import AUTO
 from utils.checkpoint import FORMAT, load_checkpoint
 from utils.util import ConfigError
 
@@ -58,7 +59,7 @@ class TrainedModel:
 
     @property
     def amp(self) -> str | bool:
-        return (self.config.get("trainer") or {}).get("amp", False)
+        return (self.config.get("trainer") or {}).get("amp", AUTO)
 
     @property
     def channels_last(self) -> bool:

@@ -24,11 +24,8 @@ def _run(*argv):
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory, cache):
-    tmp = tmp_path_factory.mktemp("train")
-    config = write_tiny_config(tmp, cache, trainer__epochs=3, trainer__tensorboard=True)
-    assert _run("-c", config, "--run_id", "r1") == 0
-    return tmp, tmp / "saved" / "tiny" / "r1"
+def trained(trained_tiny):
+    return trained_tiny.tmp, trained_tiny.run_dir
 
 
 def test_training_writes_run_directory_and_loss_decreases(trained):

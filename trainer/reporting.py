@@ -45,8 +45,9 @@ class Reporter:
     and write nothing). ``tensorboard``: open a SummaryWriter in ``run_dir/tensorboard``."""
 
     def __init__(self, run_dir: Path, unseen_names: Sequence[str], is_main: bool = True, tensorboard: bool = False,
-                 log_step: int = 50):
+                 log_step: int = 50, precision: str | None = None):
         self.run_dir = Path(run_dir)
+        self.precision = precision   # the resolved precision, written into every metrics.jsonl line
         self.unseen_names = list(unseen_names)
         self.is_main = is_main
         self.log_step = log_step
@@ -87,7 +88,8 @@ class Reporter:
         with self.metrics_path.open("a") as handle:
             for record in records:
                 record = main if record["sigma"] == main["sigma"] else record
-                handle.write(json.dumps(json_safe({"epoch": epoch, "split": split_name, **record})) + "\n")
+                handle.write(json.dumps(json_safe({"epoch": epoch, "split": split_name, "precision": self.precision,
+                                                   **record})) + "\n")
         if summary is not None:
             logger.info("calibration sweep (%s, epoch %d):\n%s", split_name, epoch, format_sweep_table(summary))
             paths = write_sweep(self.run_dir, summary, f"sweep_{split_name}")

@@ -13,8 +13,9 @@ from trainer.optim import build_optimizers, build_scheduler
 from trainer.parallel import to_sync_bn
 from trainer.reporting import Reporter
 from trainer.resume import check_resume_changes
-from trainer.settings import RunSettings, check_config
+from trainer.settings import RESOLVED_KEY, RunSettings, check_config
 from trainer.trainer import Trainer, seed_everything
+from utils.amp import Precision, resolve_precision
 from utils.checkpoint import check_compatible, load_checkpoint
 from utils.distributed import DistContext, broadcast_object
 from utils.environment import banner
@@ -27,7 +28,8 @@ from utils.util import ConfigError, read_json, write_json
 logger = logging.getLogger("joem")
 
 
-def _banner(config: ConfigParser, settings: RunSettings, ctx: DistContext, bundle, test_only: bool) -> str:
+def _banner(config: ConfigParser, settings: RunSettings, ctx: DistContext, bundle, test_only: bool,
+            precision: Precision) -> str:
     data, split, batch = config["data"], bundle.split, settings.loader.batch_size
     lines = [f"run: {config.run_dir}",
              f"mode: {'test' if test_only else 'train'}; dataset: {data.get('type')} at {data.get('root')}",
@@ -41,22 +43,35 @@ def _banner(config: ConfigParser, settings: RunSettings, ctx: DistContext, bundl
              f"train images: {len(bundle.train_set) if bundle.train_set is not None else '-'}; "
              f"val images: {len(bundle.val_set) if bundle.val_set is not None else '-'}",
              f"effective batch size: {batch} ({ctx.world_size} process(es) x {batch // ctx.world_size}); "
-             f"amp: {settings.trainer.amp}; channels_last: {settings.trainer.channels_last}",
+             f"{precision.describe()}; channels_last: {settings.trainer.channels_last}",
              banner(ctx.device, ctx.world_size)]
     return "\n".join(lines)
 
 
-def _write_config(config: ConfigParser) -> None:
-    """``config.json`` (the resolved config); a resumed run that changed it keeps the earlier one
-    as ``config.previous-N.json``."""
+def _write_config(config: ConfigParser, precision: Precision) -> None:
+    """``config.json`` (the resolved config, plus what ``auto`` resolved to on this machine under
+    ``"resolved"``); a resumed run that changed it keeps the earlier one as ``config.previous-N.json``."""
     path = config.run_dir / "config.json"
+    content = {**config.config, RESOLVED_KEY: precision.record()}
     if path.is_file():
         earlier = read_json(path)
-        if earlier == config.config:
+        if earlier == content:
             return
         number = 1 + sum(1 for _ in config.run_dir.glob("config.previous-*.json"))
         write_json(earlier, config.run_dir / f"config.previous-{number}.json")
-    write_json(config.config, path)
+    write_json(content, path)
+
+
+def _precision_notes(precision: Precision, checkpoint: dict | None, test_only: bool) -> list[str]:
+    """Warnings for the log: a precision known to be slow here; a resumed run whose precision
+    (``auto`` re-resolved on another machine) differs from its checkpoint's."""
+    notes = [f"warning: {precision.warning}"] if precision.warning else []
+    earlier = (checkpoint or {}).get("precision")
+    if not test_only and earlier and earlier.get("amp") != precision.name:
+        notes.append(f"precision: {precision.name} on this machine ({precision.reason}); the checkpoint was "
+                     f"trained in {earlier.get('amp')} ({earlier.get('reason')}): the resumed run continues in "
+                     f"{precision.name} and is not bit-exact with an uninterrupted one")
+    return notes
 
 
 def _progress(checkpoint: dict | None) -> dict | None:
@@ -73,6 +88,7 @@ def run(config: ConfigParser, ctx: DistContext, checkpoint: dict | None = None, 
     A signal inside training saves ``checkpoint-interrupted.pth`` and raises
     :class:`utils.signals.Interrupted`."""
     stop = stop or StopSignals()
+    config.config.pop(RESOLVED_KEY, None)   # a run's config.json given as -c: re-resolve here
     settings = check_config(config.config, config.source)
     seed_everything(settings.seed)
     bundle = prepare_data(config["data"], train=not test_only, val=True, source=config.source, logger=logger)
@@ -87,6 +103,8 @@ def run(config: ConfigParser, ctx: DistContext, checkpoint: dict | None = None, 
             progress = _progress(checkpoint)
             changes = check_resume_changes(checkpoint["config"], config.config,
                                            progress is not None and progress["phase"] == "train", config.resume)
+    precision = resolve_precision(settings.trainer.amp, ctx.device)   # once, for this run's device
+    settings = settings.with_precision(precision)
     torch.manual_seed(settings.seed)
     model, semantic_encoder = build_encoders(config.config, split.num_classes, bundle.embeddings.shape[1],
                                              pretrained=checkpoint is None)
@@ -110,14 +128,16 @@ def run(config: ConfigParser, ctx: DistContext, checkpoint: dict | None = None, 
     try:
         if ctx.is_main:
             folder.open()
-            _write_config(config)
+            _write_config(config, precision)
             log_to_file(config.run_dir)
             folder.set_status("running")
-            logger.info(_banner(config, settings, ctx, bundle, test_only))
+            logger.info(_banner(config, settings, ctx, bundle, test_only, precision))
+            for note in _precision_notes(precision, checkpoint, test_only):
+                logger.warning(note)
             if checkpoint is not None:
                 logger.info("loaded %s (epoch %s)", config.resume, checkpoint.get("epoch"))
         reporter = Reporter(config.run_dir, split.unseen_names, ctx.is_main, settings.trainer.tensorboard,
-                            settings.trainer.log_step)
+                            settings.trainer.log_step, precision.name)
         if in_place:
             reporter.keep_records_until(int(checkpoint["epoch"]) if checkpoint is not None else 0)
         if test_only:
@@ -131,6 +151,7 @@ def run(config: ConfigParser, ctx: DistContext, checkpoint: dict | None = None, 
             record = _train(config, settings, ctx, model, semantic_encoder, split, bundle.embeddings, train_loader,
                             val_loader, reporter, checkpoint, changes, stop)
             started = True
+        stop.end()   # a signal from now on is ignored: the run is complete
         if ctx.is_main:
             folder.set_status("finished")
         reporter.final(record)

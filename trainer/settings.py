@@ -5,13 +5,13 @@ keys ``-o section.key=value`` may set), their defaults the values used when a ke
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Mapping
 
 from data_loader.build import DATA_KEYS
 from model.inference import InferenceSettings, SlidingWindow, InferenceSection
 from trainer.step import LossSection, StepSettings
-from utils.amp import amp_dtype
+from utils.amp import Precision, check_amp
 from utils.parse_config import FREE
 from utils.sections import parse_section, section_keys
 from utils.util import ConfigError
@@ -27,7 +27,7 @@ class TrainerSection:
     val_period: int = 1
     monitor: str = "off"
     early_stop: int = 0
-    amp: str | bool | None = False
+    amp: str | bool | None = "auto"
     channels_last: bool = False
     compile: bool = False
     tensorboard: bool = False
@@ -46,7 +46,7 @@ class TrainerSection:
         if self.monitor != "off" and (len(parts) != 2 or parts[0] not in ("min", "max")):
             return f"monitor: expected 'max <metric>', 'min <metric>' or 'off', got {self.monitor!r}"
         try:
-            amp_dtype(self.amp)
+            check_amp(self.amp)
         except ConfigError as err:
             return str(err)
         return None
@@ -107,6 +107,8 @@ class EncoderSection:
 
 TOP_LEVEL = ("name", "seed", "data", "data_loader", "model", "semantic_encoder", "optimizer", "optimizer_gen",
              "lr_scheduler", "loss", "inference", "trainer")
+# Written by a run into its config.json (what ``auto`` resolved to on that machine); ignored when read.
+RESOLVED_KEY = "resolved"
 _FREE_DATA = ("synthetic", "embeddings", "expected_counts")
 
 # What ``-o`` may set: {section: {key: None (a value) | FREE (anything below) | nested schema}}.
@@ -135,12 +137,18 @@ class RunSettings:
     scheduler: SchedulerSection
     inference: InferenceSettings
     step: StepSettings
+    precision: dict | None = None   # Precision.record() once trainer.amp is resolved for the device
+
+    def with_precision(self, precision: Precision) -> "RunSettings":
+        """These settings with ``trainer.amp`` (and the step's) resolved for the run's device."""
+        return replace(self, trainer=replace(self.trainer, amp=precision.amp),
+                       step=replace(self.step, amp=precision.amp), precision=precision.record())
 
 
 def check_config(config: Mapping, source: str = "config") -> RunSettings:
     """Parse and check every non-data section (the data section is checked by
     :func:`data_loader.prepare_data`); the first problem is a one-line ConfigError."""
-    unknown = [key for key in config if key not in TOP_LEVEL]
+    unknown = [key for key in config if key not in TOP_LEVEL and key != RESOLVED_KEY]
     if unknown:
         raise ConfigError(f"{unknown[0]}: unknown top-level config key (file {source}); valid: {', '.join(TOP_LEVEL)}")
     seed = config.get("seed", 0)
