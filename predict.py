@@ -45,7 +45,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Segment images with a trained JoEm model and any class list.",
         epilog="Exit status: 0 ok, 1 some images were unreadable (skipped), 2 usage/config error.")
     parser.add_argument("-r", "--resume", "--checkpoint", dest="checkpoint", required=True,
-                        help="checkpoint of this project (model_best.pth, checkpoint-epochN.pth) or an official "
+                        help="checkpoint of this project (model_best.pth, checkpoint-epochN.pth, or a run folder: "
+                             "its model_best.pth, else its newest checkpoint) or an official "
                              "JoEm model_best_fe.pth / fe_checkpoint-epochN.pth (its gen_ file beside it; needs -c)")
     parser.add_argument("-c", "--config", default=None,
                         help="config naming classes, split and embeddings (only for official JoEm checkpoints)")
@@ -189,6 +190,8 @@ def make_segmenter(args: argparse.Namespace) -> Segmenter:
         embedding_classes=args.embedding_classes, normalize=args.normalize, unseen=args.unseen,
         sigma=None if args.sigma is None else _sigma(args.sigma), calibration=args.calibration,
         amp=None if args.amp is None else parse_amp(args.amp), window=window or None)
+    if segmenter.checkpoint_note:
+        print(f"checkpoint: {segmenter.checkpoint} ({segmenter.checkpoint_note})")
     if len(segmenter.names) > MAX_CLASSES:
         raise ConfigError(f"--classes: {len(segmenter.names)} classes, at most {MAX_CLASSES} fit a palette mask")
     return segmenter

@@ -40,8 +40,11 @@ def sample_seed(seed: int, epoch: int, index: int) -> int:
 class EpochSampler(Sampler[tuple[int, int]]):
     """Training samples as ``(index, augmentation seed)``: a permutation of the dataset drawn from
     (``seed``, epoch) (in order when ``shuffle`` is false), split over ``num_replicas`` processes
-    like ``DistributedSampler`` (padded with the first indices to a multiple of them).
-    ``set_epoch(epoch, start)`` selects the epoch and the position to start from (a resumed epoch)."""
+    like ``DistributedSampler`` (padded with the first indices to a multiple of them): process
+    ``rank`` takes every ``num_replicas``-th position. ``set_epoch(epoch, start)`` selects the
+    epoch and the position in its permutation to start from, counted over all processes (the
+    samples every process has consumed: a resumed epoch), so that an epoch resumed with another
+    number of processes continues with the same samples."""
 
     def __init__(self, size: int, seed: int = 0, shuffle: bool = True, num_replicas: int = 1, rank: int = 0):
         self.size, self.seed, self.shuffle = size, seed, shuffle
@@ -51,23 +54,26 @@ class EpochSampler(Sampler[tuple[int, int]]):
     def set_epoch(self, epoch: int, start: int = 0) -> None:
         self.epoch, self.start = epoch, start
 
+    def _total(self) -> int:
+        return -(-self.size // self.num_replicas) * self.num_replicas
+
     def order(self) -> list[int]:
-        """This process's indices for the current epoch, from the first position."""
+        """This process's indices for the current epoch, from the start position."""
         if self.shuffle:
             generator = torch.Generator().manual_seed(self.seed * 100003 + self.epoch)
             indices = torch.randperm(self.size, generator=generator).tolist()
         else:
             indices = list(range(self.size))
-        total = -(-self.size // self.num_replicas) * self.num_replicas
+        total = self._total()
         indices += indices[:total - len(indices)]
-        return indices[self.rank:total:self.num_replicas]
+        return indices[self.start + self.rank:total:self.num_replicas]
 
     def __iter__(self) -> Iterator[tuple[int, int]]:
-        for index in self.order()[self.start:]:
+        for index in self.order():
             yield index, sample_seed(self.seed, self.epoch, index)
 
     def __len__(self) -> int:
-        return max(0, -(-self.size // self.num_replicas) - self.start)
+        return len(range(self.start + self.rank, self._total(), self.num_replicas))
 
 
 def steps_per_epoch(loader: DataLoader) -> int:

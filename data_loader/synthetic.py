@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from PIL import Image
 from tqdm import tqdm
 
+from utils.sections import check_types
 from utils.util import ConfigError
 from utils.visualization import mask_image
 
@@ -88,6 +89,7 @@ class SyntheticParams:
         for key in cfg:
             if key not in valid:
                 raise ConfigError(f"data.synthetic.{key}: unknown key (file {source}); valid: {', '.join(valid)}")
+        check_types(cls, cfg, "data.synthetic", source)   # counts are integers before they are used
         values = {k: tuple(v) if isinstance(v, list) else v for k, v in cfg.items()}
         params = cls(**values)
         params.validate(source)

@@ -27,6 +27,7 @@ from model.inference import CALIBRATIONS, InferenceSettings, SlidingWindow, cali
 from model.segment import pixel_distances, tile_count
 from model.trained import TrainedModel, load_trained_model
 from utils.amp import resolve_precision
+from utils.checkpoint import run_checkpoint
 from utils.distributed import resolve_device
 from utils.embeddings import classes_sidecar, load_class_embeddings, normalize_embeddings
 from utils.util import ConfigError
@@ -198,14 +199,21 @@ class Segmenter:
     @classmethod
     def from_checkpoint(cls, checkpoint: str | Path, config: dict | str | Path | None = None,
                         device: str | torch.device | None = None, **options) -> "Segmenter":
-        """Load a checkpoint of this project, or an official JoEm ``*_fe.pth`` (with its ``*_gen.pth``
-        beside it and ``config``, a dict or a config file, naming classes, split and embeddings)."""
+        """Load a checkpoint of this project (or a run folder: its ``model_best.pth``, else its newest
+        checkpoint; ``.checkpoint`` and ``.checkpoint_note`` say which), or an official JoEm
+        ``*_fe.pth`` (with its ``*_gen.pth`` beside it and ``config``, a dict or a config file, naming
+        classes, split and embeddings)."""
+        note = None
+        if Path(checkpoint).is_dir():
+            checkpoint, note = run_checkpoint(checkpoint)
         source = "config"
         if isinstance(config, (str, Path)):
             from utils.parse_config import load_config
             source, config = str(config), load_config(config)
         trained = load_trained_model(checkpoint, resolve_device(device), config=config, config_source=source)
-        return cls(trained, **options)
+        segmenter = cls(trained, **options)
+        segmenter.checkpoint, segmenter.checkpoint_note = Path(checkpoint), note
+        return segmenter
 
     def _default_sigma(self, settings: InferenceSettings) -> float:
         if settings.sigma is not None:

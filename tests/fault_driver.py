@@ -13,6 +13,12 @@ writes a marker file when it reaches a pause, so the test knows when to send its
   (a real kernel limit: writes beyond it fail with EFBIG, as on a full disk).
 - ``{"deny_writes": [N, "EROFS" | "EACCES", FOLDER]}``: after N checkpoints, every file or
   folder creation under FOLDER fails with that error (a read-only or forbidden folder).
+- ``{"pause_at_end": true}``: once the run has returned (finished, ``metrics:`` printed).
+- ``{"cpu_ranks": true}``: ``-d 0,1`` starts the project's own launcher with one CPU (gloo)
+  process per id instead of one per GPU (this machine has none).
+
+Under DDP every process pauses; a marker ``NAME-rankR`` holds process R's pid (``NAME`` is
+rank 0's). Run as a command, the driver writes its exit status into ``exit-rankR``.
 """
 from __future__ import annotations
 
@@ -35,8 +41,15 @@ PAUSE_S = 3.0
 state = {"steps": 0, "saves": 0, "validations": 0, "pause_write": False}
 
 
+def rank() -> int:
+    import torch.distributed as dist
+    return dist.get_rank() if dist.is_initialized() else int(os.environ.get("RANK", 0))
+
+
 def pause(name: str) -> None:
-    (MARKERS / name).write_text(str(os.getpid()))
+    (MARKERS / f"{name}-rank{rank()}").write_text(str(os.getpid()))
+    if rank() == 0:
+        (MARKERS / name).write_text(str(os.getpid()))
     time.sleep(PAUSE_S)
 
 
@@ -132,9 +145,37 @@ def install() -> None:
     denied = FAULTS.get("deny_writes")
     if denied and denied[0] == 0:
         deny(denied[1], denied[2])
+    if FAULTS.get("pause_at_end"):
+        import trainer.session
+        real_run = trainer.session.run
 
+        def run(*args, **kwargs):
+            record = real_run(*args, **kwargs)
+            pause("paused")
+            return record
+        trainer.session.run = run
+    if FAULTS.get("cpu_ranks"):
+        cpu_ranks()
+
+
+def cpu_ranks() -> None:
+    """``-d 0,1``: the project's launcher with one CPU process per id."""
+    import utils.distributed
+    real_init = utils.distributed.init_process
+
+    def parse_devices(spec):
+        return None if spec in (None, "cpu") else [int(part) for part in str(spec).split(",")]
+
+    def init_process(devices, rank=None, world_size=None):
+        return real_init(None, rank, world_size)
+    utils.distributed.parse_devices, utils.distributed.init_process = parse_devices, init_process
+
+
+if __name__ in ("__main__", "__mp_main__"):   # the processes the own launcher spawns re-import this file
+    install()
 
 if __name__ == "__main__":
-    install()
     from trainer.cli import main
-    sys.exit(main(argv=sys.argv[1:]))
+    code = main()
+    (MARKERS / f"exit-rank{rank()}").write_text(str(code))
+    sys.exit(code)

@@ -122,3 +122,34 @@ def test_atomic_save_keeps_old_file_on_failure(tmp_path):
         atomic_torch_save({"a": Unpicklable()}, target)
     assert torch.equal(torch.load(target, weights_only=True)["a"], torch.ones(2))
     assert [p.name for p in tmp_path.iterdir()] == ["ckpt.pth"]
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["-o", "data=null"], "config key data: may not be null (-o data=null)"),
+    (["-o", "trainer.epochs=null"], "config key trainer.epochs: may not be null"),
+    (["-o", "data.synthetic.num_train=1e12"], "data.synthetic.num_train: invalid value 1000000000000.0"),
+    (["-o", "data.synthetic.image_size=32.5"], "data.synthetic.image_size: invalid value 32.5"),
+    (["-o", "data_loader.batch_size=4.0"], "data_loader.batch_size: invalid value 4.0"),
+])
+def test_null_overrides_and_counts_that_are_not_integers_are_one_line_errors(tmp_path, capsys, argv, message):
+    from tests.tiny import write_tiny_config
+    config = write_tiny_config(tmp_path, tmp_path / "cache")
+    assert main(argv=["-c", str(config), "-d", "cpu", *argv]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1 and message in err, err
+    assert not (tmp_path / "saved").exists() and not (tmp_path / "cache").exists()   # before any work
+
+
+def test_null_is_allowed_where_the_schema_says_a_key_may_be_null():
+    config = {"trainer": {"epochs": 1, "amp": "bf16"}, "model": {"type": "M", "args": {"dropout": 0.1}}}
+    set_by_path(config, "trainer.amp", None, CONFIG_SCHEMA)        # TrainerSection.amp: str | bool | None
+    set_by_path(config, "model.args.dropout", None, CONFIG_SCHEMA)  # free constructor arguments
+    assert config["trainer"]["amp"] is None and config["model"]["args"]["dropout"] is None
+    with pytest.raises(ConfigError, match="may not be null"):
+        set_by_path(config, "model", None, CONFIG_SCHEMA)
+
+
+def test_command_line_without_config_or_checkpoint_is_a_one_line_error(capsys):
+    assert main(argv=["-d", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert err == "error: no config given: add -c config.json (or -r a checkpoint or run folder to continue)\n"

@@ -312,3 +312,26 @@ def test_output_names_never_overwrite_inputs(tmp_path):
     assert predict.output_stems(found) == ["x", "x-2"]
     with pytest.raises(predict.ConfigError, match="overwrite an input"):
         predict.check_outputs([a / "y_mask.png"], ["y"], a)
+
+
+def test_a_run_folder_gives_its_best_checkpoint_else_its_newest(capsys, ckpt, images, tmp_path):
+    import os
+    import shutil
+    from model.segmenter import Segmenter
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    shutil.copy(ckpt, run_dir / "checkpoint-epoch1.pth")
+    shutil.copy(ckpt, run_dir / "checkpoint-epoch2.pth")
+    os.utime(run_dir / "checkpoint-epoch1.pth", (1, 1))   # epoch 2 is the newest
+    code, out, err = run(capsys, "-r", run_dir, "--images", images / "small.png", "--out", tmp_path / "a")
+    assert code == 0, err
+    assert out.splitlines()[0] == (f"checkpoint: {run_dir / 'checkpoint-epoch2.pth'} (the run's newest checkpoint: "
+                                   "it has no model_best.pth)")
+    shutil.copy(ckpt, run_dir / "model_best.pth")
+    os.utime(run_dir / "model_best.pth", (1, 1))           # older, but the best wins
+    segmenter = Segmenter.from_checkpoint(run_dir, device="cpu")
+    assert segmenter.checkpoint == run_dir / "model_best.pth" and segmenter.checkpoint_note == "the run's best checkpoint"
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    code, out, err = run(capsys, "-r", empty, "--images", images / "small.png", "--out", tmp_path / "b")
+    assert code == 2 and err == f"error: {empty}: no checkpoint (*.pth) in this run folder\n"

@@ -309,3 +309,160 @@ def test_run_lock_is_exclusive_and_a_stale_one_is_taken_over(tmp_path):
     second.acquire()
     assert f"pid {os.getpid()}" in (tmp_path / "run" / "run.lock").read_text()
     second.release()
+
+
+@pytest.mark.slow
+def test_a_signal_after_the_run_finished_is_ignored(setup):
+    tmp, config, runs = setup
+    run = Run(tmp, ["-c", config, "--run_id", "late", "--epochs", "1"], {"pause_at_end": True})
+    run.signal(signal.SIGTERM)    # metrics: was printed and run.json says finished
+    code, out, err = run.finish()
+    assert code == 0 and last_line(out) == f"metrics: {runs / 'late' / 'metrics.jsonl'}", err
+    assert json.loads((runs / "late" / "run.json").read_text())["status"] == "finished"
+
+
+@pytest.mark.slow
+def test_metrics_write_failure_is_one_line_and_loses_nothing(setup):
+    tmp, config, runs = setup
+    folder = runs / "metrics"
+    metrics = folder / "metrics.jsonl"   # read-only once epoch 1's model_best.pth is written
+    code, out, err = run_to_end(tmp, "-c", config, "--run_id", "metrics",
+                                faults={"deny_writes": [1, "EROFS", str(metrics)]})
+    assert code == 2 and err == f"error: cannot write {metrics}: Read-only file system\n", err
+    assert {record["epoch"] for record in read_metrics(folder)} == {1}   # epoch 1's lines intact, no partial line
+    assert torch.load(folder / "model_best.pth", weights_only=True)["epoch"] == 1
+    assert json.loads((folder / "run.json").read_text())["status"] == "failed"
+
+
+@pytest.mark.slow
+def test_tensorboard_write_failure_is_one_line(setup):
+    tmp, config, runs = setup
+    board = runs / "board" / "tensorboard"
+    code, out, err = run_to_end(tmp, "-c", config, "--run_id", "board", "-o", "trainer.tensorboard=true",
+                                faults={"deny_writes": [0, "EROFS", str(board)]})
+    assert code == 2 and err == f"error: cannot create folder {board}: Read-only file system\n", err
+
+
+# --- several processes (DDP, gloo on CPU) ------------------------------------------------------
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+
+
+class DdpRun(Run):
+    """A 2-process training under torchrun (``launcher="torchrun"``) or the project's own launcher
+    (``"own"``: ``-d 0,1`` with CPU processes), every process under the fault driver."""
+
+    def __init__(self, tmp: Path, argv: list, faults: dict | None = None, launcher: str = "torchrun"):
+        self.markers = tmp / f"markers-{time.monotonic_ns()}"
+        self.markers.mkdir()
+        faults = {**(faults or {}), **({"cpu_ranks": True} if launcher == "own" else {})}
+        env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1",
+               "JOEM_FAULTS": json.dumps(faults), "JOEM_FAULT_MARKERS": str(self.markers)}
+        prefix = TORCHRUN if launcher == "torchrun" else [sys.executable]
+        device = ["-d", "cpu"] if launcher == "torchrun" else ["-d", "0,1"]
+        self.proc = subprocess.Popen([*prefix, str(DRIVER), *map(str, argv), *device], cwd=tmp, env=env,
+                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+    def pid(self, rank: int) -> int:
+        self.wait_for(f"paused-rank{rank}")
+        return int((self.markers / f"paused-rank{rank}").read_text())
+
+    def rank_exits(self) -> list[int | None]:
+        """Each rank's exit status as its driver recorded it (torchrun does not report them)."""
+        return [int(path.read_text()) if path.is_file() else None
+                for path in (self.markers / f"exit-rank{rank}" for rank in range(2))]
+
+
+def assert_same_state(a: Path, b: Path) -> None:
+    """Every tensor of both encoders and both optimizers, the LR schedule and the scaler of two
+    final checkpoints are equal."""
+    first, second = (torch.load(run / "checkpoint-epoch2.pth", weights_only=True) for run in (a, b))
+    for part in ("visual_encoder", "semantic_encoder"):
+        assert first[part].keys() == second[part].keys()
+        different = [key for key in first[part] if not torch.equal(first[part][key], second[part][key])]
+        assert not different, (part, len(different), different[:3])
+    for part in ("optimizer", "optimizer_gen"):
+        assert first[part]["param_groups"] == second[part]["param_groups"]
+        for index, state in first[part]["state"].items():
+            for key, value in state.items():
+                assert torch.equal(value, second[part]["state"][index][key]), (part, index, key)
+    for key in ("lr_scheduler", "scaler", "global_step", "monitor_best"):
+        assert first[key] == second[key], key
+    assert read_metrics(a) == read_metrics(b)
+
+
+DDP = FAST
+
+
+@pytest.fixture(scope="module")
+def ddp(tmp_path_factory):
+    """The tiny config and an uninterrupted 2-process torchrun run of it (the reference)."""
+    tmp = tmp_path_factory.mktemp("ddp")
+    config = write_tiny_config(tmp, tmp / "cache", **DDP)
+    code, out, err = DdpRun(tmp, ["-c", config, "--run_id", "straight"]).finish()
+    assert code == 0, err[-3000:]
+    return tmp, config, tmp / "saved" / "tiny"
+
+
+def stop_ddp(ddp, name: str, faults: dict, target, launcher: str = "torchrun") -> tuple[Path, int, str, str]:
+    """Start a 2-process run, send SIGTERM to ``target`` ("launcher" or a rank) at the pause;
+    returns the run folder, the launcher's status and output."""
+    tmp, config, runs = ddp
+    run = DdpRun(tmp, ["-c", config, "--run_id", name], faults, launcher)
+    pid = run.proc.pid if target == "launcher" else run.pid(target)
+    run.wait_for()
+    os.kill(pid, signal.SIGTERM)
+    code, out, err = run.finish()
+    folder = runs / name
+    assert run.rank_exits() == [143, 143] or launcher == "own", (run.rank_exits(), err[-3000:])
+    assert json.loads((folder / "run.json").read_text())["status"] == "interrupted"
+    assert (folder / "checkpoint-interrupted.pth").is_file() and not list(folder.glob(".*.tmp"))
+    return folder, code, out, err
+
+
+def resume_ddp(ddp, folder: Path) -> None:
+    tmp, config, runs = ddp
+    code, out, err = DdpRun(tmp, ["-r", folder]).finish()
+    assert code == 0, err[-3000:]
+    assert not (folder / "checkpoint-interrupted.pth").exists()    # superseded by the newer checkpoints
+    assert_same_state(runs / "straight", folder)
+
+
+@pytest.mark.slow
+def test_ddp_sigterm_to_torchrun_mid_epoch_resumes_exactly(ddp):
+    tmp, config, runs = ddp
+    folder, code, out, err = stop_ddp(ddp, "launcher", {"pause_after_step": 6}, "launcher")   # epoch 2, step 2/4
+    assert code == 1 and "SignalException" in err   # torchrun's own status (docs/reliability.md: check run.json)
+    stopped = [line for line in (out + err).splitlines() if "stopped at" in line]
+    assert stopped == [f"stopped at epoch 2, step 2/4: saved {folder / 'checkpoint-interrupted.pth'}; "
+                       f"resume with -r {folder}"], out + err
+    copy = runs / "launcher-1proc"   # the same checkpoint, resumed by one process below
+    copy.mkdir()
+    for path in folder.iterdir():
+        if path.suffix in (".pth", ".json", ".jsonl"):
+            (copy / path.name).write_bytes(path.read_bytes())
+    resume_ddp(ddp, folder)
+    code, out, err = run_to_end(tmp, "-r", copy)
+    assert code == 0, err
+    assert ("resuming with 1 process(es) a run saved with 2: it continues from sample 8 of epoch 2 (step 2), "
+            "but is not bit-exact") in (copy / "train.log").read_text()
+    assert "epoch 2/2" in (copy / "train.log").read_text()
+
+
+@pytest.mark.slow
+def test_ddp_sigterm_to_one_rank_during_validation_resumes_exactly(ddp):
+    folder, code, out, err = stop_ddp(ddp, "rank1", {"pause_in_validation": 1}, 1)
+    assert code == 1 and "exitcode  : 143" in err, err[-3000:]   # torchrun reports the ranks' 143
+    assert "stopped at epoch 1's validation (it reruns on resume)" in out + err
+    assert "Traceback" not in out
+    resume_ddp(ddp, folder)
+
+
+@pytest.mark.slow
+def test_own_launcher_exits_143_whichever_process_gets_the_signal(ddp):
+    for name, target in (("own-launcher", "launcher"), ("own-rank0", 0)):
+        folder, code, out, err = stop_ddp(ddp, name, {"pause_after_step": 6}, target, launcher="own")
+        assert code == 143 and "Traceback" not in out + err, (code, err[-3000:])
+        lines = [line for line in out.splitlines() if line.strip()]
+        assert lines[-1] == (f"stopped at epoch 2, step 2/4: saved {folder / 'checkpoint-interrupted.pth'}; "
+                             f"resume with -r {folder}"), out[-2000:]
+    resume_ddp(ddp, folder)

@@ -6,18 +6,44 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from utils.checkpoint import architecture, set_rng_state
+from utils.checkpoint import architecture, rng_state, set_rng_state
 from utils.util import ConfigError
 
 logger = logging.getLogger("joem")
+INTERRUPTED = "checkpoint-interrupted.pth"
+_ENCODERS = {"visual_encoder": "model", "semantic_encoder": "semantic_encoder"}
 
 
-def training_checkpoint(trainer: Any, epoch: int, progress: dict | None = None) -> dict:
+def rank_state(trainer: Any, sums: dict | None = None) -> dict:
+    """What differs between the processes of a run, for its own checkpoint entry: its RNG
+    states (CPU and CUDA: dropout), the loss sums of the epoch so far, and its encoders' buffers
+    (batch-norm statistics are per process on CPU; validation uses them)."""
+    return {"rng": rng_state(), "sums": dict(sums or {}),
+            "buffers": {part: {name: buffer.detach().cpu() for name, buffer in getattr(trainer, attr).named_buffers()}
+                        for part, attr in _ENCODERS.items()}}
+
+
+def discard_interrupted(run_dir: Path, newer: Path) -> None:
+    """Remove ``run_dir``'s interrupted checkpoint once ``newer`` (written later in the run) supersedes it."""
+    path = Path(run_dir) / INTERRUPTED
+    try:
+        path.unlink()
+    except FileNotFoundError:
+        return
+    except OSError as err:
+        logger.warning("could not remove %s (superseded by %s): %s", path, newer.name, err.strerror or err)
+        return
+    logger.info("removed %s (superseded by %s)", path, newer.name)
+
+
+def training_checkpoint(trainer: Any, epoch: int, progress: dict | None = None, ranks: list | None = None) -> dict:
     """``trainer`` (a :class:`trainer.trainer.Trainer`) as checkpoint content: both encoders, both
     optimizers, the LR schedule, the GradScaler, the last completed ``epoch``, the global step, the
     monitored best, config, class split and embeddings (RNG states are added when saving).
-    ``progress``: where in an unfinished epoch the run stopped (phase, step, loss sums)."""
-    return {"epoch": epoch, "progress": progress, "visual_encoder": trainer.model.state_dict(),
+    ``progress``: where in an unfinished epoch the run stopped (phase, step, loss sums);
+    ``ranks``: every process's :func:`rank_state` (an interrupted run), in rank order."""
+    return {"epoch": epoch, "progress": progress, "world_size": trainer.ctx.world_size, "ranks": ranks,
+            "visual_encoder": trainer.model.state_dict(),
             "semantic_encoder": trainer.semantic_encoder.state_dict(),
             "optimizer": trainer.optimizer.state_dict(), "optimizer_gen": trainer.optimizer_gen.state_dict(),
             "lr_scheduler": trainer.scheduler.state_dict() if trainer.scheduler is not None else None,
@@ -77,7 +103,39 @@ def restore_training(trainer: Any, checkpoint: dict, changes: dict | None = None
     if "rng" in checkpoint:
         set_rng_state(checkpoint["rng"])
         trainer.resume_rng = checkpoint["rng"]
+    trainer.progress = _restore_rank(trainer, checkpoint, progress)
     where = (f"epoch {progress['epoch']}, step {progress['step']}/{progress['steps_per_epoch']}"
              f"{' (validation)' if progress['phase'] == 'validate' else ''}" if progress
              else f"the end of epoch {checkpoint['epoch']}")
     logger.info("resumed at %s (best %s = %s)", where, trainer.mnt_metric, trainer.mnt_best)
+
+
+def _restore_rank(trainer: Any, checkpoint: dict, progress: dict | None) -> dict | None:
+    """This process's own state from the checkpoint's per-process entries (same number of
+    processes: exact); with another number of processes, the run continues from the same sample
+    position, with a warning that it is not bit-exact. Returns the progress to continue from."""
+    ranks, world = checkpoint.get("ranks"), trainer.ctx.world_size
+    saved_world = int(checkpoint.get("world_size") or (len(ranks) if ranks else world))
+    if saved_world == world:
+        if ranks:
+            mine = ranks[trainer.ctx.rank]
+            trainer.resume_rng = mine["rng"]
+            for part, attr in _ENCODERS.items():
+                module = getattr(trainer, attr)
+                for name, value in mine["buffers"][part].items():
+                    module.get_buffer(name).copy_(value)
+            if progress is not None:
+                progress = {**progress, "sums": mine["sums"]}
+        return progress
+    trainer.resume_rng = None   # each process's streams start from the epoch's seeds
+    where = f"the start of epoch {trainer.start_epoch}"
+    if progress is not None:
+        position = progress["step"] * trainer.train_loader.batch_size * world
+        where = f"sample {position} of epoch {progress['epoch']} (step {progress['step']})"
+        if ranks and progress["phase"] == "train":   # each new process carries an equal share of the sums
+            keys = ranks[0]["sums"]
+            progress = {**progress, "sums": {k: sum(r["sums"][k] for r in ranks) / len(ranks) for k in keys}}
+    logger.warning("resuming with %d process(es) a run saved with %d: it continues from %s, but is not bit-exact "
+                   "with an uninterrupted run (the batches are split over the processes differently)",
+                   world, saved_world, where)
+    return progress

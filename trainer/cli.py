@@ -126,6 +126,8 @@ def _run_config(config_path: str | None, raw: dict | None, resume) -> tuple[dict
     from model.official import is_official
     if config_path is not None:
         return load_config(config_path), config_path
+    if raw is None:
+        raise ConfigError("no config given: add -c config.json (or -r a checkpoint or run folder to continue)")
     if is_official(raw):
         raise ConfigError(f"{resume}: an official JoEm checkpoint holds no config or class split; pass -c CONFIG")
     if not isinstance(raw.get("config"), dict):
@@ -176,7 +178,9 @@ def test_run_id(run_id: str) -> str:
 
 
 def main(default_config: str | None = None, argv: list[str] | None = None) -> int:
-    """Parse the command line; train or test, launching one process per GPU when asked."""
+    """Parse the command line; train or test, launching one process per GPU when asked.
+    ``argv`` None: this is the process's command line (its signal handlers stay until it exits)."""
+    process = argv is None
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_arg_parser(default_config)
     if parser.parse_known_args(argv)[0].seeds is not None:   # its own options (--group ...) included
@@ -188,29 +192,40 @@ def main(default_config: str | None = None, argv: list[str] | None = None) -> in
         devices = parse_devices(args.device)
         if devices is not None and len(devices) > 1 and not launched_by_torchrun():
             return _spawn(devices, argv, default_config, args.run_id or new_run_id())
-        return _worker(None, None, argv, default_config, args.run_id)
+        return _worker(None, None, argv, default_config, args.run_id, process)
     except ConfigError as err:
         return error_exit(err)
 
 
 def _spawn(devices: list[int], argv: list[str], default_config: str | None, run_id: str) -> int:
-    """One process per GPU (DDP); this process waits for them (signals reach them, not it)."""
+    """One process per GPU (DDP); this process waits for them and passes a signal it gets on to
+    them (a Ctrl-C reaches them directly), so they stop together at a safe point. Its exit
+    status is theirs (143 / 130 after a signal)."""
     import torch.multiprocessing as mp
     from utils.distributed import free_port
     from utils.signals import StopSignals
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     os.environ.setdefault("MASTER_PORT", str(free_port()))
-    with StopSignals() as stop, stop.deferred():
+    with StopSignals(keep=True) as stop, stop.deferred():
+        context = mp.spawn(_worker, args=(len(devices), argv, default_config, run_id, True), nprocs=len(devices),
+                           join=False)
+        passed = False
         try:
-            mp.spawn(_worker, args=(len(devices), argv, default_config, run_id), nprocs=len(devices), join=True)
+            while not context.join(timeout=0.2):
+                if stop.requested and not passed:
+                    passed = True
+                    for process in context.processes:
+                        if process.is_alive():
+                            os.kill(process.pid, stop.signum)
         except mp.ProcessExitedException as err:
             return err.exit_code
     return 0
 
 
 def _worker(rank: int | None, world_size: int | None, argv: list[str], default_config: str | None,
-            run_id: str | None) -> int:
-    """One process of the run: its exit status (0, 2 bad input, 3 diverged, 128 + signal)."""
+            run_id: str | None, process: bool = False) -> int:
+    """One process of the run: its exit status (0, 2 bad input, 3 diverged, 128 + signal).
+    ``process``: it ends this process (signals stay handled, and ignored once the run is over)."""
     from base.base_trainer import TrainingDiverged
     from trainer.session import run
     from utils.distributed import broadcast_object, cleanup, init_process, parse_devices
@@ -220,7 +235,7 @@ def _worker(rank: int | None, world_size: int | None, argv: list[str], default_c
     retain_freed_memory()
     args = build_arg_parser(default_config).parse_args(argv)
     code, ctx = 0, None
-    with StopSignals() as stop:
+    with StopSignals(keep=process) as stop:
         try:
             ctx = init_process(parse_devices(args.device), rank, world_size)
             start_logging(ctx.is_main)
@@ -241,6 +256,7 @@ def _worker(rank: int | None, world_size: int | None, argv: list[str], default_c
                 logging.getLogger("joem").warning("%s", err) if logging.getLogger().handlers else print(err)
             code = err.exit_code
         finally:
+            stop.end()   # the run is over: a later signal (a launcher ending the others) is ignored
             cleanup()
     if rank is not None and code:
         raise SystemExit(code)

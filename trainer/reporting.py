@@ -2,16 +2,18 @@
 prediction masks and TensorBoard (scalars, sweep curve, images)."""
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import os
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Iterator, Sequence
 
 import torch
 
 from data_loader.transforms import denormalize
 from trainer.sweep import format_sweep_table, sweep_figure, write_sweep
-from utils.util import atomic_write, json_safe
+from utils.util import atomic_write, json_safe, storage_error
 from utils.visualization import colorize, save_mask
 
 logger = logging.getLogger("joem")
@@ -55,7 +57,18 @@ class Reporter:
         self.writer = None
         if is_main and tensorboard:
             from torch.utils.tensorboard import SummaryWriter
-            self.writer = SummaryWriter(log_dir=str(self.run_dir / "tensorboard"))
+            with self._tensorboard_errors("create folder"):
+                self.writer = SummaryWriter(log_dir=str(self.run_dir / "tensorboard"))
+
+    @contextlib.contextmanager
+    def _tensorboard_errors(self, what: str = "write") -> Iterator[None]:
+        """A failed TensorBoard write (its events are written by a thread that reports the error
+        at the next call) is a one-line StorageError naming the folder."""
+        try:
+            yield
+        except OSError as err:
+            self.writer = None   # nothing more is written there (closing it would fail again)
+            raise storage_error(err, self.run_dir / "tensorboard", what) from None
 
     @property
     def wants_images(self) -> bool:
@@ -63,8 +76,9 @@ class Reporter:
 
     def training_step(self, global_step: int, losses: dict[str, torch.Tensor]) -> None:
         if self.writer is not None and global_step % self.log_step == 0:
-            for key, value in losses.items():
-                self.writer.add_scalar(f"train/loss_{key}", float(value), global_step)
+            with self._tensorboard_errors():
+                for key, value in losses.items():
+                    self.writer.add_scalar(f"train/loss_{key}", float(value), global_step)
 
     def epoch(self, epoch: int, epochs: int, means: dict[str, float], lrs: dict[str, float], seconds: float,
               steps: int) -> None:
@@ -74,8 +88,10 @@ class Reporter:
                     epoch, epochs, means["loss_total"], means["loss_ce"], means["loss_bar"], means["loss_sc"],
                     " ".join(f"{k}={v:.3g}" for k, v in lrs.items()), seconds, seconds / max(1, steps))
         if self.writer is not None:
-            for key, value in {**means, **{f"lr_{k}": v for k, v in lrs.items()}}.items():
-                self.writer.add_scalar(f"epoch/{key}", value, epoch)
+            with self._tensorboard_errors():
+                for key, value in {**means, **{f"lr_{k}": v for k, v in lrs.items()}}.items():
+                    self.writer.add_scalar(f"epoch/{key}", value, epoch)
+                self.writer.flush()
 
     def evaluation(self, epoch: int, split_name: str, main: dict, records: list[dict], summary: dict | None,
                    samples: list[dict]) -> None:
@@ -85,25 +101,26 @@ class Reporter:
             return
         logger.info("%s (epoch %d, sigma %g):\n%s", split_name, epoch, main["sigma"], format_metrics_table(main))
         logger.info("per-class IoU:\n%s", format_class_table(main, self.unseen_names))
-        with self.metrics_path.open("a") as handle:
-            for record in records:
-                record = main if record["sigma"] == main["sigma"] else record
-                handle.write(json.dumps(json_safe({"epoch": epoch, "split": split_name, "precision": self.precision,
-                                                   **record})) + "\n")
+        lines = [json.dumps(json_safe({"epoch": epoch, "split": split_name, "precision": self.precision,
+                                       **(main if record["sigma"] == main["sigma"] else record)})) + "\n"
+                 for record in records]
+        append_text(self.metrics_path, "".join(lines))
         if summary is not None:
             logger.info("calibration sweep (%s, epoch %d):\n%s", split_name, epoch, format_sweep_table(summary))
             paths = write_sweep(self.run_dir, summary, f"sweep_{split_name}")
             logger.info("sweep written: %s", ", ".join(str(p) for p in paths))
         if self.writer is not None:
-            for key, value in main.items():
-                if isinstance(value, float):
-                    self.writer.add_scalar(f"{split_name}/{key}", value, epoch)
-            if summary is not None:
-                self.writer.add_figure(f"{split_name}/seen_unseen_curve", sweep_figure(summary), epoch)
-            for index, sample in enumerate(samples):
-                panel = torch.cat([denormalize(sample["image"]), colorize(sample["label"]),
-                                   colorize(sample["pred"][0])], dim=2)
-                self.writer.add_image(f"{split_name}/image_truth_prediction_{index}", panel, epoch)
+            with self._tensorboard_errors():
+                for key, value in main.items():
+                    if isinstance(value, float):
+                        self.writer.add_scalar(f"{split_name}/{key}", value, epoch)
+                if summary is not None:
+                    self.writer.add_figure(f"{split_name}/seen_unseen_curve", sweep_figure(summary), epoch)
+                for index, sample in enumerate(samples):
+                    panel = torch.cat([denormalize(sample["image"]), colorize(sample["label"]),
+                                       colorize(sample["pred"][0])], dim=2)
+                    self.writer.add_image(f"{split_name}/image_truth_prediction_{index}", panel, epoch)
+                self.writer.flush()
 
     def keep_records_until(self, epoch: int) -> None:
         """A run continued in its folder from the end of ``epoch``: evaluations it will redo are
@@ -143,5 +160,22 @@ class Reporter:
 
     def close(self) -> None:
         if self.writer is not None:
-            self.writer.close()
+            with self._tensorboard_errors():
+                self.writer.close()
             self.writer = None
+
+
+def append_text(path: Path, text: str) -> None:
+    """Append ``text`` to a file in one write; a failure (full disk, read-only folder) is a
+    one-line StorageError and leaves the file as it was (no partial line)."""
+    size = path.stat().st_size if path.is_file() else None
+    try:
+        with open(path, "a") as handle:
+            handle.write(text)
+    except OSError as err:
+        if size is not None:
+            try:
+                os.truncate(path, size)
+            except OSError:
+                pass
+        raise storage_error(err, path) from None

@@ -6,7 +6,7 @@ import logging
 from pathlib import Path
 from typing import Any, Iterator, Mapping
 
-from utils.checkpoint import load_checkpoint
+from utils.checkpoint import checkpoint_files, load_checkpoint
 from utils.util import ConfigError
 
 logger = logging.getLogger("joem")
@@ -18,12 +18,6 @@ REFUSED = {"optimizer.type": "the saved optimizer state belongs to the old optim
            "lr_scheduler.interval": "the schedule's position counts epochs or steps"}
 MID_EPOCH_REFUSED = {"data_loader.batch_size": "the interrupted epoch was split into batches of the old size",
                      "seed": "the interrupted epoch's order was drawn from the old seed"}
-
-
-def checkpoint_files(folder: Path) -> list[Path]:
-    """The folder's checkpoints, newest first (by modification time); temporaries excluded."""
-    files = [p for p in Path(folder).glob("*.pth") if not p.name.startswith(".")]
-    return sorted(files, key=lambda p: p.stat().st_mtime, reverse=True)
 
 
 def find_resumable(folder: Path) -> tuple[Path, dict] | None:

@@ -14,7 +14,8 @@ from tqdm import tqdm
 
 from base.base_trainer import BaseTrainer, TrainingDiverged
 from data_loader.loader import steps_per_epoch
-from trainer.checkpointing import restore_training, training_checkpoint
+from trainer.checkpointing import (INTERRUPTED, discard_interrupted, rank_state, restore_training,
+                                  training_checkpoint)
 from trainer.evaluate import validate
 from trainer.parallel import gradient_average, training_forward
 from trainer.reporting import Reporter
@@ -23,9 +24,11 @@ from trainer.settings import RunSettings
 from trainer.step import NonFiniteLoss, norms_finite, train_step
 from utils.amp import amp_dtype
 from utils.checkpoint import save_checkpoint, set_rng_state
-from utils.distributed import DistContext, all_reduce_sum
+from utils.distributed import (AgreedBatches, DistContext, agreed_signal, all_gather_object, all_reduce_sum,
+                               broadcast_object)
 from utils.logger import progress_enabled
 from utils.signals import Interrupted, StopSignals
+from utils.util import ConfigError
 
 logger = logging.getLogger("joem")
 
@@ -91,12 +94,14 @@ class Trainer(BaseTrainer):
         """Per-epoch seeding: the same epoch sees the same data order, augmentation and dropout
         whether the run was resumed or not; a resumed epoch starts at ``start_step``."""
         seed_everything(self.settings.seed * 100003 + epoch * 1009 + self.ctx.rank)
-        self.train_loader.sampler.set_epoch(epoch, start_step * self.train_loader.batch_size)
+        if self.train_loader.generator is not None:   # the loader's own draws (worker seeds)
+            self.train_loader.generator.manual_seed(self.settings.seed * 100003 + epoch * 1009 + self.ctx.rank)
+        # the position counts the samples of every process (an epoch resumed with another number continues there)
+        self.train_loader.sampler.set_epoch(epoch, start_step * self.train_loader.batch_size * self.ctx.world_size)
 
     def _stop_requested(self) -> bool:
-        """Whether a signal asks the run to stop (every process agrees on the same step)."""
-        flag = torch.tensor(float(self.stop.requested), device=self.device)
-        return bool(all_reduce_sum(flag) > 0) if self.ctx.distributed else bool(flag)
+        """Whether a signal asks the run to stop (every process agrees on the same step and signal)."""
+        return bool(agreed_signal(self.stop, self.device)) if self.ctx.distributed else self.stop.requested
 
     def _train_epoch(self, epoch: int) -> dict:
         progress, self.progress = (self.progress if self.progress and self.progress["epoch"] == epoch else None), None
@@ -155,12 +160,24 @@ class Trainer(BaseTrainer):
 
     def _interrupt(self, epoch: int, progress: dict | None) -> None:
         """Save ``checkpoint-interrupted.pth`` (the position inside ``epoch``, or its end when
-        ``progress`` is None) and stop with :class:`Interrupted`."""
+        ``progress`` is None; every process's own state in it) and stop with :class:`Interrupted`
+        (on every process once the file is written)."""
         if progress is not None:
             progress = {"epoch": epoch, "steps_per_epoch": self.steps_per_epoch, **progress}
-        path = self.run_dir / "checkpoint-interrupted.pth"
+        path = self.run_dir / INTERRUPTED
+        ranks = all_gather_object(rank_state(self, (progress or {}).get("sums")))
+        failure = None
         if self.is_main:
-            self._save_checkpoint(path, self.completed_epoch, progress)
+            try:
+                self._save_checkpoint(path, self.completed_epoch, progress, ranks)
+            except Exception as err:
+                failure = err
+        if self.ctx.distributed:   # no process ends before the file is written (a launcher would kill the writer)
+            message = broadcast_object(None if failure is None else f"{type(failure).__name__}: {failure}")
+            if message is not None and failure is None:
+                raise ConfigError(f"the interrupted checkpoint was not written by process 0 ({message})")
+        if failure is not None:
+            raise failure
         if progress is None:
             where = f"the end of epoch {epoch}"
         elif progress["phase"] == "validate":
@@ -186,24 +203,30 @@ class Trainer(BaseTrainer):
         """Evaluate the current weights on the validation loader and report (see
         :func:`trainer.evaluate.validate`); the encoders return to training mode."""
         trainer = self.settings.trainer
-        record = validate(self.model, self.semantic_encoder, self.val_loader, self.split, self.embeddings,
+        loader, stop = self.val_loader, self.stop
+        if self.ctx.distributed:   # the processes agree before every batch whether to stop
+            loader, stop = AgreedBatches(self.val_loader, self.stop, self.device), None
+        record = validate(self.model, self.semantic_encoder, loader, self.split, self.embeddings,
                           self.settings.inference, self.reporter, epoch=epoch, split_name=split_name,
                           device=self.device, amp=trainer.amp, channels_last=trainer.channels_last,
                           keep_samples=trainer.tensorboard_images if self.reporter.wants_images else 0,
                           save_predictions=split_name == "test" and self.settings.inference.save_predictions,
-                          stop=self.stop)
+                          stop=stop)
         self.best_sigma = record.get("best_sigma", self.best_sigma)
         self.model.train()
         self.semantic_encoder.train()
         return record
 
-    def _save_checkpoint(self, path: Path, epoch: int, progress: dict | None = None) -> None:
-        """Write a checkpoint, never one whose weights are not finite (or overflow float32)."""
+    def _save_checkpoint(self, path: Path, epoch: int, progress: dict | None = None, ranks: list | None = None) -> None:
+        """Write a checkpoint, never one whose weights are not finite (or overflow float32); a
+        newer one supersedes (removes) an interrupted checkpoint this run resumed from."""
         if not norms_finite([*self.model.parameters(), *self.semantic_encoder.parameters()]):
             raise TrainingDiverged(f"the weights are not finite after epoch {self.epoch}, step {self.global_step}: "
                                    f"{path.name} was not written; {self._last_good()}")
-        save_checkpoint(path, **training_checkpoint(self, epoch, progress))
+        save_checkpoint(path, **training_checkpoint(self, epoch, progress, ranks))
         logger.debug("saved %s", path)
+        if path.name != INTERRUPTED:
+            discard_interrupted(self.run_dir, path)
 
     def resume(self, checkpoint: dict, path: Path, changes: dict | None = None) -> None:
         """Continue from a full training checkpoint (weights already loaded) read from ``path``."""

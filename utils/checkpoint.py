@@ -60,6 +60,25 @@ def architecture(config: dict) -> dict:
     return arch
 
 
+def checkpoint_files(folder: str | Path) -> list[Path]:
+    """The folder's checkpoints, newest first (by modification time); temporaries excluded."""
+    files = [p for p in Path(folder).glob("*.pth") if not p.name.startswith(".")]
+    return sorted(files, key=lambda p: p.stat().st_mtime, reverse=True)
+
+
+def run_checkpoint(folder: str | Path) -> tuple[Path, str]:
+    """The checkpoint a run folder stands for (inference): its ``model_best.pth``, else its newest
+    checkpoint; with a note saying which, for the user."""
+    folder = Path(folder)
+    best = folder / "model_best.pth"
+    if best.is_file():
+        return best, "the run's best checkpoint"
+    files = checkpoint_files(folder)
+    if not files:
+        raise ConfigError(f"{folder}: no checkpoint (*.pth) in this run folder")
+    return files[0], "the run's newest checkpoint: it has no model_best.pth"
+
+
 def save_checkpoint(path: str | Path, **content: Any) -> None:
     """Atomically write a checkpoint dict (plus format tag and RNG states)."""
     atomic_torch_save({"format": FORMAT, "version": VERSION, "rng": rng_state(), **content}, path)

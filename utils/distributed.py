@@ -1,13 +1,16 @@
-"""Device selection and DistributedDataParallel set-up (self-launched or under torchrun)."""
+"""Device selection and DistributedDataParallel set-up (self-launched or under torchrun), the
+collectives the trainer uses, and stops every process agrees on."""
 from __future__ import annotations
 
 import os
 import socket
 from dataclasses import dataclass
+from typing import Any, Iterable, Iterator
 
 import torch
 import torch.distributed as dist
 
+from utils.signals import Interrupted, StopSignals
 from utils.util import ConfigError
 
 
@@ -117,3 +120,58 @@ def broadcast_object(obj):
         dist.broadcast_object_list(holder, src=0)
         return holder[0]
     return obj
+
+
+def _distributed() -> bool:
+    return dist.is_initialized() and dist.get_world_size() > 1
+
+
+def all_reduce_max(value: int, device: torch.device | None = None) -> int:
+    """The largest of every process's ``value`` (``value`` itself when not distributed)."""
+    if not _distributed():
+        return value
+    tensor = torch.tensor([value], dtype=torch.int64, device=device)
+    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+    return int(tensor.item())
+
+
+def all_gather_object(obj: Any) -> list:
+    """Every process's ``obj``, in rank order (``[obj]`` when not distributed)."""
+    if not _distributed():
+        return [obj]
+    gathered: list = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, obj)
+    return gathered
+
+
+def agreed_signal(stop: StopSignals, device: torch.device | None = None) -> int:
+    """The signal that stops the run, agreed by every process (0: none): a process that got no
+    signal takes the others' (so every process stops at the same point with the same status)."""
+    signum = all_reduce_max(stop.signum or 0, device)
+    if signum and not stop.signum:
+        stop.signum = signum
+    return signum
+
+
+class AgreedBatches:
+    """An evaluation loader whose stop poll every process takes together: before each batch the
+    processes agree whether a signal arrived (:class:`utils.signals.Interrupted` on all of
+    them), and a process whose shard has fewer batches polls until the longest one is done, so
+    no process waits in a collective that another one left."""
+
+    def __init__(self, loader: Iterable, stop: StopSignals, device: torch.device | None = None):
+        self.loader, self.stop, self.device = loader, stop, device
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self) -> Iterator:
+        own = len(self.loader)
+        most = all_reduce_max(own, self.device)
+        batches = iter(self.loader)
+        for index in range(most):
+            signum = agreed_signal(self.stop, self.device)
+            if signum:
+                raise Interrupted(signum)
+            if index < own:
+                yield next(batches)

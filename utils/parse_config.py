@@ -19,6 +19,7 @@ from utils.util import ConfigError, read_json
 
 BASE_KEY = "_base_"
 FREE = "*"   # a schema node whose keys are not checked (constructor ``args``, ...)
+NULLABLE = "?"   # a schema leaf that may be set to null (``-o key=null``)
 
 
 class CustomArgs(NamedTuple):
@@ -84,9 +85,11 @@ def set_by_path(config: dict, dotted: str, value: Any, schema: Mapping | None = 
     """Set ``config[a][b][c] = value`` for ``"a.b.c"``.
 
     The path must lead through objects. Its last key must exist already or be a key the
-    ``schema`` knows (``{section: {key: None | nested schema | FREE}}``; FREE accepts any
-    key below it); without a schema only existing keys may be set. An unknown path is a
-    ConfigError naming it (and the valid keys at the point where it went wrong).
+    ``schema`` knows (``{section: {key: None | NULLABLE | nested schema | FREE}}``; FREE accepts
+    any key below it); without a schema only existing keys may be set. An unknown path is a
+    ConfigError naming it (and the valid keys at the point where it went wrong), and so is a
+    null ``value`` unless the schema says the key may be null (a NULLABLE leaf, or a key below
+    FREE; without a schema: a key that does not hold an object).
     """
     keys = dotted.split(".")
     node, spec = config, schema
@@ -98,6 +101,9 @@ def set_by_path(config: dict, dotted: str, value: Any, schema: Mapping | None = 
             raise ConfigError(f"config key {dotted}: unknown key {key!r}"
                               f"{' under ' + '.'.join(keys[:depth]) if depth else ''}; valid: {', '.join(valid)}")
         if last:
+            if value is None and not _may_be_null(spec, key, node):
+                raise ConfigError(f"config key {dotted}: may not be null (-o {dotted}=null); give a value, or leave "
+                                  "the key out of the override")
             node[key] = value
             return
         if key not in node:
@@ -109,6 +115,12 @@ def set_by_path(config: dict, dotted: str, value: Any, schema: Mapping | None = 
         spec = FREE if spec == FREE else (spec.get(key) if isinstance(spec, Mapping) else None)
 
 
+def _may_be_null(spec: Any, key: str, node: Mapping) -> bool:
+    if spec is None:   # no schema: any key but a section
+        return not isinstance(node.get(key), Mapping)
+    return spec == FREE or (isinstance(spec, Mapping) and spec.get(key) == NULLABLE)
+
+
 def new_run_id() -> str:
     """A run folder name that does not collide: microsecond time plus a random suffix."""
     return f"{datetime.now().strftime('%Y%m%d_%H%M%S_%f')}_{secrets.token_hex(2)}"
@@ -118,7 +130,7 @@ class ConfigParser:
     """The resolved config with its overrides, the checkpoint to resume and the run folder.
 
     ``config``: the parsed JSON (``_base_`` already resolved); ``overrides``: ``{"a.b": value}``
-    applied in order (None values skipped) and checked against ``schema``; ``run_id``: the run
+    applied in order (a None value is a null, allowed where the ``schema`` says) and checked against ``schema``; ``run_id``: the run
     folder name (default :func:`new_run_id`); ``run_dir``: an explicit folder (instead of
     ``<trainer.save_dir>/<name>/<run_id>``). Nothing is written until :meth:`create_run_dir`.
     """
@@ -129,8 +141,7 @@ class ConfigParser:
         self._config = copy.deepcopy(dict(config))
         self._config.pop(BASE_KEY, None)
         for key, value in (overrides or {}).items():
-            if value is not None:
-                set_by_path(self._config, key, value, schema)
+            set_by_path(self._config, key, value, schema)
         self.resume = Path(resume) if resume is not None else None
         self.config_path = Path(config_path) if config_path is not None else None
         if run_dir is None:

@@ -7,6 +7,7 @@ import types
 import typing
 from typing import Any, Mapping, TypeVar
 
+from utils.parse_config import NULLABLE
 from utils.util import ConfigError
 
 T = TypeVar("T")
@@ -34,9 +35,21 @@ def _accepts(hint: Any, value: Any) -> bool:
     return isinstance(value, hint) if isinstance(hint, type) else True
 
 
-def section_keys(cls: type) -> dict[str, None]:
-    """The keys a section dataclass accepts (schema node for overrides)."""
-    return {field.name: None for field in dataclasses.fields(cls)}
+def section_keys(cls: type) -> dict[str, str | None]:
+    """The keys a section dataclass accepts (schema node for overrides): NULLABLE for those whose
+    type admits None, else None."""
+    hints = typing.get_type_hints(cls)
+    return {field.name: NULLABLE if _accepts(hints[field.name], None) else None for field in dataclasses.fields(cls)}
+
+
+def check_types(cls: type, values: Mapping, name: str, source: str = "config") -> None:
+    """Check the given ``values`` against the dataclass ``cls``'s field types (counts must be
+    integers: ``1e12`` is a float) before they are used; a one-line ConfigError names the key."""
+    hints = typing.get_type_hints(cls)
+    for key, value in values.items():
+        if key in hints and not _accepts(hints[key], value):
+            raise ConfigError(f"{name}.{key}: invalid value {value!r} (file {source}); expected "
+                              f"{getattr(hints[key], '__name__', hints[key])}")
 
 
 def parse_section(cls: type[T], values: Mapping | None, name: str, source: str = "config") -> T:

@@ -3,7 +3,9 @@
 Outside a :meth:`StopSignals.deferred` section a signal stops the run at once (start-up, a
 ``--test`` evaluation: nothing to save). Inside it, the signal is only recorded: the training
 loop polls :attr:`StopSignals.requested` at its safe points (after a step, between evaluation
-batches, never inside a checkpoint write), saves a resumable checkpoint and stops.
+batches, never inside a checkpoint write), saves a resumable checkpoint and stops. Once the
+run has ended (:meth:`StopSignals.end`) further signals are ignored: a run that finished exits
+0, one that stopped exits with the status of the signal that stopped it.
 """
 from __future__ import annotations
 
@@ -28,10 +30,17 @@ class Interrupted(Exception):
 
 
 class StopSignals:
-    """Handlers for SIGINT/SIGTERM, installed for the life of a ``with`` block."""
+    """Handlers for SIGINT/SIGTERM, installed for the life of a ``with`` block.
 
-    def __init__(self) -> None:
+    ``keep``: leave the handlers installed after the block (ignoring signals): for a process
+    that ends right after it (a command line, a DDP worker), so that a late signal (a launcher
+    terminating the other workers, a scheduler's signal after the run finished) cannot turn
+    its exit status into a kill by that signal."""
+
+    def __init__(self, keep: bool = False) -> None:
         self.signum: int | None = None
+        self.keep = keep
+        self.ended = False
         self._deferring = 0
         self._previous: dict[int, object] = {}
 
@@ -41,11 +50,16 @@ class StopSignals:
         return self
 
     def __exit__(self, *exc) -> None:
-        for signum, handler in self._previous.items():
-            signal.signal(signum, handler)
+        if self.keep:
+            self.end()
+        else:
+            for signum, handler in self._previous.items():
+                signal.signal(signum, handler)
         self._previous.clear()
 
     def _handle(self, signum: int, frame) -> None:
+        if self.ended:
+            return
         first = self.signum is None
         self.signum = self.signum or signum
         if self._deferring:
@@ -59,6 +73,10 @@ class StopSignals:
     def requested(self) -> bool:
         return self.signum is not None
 
+    def end(self) -> None:
+        """The run is over (finished, or stopped with its checkpoint written): ignore later signals."""
+        self.ended = True
+
     @contextlib.contextmanager
     def deferred(self) -> Iterator[None]:
         """Signals only set :attr:`requested` inside this block (nested blocks allowed)."""
@@ -70,5 +88,5 @@ class StopSignals:
 
     def check(self) -> None:
         """Raise :class:`Interrupted` when a signal arrived (outside the training loop's polling)."""
-        if self.signum is not None:
+        if self.signum is not None and not self.ended:
             raise Interrupted(self.signum)
