@@ -169,4 +169,39 @@ def test_all_seeds_failing_returns_their_exit_code(tmp_path, capsys):
     code, lines = _main("-c", config, "--seeds", "3", "--group", "bad", "--epochs", "x")
     assert code == 2 and any(line.startswith("[seed3] ") and "--epochs" in line for line in lines)
     assert "error: all 1 seed(s) failed" in capsys.readouterr().err
-    assert not (tmp_path / "saved").exists()
+    assert not (tmp_path / "saved" / "tiny" / "bad").exists()   # the group folder it locked is removed
+
+
+@pytest.mark.slow   # two real multi-seed commands at once
+def test_two_groups_at_once_one_is_refused_and_the_aggregate_is_complete(tmp_path):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+    root = Path(__file__).resolve().parents[1]
+    config = write_tiny_config(tmp_path, tmp_path / "cache", trainer__epochs=1, data__synthetic__num_train=12)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(root)}
+    command = [sys.executable, str(root / "train_pascal_zs3setting.py"), "-c", str(config), "-d", "cpu",
+               "--seeds", "1,2", "--group", "g"]
+    procs = [subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True) for _ in range(2)]
+    results = sorted((proc.wait(timeout=600), *proc.communicate()) for proc in procs)
+    folder = tmp_path / "saved" / "tiny" / "g"
+    (ok, out, _), (refused, refused_out, err) = results
+    assert ok == 0 and refused == 2, results
+    assert err.count("\n") == 1 and err.startswith(f"error: {folder}: group folder in use by pid ")
+    assert "[seed" not in refused_out   # it trained nothing
+    doc = json.loads((folder / "aggregate.json").read_text())
+    assert doc["n"] == 2 and doc["seeds"] == [1, 2] and doc["failed"] == [] and doc["note"] == "n = 2 seeds"
+    assert not (folder / "group.lock").exists()
+    # the aggregate is what is on disk: recomputed from the seed folders alone
+    for name in ("aggregate.json", "aggregate.md"):
+        (folder / name).unlink()
+    (folder / "seed3").mkdir()
+    (folder / "seed3" / "run.json").write_text(json.dumps({"status": "interrupted"}))
+    with contextlib.redirect_stdout(io.StringIO()) as out:
+        assert agg.main([str(folder)]) == 0
+    again = json.loads((folder / "aggregate.json").read_text())
+    assert again["seeds"] == [1, 2] and again["n"] == 2 and again["means"]["mIoU_harmonic"] == doc["means"]["mIoU_harmonic"]
+    assert again["failed"] == [{"seed": 3, "exit_code": None, "reason": "run.json status interrupted"}]
+    assert out.getvalue().rstrip().endswith(f"aggregate: {folder / 'aggregate.json'}")

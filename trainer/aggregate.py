@@ -1,18 +1,21 @@
 """Multi-seed aggregates: one row per run folder, mean ± sample std (ddof=1), side-by-side comparisons.
 
-Command line: ``python -m trainer.aggregate compare A.json B.json [--labels A,B] [--out FILE.md]``.
+Command lines: ``python -m trainer.aggregate GROUP_FOLDER`` (recompute a group's aggregate from
+what is on disk) and ``python -m trainer.aggregate compare A.json B.json [--labels A,B] [--out FILE.md]``.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import math
+import re
 import statistics
 import sys
 from pathlib import Path
 from typing import Any, Sequence
 
 from model.inference import sigma_values
+from utils.run_dir import FINISHED, GROUP_LOCK_NAME, RunLock, read_status
 from utils.util import ConfigError, atomic_write, error_exit, read_json, write_json
 
 # (key, column label, format): the per-seed values that are averaged over seeds.
@@ -91,6 +94,49 @@ def read_run(run_dir: str | Path, wall_s: float | None = None) -> dict:
     row["ausuc"] = _number(sweep.get("ausuc"))
     row["wall_s"] = _number(wall_s)
     return row
+
+
+# --- a group folder on disk ----------------------------------------------------------------------
+SEED_FOLDER = re.compile(r"(?:test_)?seed(-?\d+)")
+
+
+def seed_run_folders(folder: str | Path) -> dict[int, Path]:
+    """The seed run folders of a group (``seedN``) or of its test-only evaluation (``test_seedN``)."""
+    found = {}
+    for path in Path(folder).iterdir() if Path(folder).is_dir() else []:
+        match = SEED_FOLDER.fullmatch(path.name)
+        if match and path.is_dir():
+            found[int(match.group(1))] = path
+    return dict(sorted(found.items()))
+
+
+def aggregate_folder(folder: str | Path, command: Sequence[str] | None = None, config: str | None = None,
+                     failed: Sequence[dict] = (), walls: dict[str, float] | None = None) -> dict | None:
+    """The aggregate of every seed folder of ``folder`` whose ``run.json`` says finished (so it
+    never misses a finished seed, whichever process ran it); seed folders that did not finish are
+    listed as failed with their status, as are the ``failed`` seeds of this command that have no
+    finished run. ``walls``: wall times by run folder (else the earlier aggregate's). Command,
+    config, title, mode and runs default to the earlier ``aggregate.json``'s. None: no seed finished."""
+    folder = Path(folder)
+    earlier_path = folder / "aggregate.json"
+    earlier = read_json(earlier_path) if earlier_path.is_file() else {}
+    walls = {**{row.get("run_dir"): row.get("wall_s") for row in earlier.get("rows", [])}, **(walls or {})}
+    rows, unfinished = [], []
+    for seed, run in seed_run_folders(folder).items():
+        status = read_status(run).get("status")
+        if status == FINISHED:
+            rows.append(read_run(run, walls.get(str(run))))
+        else:
+            unfinished.append({"seed": seed, "exit_code": None, "reason": f"run.json status {status or 'missing'}"})
+    if not rows:
+        return None
+    done = {row["seed"] for row in rows} | {Path(row["run_dir"]).name for row in rows}
+    failures = [f for f in failed if f.get("seed") not in done]
+    failures += [f for f in unfinished if f["seed"] not in {g.get("seed") for g in failures}]
+    doc = aggregate(rows, command or earlier.get("command"), config or earlier.get("config"), failures)
+    doc.update(title=earlier.get("title") or f"{folder.name}: training", mode=earlier.get("mode") or "train",
+               folder=str(folder), runs=earlier.get("runs", []))
+    return doc
 
 
 # --- statistics over seeds ----------------------------------------------------------------------
@@ -250,9 +296,35 @@ def _compare_command(args: argparse.Namespace) -> int:
     return 0
 
 
+def _group_command(folder: str) -> int:
+    """Recompute ``folder``'s aggregate from its seed folders (the group is locked meanwhile)."""
+    path = Path(folder)
+    if not path.is_dir():
+        raise ConfigError(f"{path}: not a folder")
+    lock = RunLock(path, GROUP_LOCK_NAME, "group folder", "--group")
+    lock.acquire()
+    try:
+        doc = aggregate_folder(path)
+        if doc is None:
+            raise ConfigError(f"{path}: no seed folder (seedN or test_seedN) whose run.json says finished")
+        _, json_path = write_aggregate(doc, path)
+    finally:
+        lock.release()
+    print(aggregate_markdown(doc), end="")
+    print(f"aggregate: {json_path}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
-    """``compare A.json B.json [--labels A,B] [--out FILE.md]``; returns the exit status."""
-    parser = ArgParser(prog="python -m trainer.aggregate", description="aggregates of multi-seed runs")
+    """``GROUP_FOLDER`` or ``compare A.json B.json [--labels A,B] [--out FILE.md]``; returns the exit status."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if len(argv) == 1 and argv[0] not in ("compare", "-h", "--help"):
+        try:
+            return _group_command(argv[0])
+        except ConfigError as err:
+            return error_exit(err)
+    parser = ArgParser(prog="python -m trainer.aggregate", description="aggregates of multi-seed runs; "
+                       "python -m trainer.aggregate GROUP_FOLDER recomputes a group's aggregate from disk")
     commands = parser.add_subparsers(dest="command", required=True, parser_class=ArgParser)
     cmp = commands.add_parser("compare", help="two aggregate.json side by side")
     cmp.add_argument("a", help="aggregate.json of the first group (A)")
@@ -260,7 +332,7 @@ def main(argv: list[str] | None = None) -> int:
     cmp.add_argument("--labels", default=None, help="names of A and B, e.g. JoEm,CE-only")
     cmp.add_argument("--out", default=None, help="also write this Markdown file (and the .json beside it)")
     try:
-        args = parser.parse_args(list(sys.argv[1:] if argv is None else argv))
+        args = parser.parse_args(argv)
         return _compare_command(args)
     except ConfigError as err:
         return error_exit(err)

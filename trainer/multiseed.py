@@ -3,9 +3,11 @@
     python -m trainer.multiseed -c CONFIG --seeds 1,2,3 [-d cpu | -d 0,1,2] [--group NAME] [training args]
     python -m trainer.multiseed --from GROUP_FOLDER --test [--name NAME] [--seeds 1,2] [test args]
 
-Each seed runs ``python -m trainer.cli`` as a subprocess; its run folder is read from the
-``metrics: <path>`` line it prints last. ``aggregate.md`` / ``aggregate.json`` (mean ± sample
-std, ddof=1) go into the group folder (training) or ``GROUP_FOLDER/<name>`` (test mode).
+Each seed runs ``python -m trainer.cli`` as a subprocess. The output folder (the group folder,
+or ``GROUP_FOLDER/<name>`` in test mode) is locked for the command's life (``group.lock``: a
+second command on it is refused before it trains anything). ``aggregate.md`` /
+``aggregate.json`` (mean ± sample std, ddof=1) are computed from what is on disk: every seed
+folder whose ``run.json`` says finished (``python -m trainer.aggregate FOLDER`` recomputes them).
 Exit status: 0 when every seed succeeded; 1 when some failed (the aggregate covers the others);
 when all failed, their common exit code (e.g. 2 for a config error) or 1; 2 for argument errors;
 130 when interrupted.
@@ -23,8 +25,9 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from trainer.aggregate import ArgParser, aggregate, aggregate_markdown, read_run, write_aggregate, write_text
-from utils.parse_config import new_run_id
+from trainer.aggregate import ArgParser, aggregate_folder, aggregate_markdown, write_aggregate, write_text
+from utils.parse_config import ConfigParser, load_config, new_run_id, parse_assignment
+from utils.run_dir import GROUP_LOCK_NAME, RunLock
 from utils.util import ConfigError, error_exit
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -269,11 +272,14 @@ def finish_group(outcomes: list[Outcome], out_dir: Path | None, mode: str, comma
         return codes.pop() if len(codes) == 1 and 0 not in codes else 1
     out_dir = group_folder(good) if out_dir is None else out_dir
     _write_logs(outcomes, out_dir)
-    doc = aggregate([read_run(o.metrics.parent, o.wall_s) for o in good], command, config, failed)
+    doc = aggregate_folder(out_dir, command, config, failed, {str(o.metrics.parent): o.wall_s for o in good})
+    if doc is None:
+        print(f"error: no seed folder of {out_dir} says finished; no aggregate written", file=sys.stderr)
+        return 1
     doc.update(title=f"{out_dir.name}: {'training' if mode == 'train' else 'test-only evaluation'}",
-               mode=mode, folder=str(out_dir), runs=[
-                   {"seed": o.job.seed, "exit_code": o.exit_code, "wall_s": o.wall_s, "command": o.command,
-                    "run_dir": str(o.metrics.parent) if o.metrics else None} for o in outcomes])
+               mode=mode, runs=[{"seed": o.job.seed, "exit_code": o.exit_code, "wall_s": o.wall_s,
+                                 "command": o.command, "run_dir": str(o.metrics.parent) if o.metrics else None}
+                                for o in outcomes])
     _, json_path = write_aggregate(doc, out_dir)
     print(aggregate_markdown(doc), end="")
     print(f"aggregate: {json_path}")
@@ -295,7 +301,22 @@ def _plan_training(args, passthrough: list[str], default_config: str | None) -> 
         raise ConfigError("no config given: add -c config.json")
     _check_passthrough(passthrough, "train")
     group = _check_name(args.group or new_run_id(), "--group")
-    return "train", train_jobs(parse_seeds(args.seeds), group, ["-c", config, *passthrough]), None, config
+    jobs = train_jobs(parse_seeds(args.seeds), group, ["-c", config, *passthrough])
+    return "train", jobs, group_folder_of(config, passthrough, group), config
+
+
+def group_folder_of(config: str, passthrough: list[str], group: str) -> Path:
+    """Where the seeds of ``group`` go: ``<trainer.save_dir>/<name>/<group>`` of the config with
+    the command line's ``--save_dir`` and ``-o`` overrides of those two keys."""
+    overrides, tokens = {}, iter(passthrough)
+    for token in tokens:
+        flag, _, value = token.partition("=")
+        if flag in ("-o", "--override", "--save_dir"):
+            value = value or next(tokens, "")
+            key, value = ("trainer.save_dir", value) if flag == "--save_dir" else parse_assignment(value)
+            if key in ("name", "trainer.save_dir"):
+                overrides[key] = value
+    return ConfigParser(load_config(config), overrides=overrides, run_id=group).run_dir
 
 
 def _plan_test(args, passthrough: list[str]) -> Plan:
@@ -323,8 +344,17 @@ def main(argv: list[str] | None = None, default_config: str | None = None) -> in
             mode, jobs, out_dir, config = _plan_training(args, passthrough, default_config)
         else:
             mode, jobs, out_dir, config = _plan_test(args, passthrough)
-        outcomes = runner.run_all(jobs, device_slots(args.device))
-        return finish_group(outcomes, out_dir, mode, [PROG, *argv], config)
+        slots = device_slots(args.device)
+        created = not out_dir.exists()
+        lock = RunLock(out_dir, GROUP_LOCK_NAME, "group folder", "--group" if mode == "train" else "--name")
+        lock.acquire()   # a second command on the same folder is refused here, before any seed runs
+        try:
+            outcomes = runner.run_all(jobs, slots)
+            return finish_group(outcomes, out_dir, mode, [PROG, *argv], config)
+        finally:
+            lock.release()
+            if created and out_dir.is_dir() and not any(out_dir.iterdir()):
+                out_dir.rmdir()
     except ConfigError as err:
         return error_exit(err)
     except KeyboardInterrupt:

@@ -19,6 +19,7 @@ from pathlib import Path
 from utils.util import ConfigError, make_dirs, read_json, remove_stale_temporaries, storage_error, write_json
 
 LOCK_NAME = "run.lock"
+GROUP_LOCK_NAME = "group.lock"
 STATUS_NAME = "run.json"
 FINISHED = "finished"
 
@@ -45,11 +46,13 @@ def has_results(folder: Path) -> bool:
 
 
 class RunLock:
-    """An exclusive lock on a run folder for as long as this object holds it."""
+    """An exclusive lock on a run folder (or, with ``name="group.lock"`` and ``what="group
+    folder"``, a multi-seed group folder) for as long as this object holds it."""
 
-    def __init__(self, folder: Path):
+    def __init__(self, folder: Path, name: str = LOCK_NAME, what: str = "run folder", hint: str = "--run_id"):
         self.folder = Path(folder)
-        self.path = self.folder / LOCK_NAME
+        self.path = self.folder / name
+        self.what, self.hint = what, hint
         self.handle = None
 
     def acquire(self) -> None:
@@ -67,8 +70,8 @@ class RunLock:
                 holder = handle.read().strip() or "another process"
                 handle.close()
                 if err.errno in (errno.EAGAIN, errno.EACCES):
-                    raise RunFolderBusy(f"{self.folder}: run folder in use by {holder}; wait for it to end, or "
-                                        "choose another --run_id") from None
+                    raise RunFolderBusy(f"{self.folder}: {self.what} in use by {holder}; wait for it to end, or "
+                                        f"choose another {self.hint}") from None
                 raise storage_error(err, self.path, "lock") from None
             if self._still_the_lock_file(handle):
                 break
