@@ -4,10 +4,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 from tests.tiny import read_metrics, write_tiny_config
 
+pytestmark = pytest.mark.slow   # torchrun processes: run with `pytest -m slow tests`
 ROOT = Path(__file__).resolve().parents[1]
 DETERMINISTIC = {  # no random augmentation, dropout or batch statistics: ranks compose exactly
     "data__scale_range": [1.0, 1.0], "data__hflip": False, "data_loader__shuffle": False,

@@ -59,6 +59,7 @@ def _check_aggregate(folder, run_dirs):
     return doc
 
 
+@pytest.mark.slow   # seeds run as subprocesses
 def test_training_group_folders_and_aggregate(group):
     _, code, lines, folder = group
     assert code == 0
@@ -74,6 +75,7 @@ def test_training_group_folders_and_aggregate(group):
     assert "| mean ± std |" in "\n".join(lines)
 
 
+@pytest.mark.slow   # seeds run as subprocesses
 def test_test_only_ablation_over_the_group(group):
     tmp, _, _, folder = group
     code, lines = _main("--from", folder, "--test", "--name", "all", "--calibration", "all", "--sweep", "0.1:10:3")
@@ -89,6 +91,7 @@ def test_test_only_ablation_over_the_group(group):
     assert "| metric | top2 (n=2) | all (n=2) | all − top2 |" in out.read_text()
 
 
+@pytest.mark.slow   # seeds run as subprocesses
 def test_a_failed_seed_is_reported_and_left_out(group, capsys):
     tmp, _, _, folder = group
     broken = tmp / "broken"
@@ -164,6 +167,7 @@ def test_metrics_path_is_the_last_metrics_line():
     assert metrics_path(["nothing here"]) is None
 
 
+@pytest.mark.slow   # seeds run as subprocesses
 def test_all_seeds_failing_returns_their_exit_code(tmp_path, capsys):
     config = write_tiny_config(tmp_path, tmp_path / "cache")
     code, lines = _main("-c", config, "--seeds", "3", "--group", "bad", "--epochs", "x")

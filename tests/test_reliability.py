@@ -26,6 +26,7 @@ from trainer.step import norms_finite
 from utils.parse_config import new_run_id
 from utils.util import atomic_write
 
+pytestmark = pytest.mark.slow   # real training subprocesses: run with `pytest -m slow tests`
 ROOT = Path(__file__).resolve().parents[1]
 DRIVER = ROOT / "tests" / "fault_driver.py"
 FAST = {"data__synthetic__num_train": 24, "data__synthetic__num_val": 3, "data_loader__val_batch_size": 1, "trainer__epochs": 2,

@@ -51,7 +51,8 @@ def training_checkpoint(trainer: Any, epoch: int, progress: dict | None = None, 
             "not_improved": trainer.not_improved, "global_step": trainer.global_step, "best_sigma": trainer.best_sigma,
             "best_checkpoint": str(trainer.best_path) if trainer.best_path is not None else None,
             "config": json.loads(json.dumps(trainer.config.config)), "class_split": trainer.split.to_dict(),
-            "embeddings": trainer.embeddings.detach().cpu(), "architecture": architecture(trainer.config.config)}
+            "embeddings": trainer.embeddings.detach().cpu(), "architecture": architecture(trainer.config.config),
+            "precision": trainer.settings.precision}
 
 
 def _apply_optimizer_settings(trainer: Any, changes: dict) -> None:

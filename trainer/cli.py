@@ -50,7 +50,9 @@ OVERRIDES = [
     CustomArgs(["--lr"], float, "optimizer.args.lr", "visual-encoder base learning rate"),
     CustomArgs(["--bs"], int, "data_loader.batch_size", "total batch size over all processes"),
     CustomArgs(["--epochs"], int, "trainer.epochs", "number of epochs"),
-    CustomArgs(["--amp"], parse_amp, "trainer.amp", "mixed precision: bf16, fp16 or false"),
+    CustomArgs(["--amp"], parse_amp, "trainer.amp",
+               "precision: auto (what the device runs natively: bf16 on GPUs of compute capability >= 8 and "
+               "CPUs with AMX/AVX512-BF16, fp16 on older GPUs, else fp32), bf16, fp16 or false"),
     CustomArgs(["--save_dir"], str, "trainer.save_dir", "root folder of run directories"),
 ]
 
