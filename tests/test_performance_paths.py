@@ -137,3 +137,43 @@ def test_image_pool_branch_runs_in_float32_and_gradients_stay_channels_last():
     (logits.mean() + features.float().pow(2).mean()).backward()
     grad = seen["aspp_input_grad"]
     assert grad.is_contiguous(memory_format=torch.channels_last) and not grad.is_contiguous()
+
+
+def _torchvision_backbone(backbone, x):
+    """The backbone as torchvision's modules compute it (BN as its own step)."""
+    x = backbone.maxpool(backbone.relu(backbone.bn1(backbone.conv1(x))))
+    low = backbone.layer1(x)
+    return low, backbone.layer4(backbone.layer3(backbone.layer2(low)))
+
+
+@pytest.mark.parametrize("depth", [18, 50])
+def test_backbone_with_folded_bn_and_sparse_taps_equals_torchvision_modules(depth):
+    """Inference folds every BN into its conv, and the dilated convs of the last stage at 4 x 4
+    use the taps inside the image: the values equal torchvision's module-by-module computation;
+    in training (BN as its own step) the gradients do too."""
+    torch.manual_seed(0)
+    model = DeepLabV3Plus(10, backbone=depth, freeze_backbone_bn=True)
+    dilated = [m for m in model.backbone.layer4.modules() if isinstance(m, AtrousConv2d)]
+    assert dilated and all(m.sparse_only for m in dilated)
+    assert set(model.state_dict()) == set(DeepLabV3Plus(10, backbone=depth).state_dict())
+    for bn in model.backbone.modules():
+        if isinstance(bn, nn.BatchNorm2d):   # non-trivial statistics, so folding matters
+            bn.running_mean.uniform_(-0.5, 0.5)
+            bn.running_var.uniform_(0.5, 2.0)
+            nn.init.uniform_(bn.weight, 0.5, 1.5)
+            nn.init.uniform_(bn.bias, -0.2, 0.2)
+    x = torch.randn(2, 3, 64, 64)
+    assert any(m.use_taps(torch.zeros(1, 1, 4, 4)) for m in dilated)
+    model.eval()
+    with torch.no_grad():
+        folded, reference = model.backbone(x), _torchvision_backbone(model.backbone, x)
+    for a, b in zip(folded, reference):
+        assert torch.allclose(a, b, rtol=1e-4, atol=1e-4 * float(b.abs().max()))
+    model.train()
+    low, high = model.backbone(x)
+    ref_low, ref_high = _torchvision_backbone(model.backbone, x)
+    params = [model.backbone.conv1.weight, model.backbone.bn1.weight, dilated[-1].weight]
+    grads = torch.autograd.grad(high.square().mean() + low.mean(), params)
+    ref_grads = torch.autograd.grad(ref_high.square().mean() + ref_low.mean(), params)
+    for g, r in zip(grads, ref_grads):
+        assert torch.allclose(g, r, rtol=1e-3, atol=1e-4 * float(r.abs().max()))
