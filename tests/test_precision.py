@@ -96,3 +96,16 @@ def test_a_run_records_the_resolved_precision(tmp_path, monkeypatch, trained_tin
     assert records and {r["precision"] for r in records} == {expected.name}
     checkpoint = torch.load(trained_tiny.checkpoint, weights_only=True)
     assert checkpoint["precision"] == expected.record()
+
+
+def test_resume_on_another_machine_says_the_precision_changed():
+    from trainer.session import _precision_notes
+    here = Precision(False, "auto", "auto: this CPU has no native bf16 (no AMX, no AVX512-BF16)")
+    there = {"amp": "bf16", "requested": "auto", "reason": "auto: this CPU has native bf16 (AMX)"}
+    notes = _precision_notes(here, {"precision": there}, test_only=False)
+    assert len(notes) == 1 and "the checkpoint was trained in bf16 (auto: this CPU has native bf16 (AMX))" in notes[0]
+    assert "continues in fp32 and is not bit-exact" in notes[0]
+    assert _precision_notes(here, {"precision": {**there, "amp": "fp32"}}, test_only=False) == []   # same machine
+    assert _precision_notes(here, {"precision": there}, test_only=True) == []
+    slow = Precision("bf16", "bf16", "as configured", "amp bf16 on a CPU without native bf16 ... slower than fp32")
+    assert _precision_notes(slow, None, test_only=False) == [f"warning: {slow.warning}"]
