@@ -13,25 +13,18 @@ from torch.utils.data import Dataset
 
 from data_loader.classes import (BUILTIN_CLASS_LISTS, ClassSplit, canonical_name, load_class_names, match_names,
                                  parse_aliases, parse_class_split)
-from data_loader.dataset import DataError, LabelDict, LabelFiles, SegmentationDataset, ignore_table, remap_table
-from data_loader.layouts import OVERRIDABLE, label_source, layout_settings, split_label, split_samples
+from data_loader.dataset import LabelDict, LabelFiles, SegmentationDataset, ignore_table, remap_table
+from utils.errors import DataError
+from data_loader.layouts import label_source, layout_settings, split_label, split_samples
 from data_loader.scan import SampleCheck, check_exists, scan
 from data_loader.synthetic import SyntheticParams, ensure_synthetic
 from data_loader.transforms import train_transform, val_transform
 from utils.embeddings import classes_sidecar, load_class_embeddings
 from utils.logger import progress_enabled
-from utils.util import ConfigError
+from utils.schema import DATA_KEYS, DATASET_TYPES, EMBEDDING_KEYS
+from utils.errors import ConfigError
 
 log = logging.getLogger(__name__)
-
-DATASET_TYPES = ("VOC", "Context", "Synthetic", "Custom")
-DATA_KEYS = (
-    "type", "root", "classes", "unseen_classes", "background", "embeddings", "train_split", "val_split",
-    "base_size", "crop_size", "scale_range", "hflip", "remove_unseen_images", "ignore_bg", "ignore_unseen",
-    "skip_bad_samples", "layout", "synthetic", "expected_counts", "ignore_labels", *OVERRIDABLE,
-)
-EMBEDDING_KEYS = ("paths", "normalize", "names", "aliases")
-
 
 def require(cfg: dict, key: str, source: str, kind: type | tuple[type, ...] = object) -> Any:
     """``cfg[key]`` checked for presence and type; ConfigError naming ``data.<key>`` otherwise."""

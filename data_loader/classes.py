@@ -17,9 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
-import torch
 
-from utils.util import ConfigError
+from utils.errors import ConfigError
 
 VOC_CLASSES: tuple[str, ...] = (
     "background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
@@ -246,12 +245,6 @@ class ClassSplit:
     @property
     def seen_names(self) -> tuple[str, ...]:
         return tuple(self.names[i] for i in self.seen)
-
-    def unseen_mask(self) -> torch.Tensor:
-        """Bool tensor ``[num_classes]``, True at unseen classes."""
-        mask = torch.zeros(self.num_classes, dtype=torch.bool)
-        mask[list(self.unseen)] = True
-        return mask
 
     def to_dict(self) -> dict:
         """JSON-able form (stored in checkpoints)."""

@@ -10,7 +10,8 @@ from tqdm import tqdm
 
 from utils.logger import progress_enabled
 
-from data_loader.dataset import DataError, SegmentationDataset
+from data_loader.dataset import SegmentationDataset
+from utils.errors import DataError
 from data_loader.transforms import IGNORE_INDEX
 
 

@@ -25,7 +25,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from utils.sections import check_types
-from utils.util import ConfigError
+from utils.errors import ConfigError
 from utils.visualization import mask_image
 
 GENERATOR_VERSION = 1

@@ -17,7 +17,7 @@ from data_loader.dataset import value_ranges
 from data_loader.layouts import split_label
 from data_loader.scan import SampleCheck, scan
 from utils.parse_config import load_config
-from utils.util import ConfigError, error_exit
+from utils.errors import ConfigError, error_exit
 
 SPLIT_KEYS = ("train_split", "val_split")
 

@@ -30,7 +30,8 @@ import torch
 
 from data_loader.classes import alias_spellings
 from utils.embeddings import NORMALIZATIONS, classes_sidecar, normalize_embeddings
-from utils.util import ConfigError, atomic_torch_save, atomic_write
+from utils.util import atomic_torch_save, atomic_write, write_text
+from utils.errors import ConfigError
 
 FORMATS = ("auto", "word2vec-bin", "word2vec-text", "glove", "fasttext")
 READERS = ("auto", "builtin", "gensim")
@@ -456,6 +457,5 @@ def save_class_embeddings(array: np.ndarray, class_names: Sequence[str], path: P
     else:
         atomic_torch_save(torch.from_numpy(array), path)
     sidecar = classes_sidecar(path)
-    text = "".join(f"{name}\n" for name in class_names).encode("utf-8")
-    atomic_write(sidecar, lambda handle: handle.write(text))
+    write_text("".join(f"{name}\n" for name in class_names), sidecar)
     return sidecar

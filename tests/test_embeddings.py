@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from utils.embeddings import load_class_embeddings
-from utils.util import ConfigError
+from utils.errors import ConfigError
 
 
 def test_formats_roundtrip(tmp_path):

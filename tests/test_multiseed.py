@@ -117,7 +117,7 @@ def test_a_failed_seed_is_reported_and_left_out(group, capsys):
     (["--seeds", "1", "--group", "../up"], "--group"),
     (["--from", "MISSING", "--test"], "not a folder"),
     (["--from", "TMP"], "add --test"),
-    (["--from", "TMP", "--test"], "no seed*/model_best.pth"),
+    (["--from", "TMP", "--test"], "no seed*/model_best.pth nor any other seed*/*.pth checkpoint"),
     (["--from", "TMP", "--test", "-r", "x.pth"], "-r is set for every seed"),
 ])
 def test_argument_errors(tmp_path, capsys, argv, message):

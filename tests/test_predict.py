@@ -13,10 +13,13 @@ from PIL import Image
 
 import predict
 from data_loader.transforms import to_model_input
-from model.inference import SlidingWindow, calibrate, distance_bands, squared_distances, upsampled_squared_distances
+from model.inference import calibrate, distance_bands, squared_distances, upsampled_squared_distances
+from model.predictor import class_mask
+from utils.schema import InferenceSettings, SlidingWindow
+from utils.settings import Settings
 from model.segment import sliding_window_features, tile_boxes, tile_starts
-from model.segmenter import Segmenter, choose_classes, image_tensor
-from model.trained import load_trained_model
+from segmentation.segmenter import Segmenter, choose_classes, image_tensor
+from segmentation.trained import load_trained_model
 from model.visual_encoder import DeepLabV3Plus
 from tests.tiny import fit_prototypes
 from utils.checkpoint import architecture, save_checkpoint
@@ -48,7 +51,7 @@ def ckpt(tmp_path_factory, images) -> Path:
     path = tmp_path_factory.mktemp("ckpt") / "model.pth"
     save_checkpoint(path, epoch=1, visual_encoder=model.state_dict(), semantic_encoder=encoder.state_dict(),
                     config=CONFIG, class_split={"names": NAMES, "unseen": UNSEEN, "ignore_bg": False},
-                    embeddings=centres, architecture=architecture(CONFIG))
+                    embeddings=centres, architecture=architecture(Settings.of_trained(CONFIG)))
     return path
 
 
@@ -247,13 +250,14 @@ def test_segmenter_accepts_paths_pil_arrays_and_tensors(trained, images):
     assert torch.equal(segmenter(torch.from_numpy(np.array(pil)).permute(2, 0, 1)), expected)
     result = segmenter.predict(path, distances=True)
     assert result.distances.shape == (4, 40, 50) and result.tiles == 1
-    assert torch.equal(calibrate(result.distances[None], trained.split.unseen_mask(), 0.5)[0], expected)
+    assert torch.equal(calibrate(result.distances[None], class_mask(trained.split.num_classes, trained.split.unseen), 0.5)[0], expected)
     with pytest.raises(predict.ConfigError, match="H x W x 3 uint8"):
         segmenter(np.zeros((4, 4), np.float32))
 
 
 def test_a_sweep_in_the_checkpoint_uses_its_best_sigma(trained):
-    swept = dataclasses.replace(trained, config={**trained.config, "inference": {"sigma": [0.3, 0.5, 0.7]}})
+    swept = dataclasses.replace(trained, settings=dataclasses.replace(
+        trained.settings, inference=InferenceSettings.from_config({"sigma": [0.3, 0.5, 0.7]})))
     with pytest.raises(predict.ConfigError, match=r"inference.sigma is a sweep \[0.3, 0.5, 0.7\].*give sigma"):
         Segmenter(swept)
     assert Segmenter(dataclasses.replace(swept, best_sigma=0.7)).sigma == 0.7
@@ -317,7 +321,7 @@ def test_output_names_never_overwrite_inputs(tmp_path):
 def test_a_run_folder_gives_its_best_checkpoint_else_its_newest(capsys, ckpt, images, tmp_path):
     import os
     import shutil
-    from model.segmenter import Segmenter
+    from segmentation.segmenter import Segmenter
     run_dir = tmp_path / "run"
     run_dir.mkdir()
     shutil.copy(ckpt, run_dir / "checkpoint-epoch1.pth")

@@ -14,9 +14,10 @@ import sys
 from pathlib import Path
 from typing import Any, Sequence
 
-from model.inference import sigma_values
+from utils.schema import sigma_values
 from utils.run_dir import FINISHED, GROUP_LOCK_NAME, RunLock, read_status
-from utils.util import ConfigError, atomic_write, error_exit, read_json, write_json
+from utils.util import read_json, write_json, write_text
+from utils.errors import ArgParser, ConfigError, error_exit
 
 # (key, column label, format): the per-seed values that are averaged over seeds.
 METRICS: list[tuple[str, str, str]] = [
@@ -222,11 +223,6 @@ def aggregate_markdown(doc: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_text(text: str, path: str | Path) -> None:
-    """Write a text file atomically."""
-    atomic_write(Path(path), lambda handle: handle.write(text.encode()))
-
-
 def write_aggregate(doc: dict, folder: str | Path) -> tuple[Path, Path]:
     """Write ``aggregate.md`` and ``aggregate.json`` into ``folder``; returns their paths."""
     folder = Path(folder)
@@ -271,13 +267,6 @@ def compare_markdown(doc: dict) -> str:
 
 
 # --- command line -----------------------------------------------------------------------------
-class ArgParser(argparse.ArgumentParser):
-    """Argument errors raise ConfigError (one line on stderr, exit 2) instead of printing usage."""
-
-    def error(self, message: str):
-        raise ConfigError(message)
-
-
 def _compare_command(args: argparse.Namespace) -> int:
     labels = [part.strip() for part in args.labels.split(",")] if args.labels else ["A", "B"]
     if len(labels) != 2 or not all(labels):

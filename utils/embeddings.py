@@ -17,7 +17,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from utils.util import ConfigError
+from utils.errors import ConfigError
 
 NORMALIZATIONS = (None, "none", "l2", "max_norm")
 

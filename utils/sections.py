@@ -8,7 +8,7 @@ import typing
 from typing import Any, Mapping, TypeVar
 
 from utils.parse_config import NULLABLE
-from utils.util import ConfigError
+from utils.errors import ConfigError
 
 T = TypeVar("T")
 
