@@ -12,9 +12,9 @@ import torch
 from torch.utils.data import Dataset
 
 from data_loader.classes import (BUILTIN_CLASS_LISTS, ClassSplit, canonical_name, load_class_names, match_names,
-                                 parse_aliases, parse_class_split)
+                                 parse_aliases, parse_class_split, resolve_indices)
 from data_loader.dataset import LabelDict, LabelFiles, SegmentationDataset, ignore_table, remap_table
-from utils.errors import DataError
+from utils.errors import ConfigError, DataError
 from data_loader.layouts import label_source, layout_settings, split_label, split_samples
 from data_loader.scan import SampleCheck, check_exists, scan
 from data_loader.synthetic import SyntheticParams, ensure_synthetic
@@ -22,7 +22,6 @@ from data_loader.transforms import train_transform, val_transform
 from utils.embeddings import classes_sidecar, load_class_embeddings
 from utils.logger import progress_enabled
 from utils.schema import DATA_KEYS, DATASET_TYPES, EMBEDDING_KEYS
-from utils.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -118,29 +117,20 @@ def ignored_values(spec: Any, label_names: Sequence[str], class_names: Sequence[
     """``data.ignore_labels``: raw label values (0..254) and/or names of raw label classes
     (``data.label_classes``) whose pixels become 255. A class of ``data.classes`` cannot be
     ignored (it would never be learned); leave it out of ``classes`` instead."""
-    items = spec if isinstance(spec, (list, tuple)) else [spec]
-    label_index = {canonical_name(name): value for value, name in enumerate(label_names)}
     classes = {canonical_name(name) for name in class_names}
-    values: list[int] = []
-    for item in items:
-        if isinstance(item, int) and not isinstance(item, bool):
-            if not 0 <= item < 255:
-                raise ConfigError(f"data.ignore_labels: value {item} out of range 0..254 (255 is always ignored) "
-                                  f"(file {source})")
-            value = item
-        elif isinstance(item, str) and canonical_name(item) in label_index:
-            value = label_index[canonical_name(item)]
-        else:
-            raise ConfigError(f"data.ignore_labels: {item!r} is neither a label value nor a label class "
-                              f"({', '.join(label_names)}) (file {source})")
+
+    def learned(item: Any, value: int) -> str | None:
         if value < len(label_names) and canonical_name(label_names[value]) in classes:
-            raise ConfigError(f"data.ignore_labels: {item!r} is the class {label_names[value]!r} of data.classes; "
-                              f"to ignore it, name the label values in data.label_classes and leave it out of "
-                              f"data.classes (file {source})")
-        if value in values:
-            raise ConfigError(f"data.ignore_labels: {item!r} is listed twice (file {source})")
-        values.append(value)
-    return tuple(sorted(values))
+            return (f"data.ignore_labels: {item!r} is the class {label_names[value]!r} of data.classes; to ignore it, "
+                    f"name the label values in data.label_classes and leave it out of data.classes (file {source})")
+        return None
+    return tuple(sorted(resolve_indices(
+        spec if isinstance(spec, (list, tuple)) else [spec], label_names, limit=255, check=learned,
+        out_of_range=lambda item: f"data.ignore_labels: value {item} out of range 0..254 (255 is always ignored) "
+                                  f"(file {source})",
+        unknown=lambda item: f"data.ignore_labels: {item!r} is neither a label value nor a label class "
+                             f"({', '.join(label_names)}) (file {source})",
+        duplicate=lambda item, value: f"data.ignore_labels: {item!r} is listed twice (file {source})")))
 
 
 @dataclass

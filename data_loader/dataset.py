@@ -20,8 +20,7 @@ from torch.utils.data import Dataset
 
 from data_loader.classes import canonical_name, class_index
 from data_loader.transforms import IGNORE_INDEX, apply
-from utils.errors import ConfigError
-from utils.errors import DataError, first_line
+from utils.errors import ConfigError, DataError, first_line
 
 log = logging.getLogger(__name__)
 

@@ -28,7 +28,7 @@ from typing import BinaryIO, Iterable, Iterator, Sequence
 import numpy as np
 import torch
 
-from data_loader.classes import alias_spellings
+from data_loader.classes import NAME_SEPARATORS, alias_spellings
 from utils.embeddings import NORMALIZATIONS, classes_sidecar, normalize_embeddings
 from utils.util import atomic_torch_save, atomic_write, write_text
 from utils.errors import ConfigError
@@ -37,7 +37,6 @@ FORMATS = ("auto", "word2vec-bin", "word2vec-text", "glove", "fasttext")
 READERS = ("auto", "builtin", "gensim")
 OUTPUT_SUFFIXES = (".npy", ".pt", ".pth")
 
-_SEPARATORS = re.compile(r"[\s_\-]+")
 _HEADER = re.compile(rb"^\s*(\d+)\s+(\d+)\s*$")
 _FASTTEXT_BIN_MAGIC = struct.pack("<i", 793712314)
 _SNIFF_LIMIT = 1 << 16
@@ -272,7 +271,7 @@ class ClassMatch:
 
 def name_tokens(name: str) -> list[str]:
     """Words of a class name: split on spaces, underscores and hyphens."""
-    return [token for token in _SEPARATORS.split(name.strip()) if token]
+    return [token for token in NAME_SEPARATORS.split(name.strip()) if token]
 
 
 def case_variants(token: str) -> list[str]:

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from data_loader.build import embedding_row_names
-from data_loader.classes import canonical_name, class_index, load_class_names, match_names
+from data_loader.classes import canonical_name, load_class_names, match_names, resolve_indices
 from data_loader.dataset import read_image
 from data_loader.transforms import to_model_input
 from model.predictor import Predictor, class_mask
@@ -142,13 +142,10 @@ def _unseen_indices(chosen: ClassChoice, unseen: Any, ckpt_unseen: set[str]) -> 
     if (isinstance(unseen, str) and unseen.strip().lower() in ("", "none")) or (
             isinstance(unseen, (list, tuple)) and not unseen):
         return []
-    index = class_index(chosen.names)
-    resolved = []
-    for name in load_class_names(unseen, "unseen", None):
-        if canonical_name(name) not in index:
-            raise ConfigError(f"unseen: {name!r} is not among the classes of this run: {', '.join(chosen.names)}")
-        resolved.append(index[canonical_name(name)])
-    return sorted(resolved)
+    return sorted(resolve_indices(
+        load_class_names(unseen, "unseen", None), chosen.names, out_of_range=None,
+        unknown=lambda name: f"unseen: {name!r} is not among the classes of this run: {', '.join(chosen.names)}",
+        duplicate=lambda name, i: f"unseen: duplicate class {name!r} ({chosen.names[i]})"))
 
 
 class Segmenter:

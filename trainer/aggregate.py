@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 from typing import Any, Sequence
 
-from utils.schema import sigma_values
+from utils.schema import InferenceSettings
 from utils.run_dir import FINISHED, GROUP_LOCK_NAME, RunLock, read_status
 from utils.util import read_json, write_json, write_text
 from utils.errors import ArgParser, ConfigError, error_exit
@@ -55,9 +55,9 @@ def read_metrics(run_dir: str | Path) -> list[dict]:
 
 
 def configured_sigma(config: dict) -> float | None:
-    """The single ``inference.sigma`` of a run config; None when it is a sweep or absent."""
-    values = sigma_values(config.get("inference", {}).get("sigma"))
-    return values[0] if len(values) == 1 else None
+    """The single ``inference.sigma`` of a run's recorded config; None when it is a sweep or absent."""
+    section = config.get("inference") or {}
+    return InferenceSettings.from_config(section).sigma if "sigma" in section else None
 
 
 def headline_test_record(records: Sequence[dict], sigma: float | None) -> dict | None:

@@ -11,8 +11,7 @@ from typing import TYPE_CHECKING
 from trainer.options import build_arg_parser, overrides_of
 from utils.parse_config import load_config
 from utils.run_dir import new_run_id
-from utils.errors import ConfigError, error_exit
-from utils.errors import NothingToDo
+from utils.errors import ConfigError, NothingToDo, error_exit
 
 if TYPE_CHECKING:
     from trainer.assemble import RunRequest

@@ -11,8 +11,7 @@ import torch
 import torch.distributed as dist
 
 from utils.signals import StopSignals
-from utils.errors import Interrupted
-from utils.errors import ConfigError
+from utils.errors import ConfigError, Interrupted
 
 
 @dataclass
@@ -21,7 +20,6 @@ class DistContext:
 
     rank: int = 0
     world_size: int = 1
-    local_rank: int = 0
     device: torch.device = torch.device("cpu")
 
     @property
@@ -107,7 +105,7 @@ def init_process(devices: list[int] | None, rank: int | None = None, world_size:
         device = torch.device("cpu")
     if world_size > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=rank, world_size=world_size)
-    return DistContext(rank, world_size, local_rank, device)
+    return DistContext(rank, world_size, device)
 
 
 def cleanup() -> None:
