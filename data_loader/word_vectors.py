@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from data_loader.classes import NAME_SEPARATORS, alias_spellings
-from utils.embeddings import NORMALIZATIONS, classes_sidecar, normalize_embeddings
+from data_loader.embeddings import NORMALIZATIONS, classes_sidecar, normalize_embeddings
 from utils.util import atomic_torch_save, atomic_write, write_text
 from utils.errors import ConfigError
 
@@ -430,7 +430,7 @@ def build_class_embeddings(vector_paths: PathLike | Sequence[PathLike], class_na
     """float32 ``len(class_names) x sum(dims)`` array, rows in class order.
 
     One embedding per vector file, each normalised (``none``/``l2``/``max_norm``, as
-    ``utils.embeddings.normalize_embeddings``) before they are concatenated (300+300 = 600-d,
+    ``data_loader.embeddings.normalize_embeddings``) before they are concatenated (300+300 = 600-d,
     as CaGNet). Raises one ``ConfigError`` listing every missing word of every file.
     """
     return resolve_class_embeddings(vector_paths, class_names, normalize, fmt, reader)[0]

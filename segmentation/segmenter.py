@@ -19,7 +19,6 @@ from typing import Any
 import numpy as np
 import torch
 
-from data_loader.build import embedding_row_names
 from data_loader.classes import canonical_name, load_class_names, match_names, resolve_indices
 from data_loader.dataset import read_image
 from data_loader.transforms import to_model_input
@@ -30,7 +29,7 @@ from utils.amp import resolve_precision
 from utils.schema import CALIBRATIONS, InferenceSettings, SlidingWindow
 from utils.checkpoint import run_checkpoint
 from utils.distributed import resolve_device
-from utils.embeddings import classes_sidecar, load_class_embeddings, normalize_embeddings
+from data_loader.embeddings import classes_sidecar, embedding_row_names, load_class_embeddings, normalize_embeddings
 from utils.errors import ConfigError
 
 ImageLike = str | Path | np.ndarray | torch.Tensor | Any   # Any: a PIL image

@@ -13,7 +13,7 @@ from data_loader.classes import CONTEXT_CLASSES, alias_spellings, canonical_name
 from data_loader.verify import main as verify_main
 from data_loader.word_vectors import match_class
 from tests.test_data_helpers import image_for, write_image, write_label
-from utils.embeddings import classes_sidecar
+from data_loader.embeddings import classes_sidecar
 
 # Raw label values of the tiny road-scene data: 0..5 named, 9 = void.
 RAW = ["sky", "road", "pole", "pavement", "car", "pedestrian"]
