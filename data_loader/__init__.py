@@ -1,4 +1,5 @@
-"""Datasets, class lists/splits and loaders for zero-shot semantic segmentation."""
+"""The data side, knowing nothing of the model: datasets and layouts, class lists and splits,
+word vectors and class embeddings, the synthetic benchmark, loaders and python -m data_loader.verify."""
 from data_loader.build import DataBundle, load_split_and_embeddings, prepare_data
 from data_loader.classes import ClassSplit, parse_class_split
 from utils.errors import DataError

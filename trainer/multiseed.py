@@ -30,7 +30,7 @@ from trainer.aggregate import aggregate_folder, aggregate_markdown, write_aggreg
 from utils.parse_config import load_config, parse_assignment
 from utils.checkpoint import run_checkpoint
 from utils.distributed import device_ids
-from utils.run_dir import GROUP_LOCK_NAME, RunLock, new_run_id, run_path
+from utils.run_dir import GROUP_LOCK_NAME, GROUP_LOGS_NAME, RunLock, new_run_id, run_path
 from utils.settings import Settings
 from utils.util import write_text
 from utils.errors import ArgParser, ConfigError, error_exit
@@ -262,7 +262,7 @@ def _write_logs(outcomes: list[Outcome], folder: Path) -> None:
     """``folder/logs/seedN.log``: each seed's command line and console output."""
     for outcome in outcomes:
         write_text("\n".join([" ".join(outcome.command), *outcome.lines]) + "\n",
-                   folder / "logs" / f"{outcome.job.label}.log")
+                   folder / GROUP_LOGS_NAME / f"{outcome.job.label}.log")
 
 
 def finish_group(outcomes: list[Outcome], out_dir: Path | None, mode: str, command: list[str],

@@ -31,6 +31,8 @@ METRICS_NAME = "metrics.jsonl"
 BEST_NAME = "model_best.pth"
 INTERRUPTED_NAME = "checkpoint-interrupted.pth"
 TENSORBOARD_NAME = "tensorboard"
+AGGREGATE_NAME = "aggregate"   # a multi-seed group's aggregate.md and aggregate.json
+GROUP_LOGS_NAME = "logs"       # a multi-seed group's logs/seedN.log
 FINISHED = "finished"
 
 
