@@ -159,3 +159,25 @@ def test_command_line_without_config_or_checkpoint_is_a_one_line_error(capsys):
     assert main(argv=["-d", "cpu"]) == 2
     err = capsys.readouterr().err
     assert err == "error: no config given: add -c config.json (or -r a checkpoint or run folder to continue)\n"
+
+
+def test_delete_in_a_child_replaces_the_base_object(tmp_path):
+    _write(tmp_path / "base.json", {"name": "base", "optimizer": {"type": "SGD", "args": {"lr": 0.1, "momentum": 0.9}},
+                                    "data": {"embeddings": {"paths": ["a.npy"], "normalize": "l2"}}})
+    child = _write(tmp_path / "child.json", {"_base_": "base.json",
+                                             "optimizer": {"_delete_": True, "type": "Adam", "args": {"lr": 1e-3}},
+                                             "data": {"embeddings": {"normalize": "none"}}})
+    config = load_config(child)
+    assert config["optimizer"] == {"type": "Adam", "args": {"lr": 1e-3}}     # momentum deleted with the base object
+    assert config["data"]["embeddings"] == {"paths": ["a.npy"], "normalize": "none"}   # merged as before
+
+
+def test_semantic_dropout_without_a_hidden_layer_is_refused(tmp_path):
+    config = load_config(ROOT / "configs" / "config_pascal_zs3setting.json")
+    config["semantic_encoder"]["args"]["dropout"] = 0.5
+    with pytest.raises(ConfigError, match=r"semantic_encoder\.args\.dropout: does nothing when hidden_size is 0"):
+        Settings.from_config(config, "c.json")
+    recorded = Settings.from_config(config, "c.json", recorded=True)   # a checkpoint's config of an older run
+    assert "dropout" not in recorded.semantic_encoder.args
+    config["semantic_encoder"]["args"]["hidden_size"] = 64   # an MLP: dropout acts
+    assert Settings.from_config(config).semantic_encoder.args["dropout"] == 0.5

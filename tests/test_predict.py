@@ -14,7 +14,7 @@ from PIL import Image
 import predict
 from data_loader.transforms import to_model_input
 from model.inference import calibrate, distance_bands, squared_distances, upsampled_squared_distances
-from model.predictor import class_mask
+from model.predictor import Predictor, class_mask, class_prototypes, segment
 from utils.schema import InferenceSettings, SlidingWindow
 from utils.settings import Settings
 from model.segment import sliding_window_features, tile_boxes, tile_starts
@@ -339,3 +339,20 @@ def test_a_run_folder_gives_its_best_checkpoint_else_its_newest(capsys, ckpt, im
     empty.mkdir()
     code, out, err = run(capsys, "-r", empty, "--images", images / "small.png", "--out", tmp_path / "b")
     assert code == 2 and err == f"error: {empty}: no checkpoint (*.pth) in this run folder\n"
+
+
+def test_the_predictor_turns_distances_into_labels_in_one_place():
+    model, encoder = PointwiseStub(), nn.Linear(5, 6)
+    embeddings, images = torch.randn(4, 5), torch.randn(2, 3, 20, 28)
+    predictor = Predictor.build(model, encoder, embeddings, [1, 3], [0.5, 2.0], calibration="all", excluded=[0])
+    assert predictor.unseen_mask.tolist() == [False, True, False, True]
+    assert torch.equal(predictor.prototypes, class_prototypes(encoder, embeddings))
+    with torch.inference_mode():
+        up = F.interpolate(model.features(images), size=(20, 28), mode="bilinear", align_corners=False)
+        distances = squared_distances(up, predictor.prototypes)
+        distances[:, 0] = float("inf")
+        expected = calibrate(distances, predictor.unseen_mask, torch.tensor([0.5, 2.0]), "all")
+    labels = predictor.labels(images)
+    assert labels.shape == (2, 2, 20, 28) and (labels == expected).float().mean() > 0.999 and (labels != 0).all()
+    single = segment(model, images, predictor.prototypes, predictor.unseen_mask, 0.5, calibration="all", excluded=[0])
+    assert torch.equal(single, labels[0])
