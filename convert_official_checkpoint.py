@@ -10,9 +10,9 @@ from pathlib import Path
 
 from segmentation.official import convert_official
 from utils.checkpoint import save_checkpoint
+from utils.errors import ConfigError, error_exit
 from utils.parse_config import load_config
 from utils.settings import Settings
-from utils.errors import ConfigError, error_exit
 
 
 def main(argv=None) -> int:

@@ -19,11 +19,11 @@ from typing import Sequence
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
-from utils.errors import ConfigError, DataError, error_exit
-from utils.schema import CALIBRATIONS, sigma_values
 from data_loader.layouts import IMAGE_EXTENSIONS
 from segmentation.segmenter import Segmenter, image_tensor
 from utils.amp import parse_amp
+from utils.errors import ConfigError, DataError, error_exit
+from utils.schema import CALIBRATIONS, sigma_values
 from utils.visualization import colorize, palette, save_mask
 
 MAX_CLASSES = 256          # mask values must fit a palette PNG

@@ -16,8 +16,8 @@ from data_loader.build import DataSource, count, flag, resolve
 from data_loader.dataset import value_ranges
 from data_loader.layouts import split_label
 from data_loader.scan import SampleCheck, scan
-from utils.parse_config import load_config
 from utils.errors import ConfigError, error_exit
+from utils.parse_config import load_config
 
 SPLIT_KEYS = ("train_split", "val_split")
 

@@ -30,8 +30,8 @@ import torch
 
 from data_loader.classes import NAME_SEPARATORS, alias_spellings
 from data_loader.embeddings import NORMALIZATIONS, classes_sidecar, normalize_embeddings
-from utils.util import atomic_torch_save, atomic_write, write_text
 from utils.errors import ConfigError
+from utils.util import atomic_torch_save, atomic_write, write_text
 
 FORMATS = ("auto", "word2vec-bin", "word2vec-text", "glove", "fasttext")
 READERS = ("auto", "builtin", "gensim")

@@ -10,9 +10,9 @@ import torch
 from model.semantic_encoder import SemanticEncoder
 from model.visual_encoder import DeepLabV3Plus
 from utils.checkpoint import load_state
+from utils.errors import ConfigError
 from utils.parse_config import construct
 from utils.settings import Settings
-from utils.errors import ConfigError
 
 VISUAL_ENCODERS = {"DeepLabV3Plus": DeepLabV3Plus}
 SEMANTIC_ENCODERS = {"SemanticEncoder": SemanticEncoder}

@@ -16,8 +16,8 @@ import torch
 import torch.nn.functional as F
 
 from model.inference import distance_bands
-from utils.schema import SlidingWindow
 from utils.amp import autocast_context
+from utils.schema import SlidingWindow
 
 FEATURE_STRIDE = 4
 MAX_ELEMENTS = 1 << 26   # distance-map elements per band (256 MB in float32)

@@ -21,16 +21,16 @@ import torch
 
 from data_loader.classes import canonical_name, load_class_names, match_names, resolve_indices
 from data_loader.dataset import read_image
+from data_loader.embeddings import classes_sidecar, embedding_row_names, load_class_embeddings, normalize_embeddings
 from data_loader.transforms import to_model_input
 from model.predictor import Predictor, class_mask
 from model.segment import tile_count
 from segmentation.trained import TrainedModel, load_trained_model
 from utils.amp import resolve_precision
-from utils.schema import CALIBRATIONS, InferenceSettings, SlidingWindow
 from utils.checkpoint import run_checkpoint
 from utils.distributed import resolve_device
-from data_loader.embeddings import classes_sidecar, embedding_row_names, load_class_embeddings, normalize_embeddings
 from utils.errors import ConfigError
+from utils.schema import CALIBRATIONS, InferenceSettings, SlidingWindow
 
 ImageLike = str | Path | np.ndarray | torch.Tensor | Any   # Any: a PIL image
 

@@ -5,10 +5,10 @@ import pytest
 import torch
 
 from model.inference import GroupNearest, stacked_nearest
-from utils.schema import sigma_values
 from model.metric import ausuc
 from trainer.sweep import summarize
 from utils.errors import ConfigError
+from utils.schema import sigma_values
 
 
 def test_sigma_values_forms():

@@ -7,12 +7,12 @@ import torch
 
 from trainer.cli import main
 from trainer.options import OVERRIDES, build_arg_parser, overrides_of
+from utils.errors import ConfigError
 from utils.parse_config import construct, load_config, parse_assignment, set_by_path
 from utils.run_dir import run_path
 from utils.schema import CONFIG_SCHEMA, OptimizerSection
 from utils.settings import Settings
 from utils.util import atomic_torch_save, read_json
-from utils.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -7,12 +7,12 @@ import pytest
 import torch
 
 from data_loader import ClassSplit, load_split_and_embeddings, parse_class_split, prepare_data
-from model.predictor import class_mask
-from utils.schema import DATA_KEYS, EMBEDDING_KEYS
 from data_loader.classes import CONTEXT_CLASSES, CONTEXT_PNG_CLASSES, VOC_CLASSES, load_class_names
+from model.predictor import class_mask
 from tests.test_data_helpers import standard_voc, voc_cfg, write_embeddings
-from utils.parse_config import load_config
 from utils.errors import ConfigError
+from utils.parse_config import load_config
+from utils.schema import DATA_KEYS, EMBEDDING_KEYS
 
 
 def split_of(unseen, classes="voc", **extra):

@@ -7,11 +7,11 @@ import pytest
 import torch
 
 from data_loader import prepare_data
-from utils.errors import ConfigError, DataError
 from data_loader.build import resolve
 from data_loader.transforms import IMAGENET_MEAN, IMAGENET_STD
 from tests.test_data_helpers import (CLASS_COLOURS, COW, SHEEP, blank_label, make_voc, standard_voc, voc_cfg,
                                      write_image, write_label)
+from utils.errors import ConfigError, DataError
 
 
 def denormalise(image: torch.Tensor) -> np.ndarray:

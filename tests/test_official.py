@@ -9,9 +9,9 @@ import torch
 
 from convert_official_checkpoint import main as convert_main
 from model import DeepLabV3Plus, SemanticEncoder
+from segmentation.trained import load_trained_model
 from tests.tiny import write_tiny_config
 from trainer.cli import main as cli_main
-from segmentation.trained import load_trained_model
 from utils.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]

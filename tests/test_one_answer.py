@@ -10,14 +10,14 @@ import pytest
 import torch
 from PIL import Image
 
-import predict
 from data_loader.transforms import to_model_input
 from model import DeepLabV3Plus
+import predict
 from segmentation.segmenter import Segmenter, image_tensor
 from tests.tiny import TINY, fit_prototypes
 from trainer.cli import main as cli_main
-from utils.settings import Settings
 from utils.checkpoint import architecture, save_checkpoint
+from utils.settings import Settings
 
 NAMES = ["background", "cat", "dog", "horse"]
 SIZES = {"odd": (67, 45), "small": (50, 40)}   # width x height

@@ -11,18 +11,18 @@ import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image
 
-import predict
 from data_loader.transforms import to_model_input
 from model.inference import calibrate, distance_bands, squared_distances, upsampled_squared_distances
 from model.predictor import Predictor, class_mask, class_prototypes, segment
-from utils.schema import InferenceSettings, SlidingWindow
-from utils.settings import Settings
 from model.segment import sliding_window_features, tile_boxes, tile_starts
+from model.visual_encoder import DeepLabV3Plus
+import predict
 from segmentation.segmenter import Segmenter, choose_classes, image_tensor
 from segmentation.trained import load_trained_model
-from model.visual_encoder import DeepLabV3Plus
 from tests.tiny import fit_prototypes
 from utils.checkpoint import architecture, save_checkpoint
+from utils.schema import InferenceSettings, SlidingWindow
+from utils.settings import Settings
 from utils.visualization import palette
 
 NAMES = ["background", "cat", "dog", "horse"]

@@ -14,11 +14,11 @@ import sys
 from pathlib import Path
 from typing import Any, Sequence
 
-from utils.schema import InferenceSettings
+from utils.errors import ArgParser, ConfigError, error_exit
 from utils.run_dir import (AGGREGATE_NAME, CONFIG_NAME, FINISHED, GROUP_LOCK_NAME, METRICS_NAME, RunLock, read_status,
                            sweep_name)
+from utils.schema import InferenceSettings
 from utils.util import read_json, write_json, write_text
-from utils.errors import ArgParser, ConfigError, error_exit
 
 # (key, column label, format): the per-seed values that are averaged over seeds.
 METRICS: list[tuple[str, str, str]] = [

@@ -7,9 +7,9 @@ from pathlib import Path
 from typing import Any
 
 from trainer.optim import param_groups
-from utils.run_dir import INTERRUPTED_NAME
 from utils.checkpoint import architecture, rng_state, set_rng_state
 from utils.errors import ConfigError
+from utils.run_dir import INTERRUPTED_NAME
 
 logger = logging.getLogger("joem")
 _ENCODERS = {"visual_encoder": "model", "semantic_encoder": "semantic_encoder"}

@@ -9,9 +9,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from trainer.options import build_arg_parser, overrides_of
+from utils.errors import ConfigError, NothingToDo, error_exit
 from utils.parse_config import load_config
 from utils.run_dir import new_run_id
-from utils.errors import ConfigError, NothingToDo, error_exit
 
 if TYPE_CHECKING:
     from trainer.assemble import RunRequest

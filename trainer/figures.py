@@ -21,9 +21,9 @@ import torch
 from data_loader import prepare_data
 from data_loader.transforms import denormalize
 from segmentation.segmenter import Segmenter
+from utils.errors import ConfigError, error_exit
 from utils.parse_config import load_config
 from utils.settings import Settings
-from utils.errors import ConfigError, error_exit
 from utils.visualization import colorize, palette
 
 

@@ -25,15 +25,15 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from trainer.options import build_arg_parser, option_strings
 from trainer.aggregate import aggregate_folder, aggregate_markdown, write_aggregate
-from utils.parse_config import load_config, parse_assignment
+from trainer.options import build_arg_parser, option_strings
 from utils.checkpoint import run_checkpoint
 from utils.distributed import device_ids
+from utils.errors import ArgParser, ConfigError, error_exit
+from utils.parse_config import load_config, parse_assignment
 from utils.run_dir import GROUP_LOCK_NAME, GROUP_LOGS_NAME, RunLock, new_run_id, run_path
 from utils.settings import Settings
 from utils.util import write_text
-from utils.errors import ArgParser, ConfigError, error_exit
 
 ROOT = Path(__file__).resolve().parents[1]
 PROG = "python -m trainer.multiseed"

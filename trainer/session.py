@@ -7,6 +7,7 @@ import logging
 
 import torch
 
+from model.builder import load_encoder_weights
 from trainer.assemble import RunParts, RunRequest, assemble
 from trainer.evaluate import Validation, validate
 from trainer.optim import build_optimizers, build_scheduler
@@ -21,7 +22,6 @@ from utils.logger import log_to_file
 from utils.run_dir import RunFolder
 from utils.schema import RESOLVED_KEY
 from utils.settings import Settings
-from model.builder import load_encoder_weights
 from utils.signals import StopSignals
 
 logger = logging.getLogger("joem")

@@ -6,9 +6,9 @@ from typing import Callable
 
 import torch
 
-from utils.errors import NonFiniteLoss
 from model.loss import joem_loss
 from utils.amp import autocast_context
+from utils.errors import NonFiniteLoss
 from utils.settings import Settings
 
 

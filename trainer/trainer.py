@@ -25,8 +25,8 @@ from utils.amp import amp_dtype
 from utils.checkpoint import save_checkpoint, set_rng_state
 from utils.distributed import (AgreedBatches, DistContext, agreed_signal, all_gather_object, all_reduce_sum,
                                broadcast_object)
-from utils.logger import progress_enabled
 from utils.errors import ConfigError, Interrupted, NonFiniteLoss, TrainingDiverged
+from utils.logger import progress_enabled
 from utils.run_dir import INTERRUPTED_NAME
 from utils.settings import Settings
 from utils.signals import StopSignals

@@ -14,10 +14,10 @@ from typing import Any
 import numpy as np
 import torch
 
+from utils.errors import ConfigError, first_line
 from utils.run_dir import BEST_NAME
 from utils.settings import Settings
 from utils.util import atomic_torch_save
-from utils.errors import ConfigError, first_line
 
 FORMAT = "joem-checkpoint"
 VERSION = 1

@@ -10,8 +10,8 @@ from typing import Any, Iterable, Iterator
 import torch
 import torch.distributed as dist
 
-from utils.signals import StopSignals
 from utils.errors import ConfigError, Interrupted
+from utils.signals import StopSignals
 
 
 @dataclass

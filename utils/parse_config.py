@@ -14,8 +14,8 @@ import json
 from pathlib import Path
 from typing import Any, Callable, Mapping, NamedTuple
 
-from utils.util import read_json
 from utils.errors import ConfigError
+from utils.util import read_json
 
 BASE_KEY = "_base_"
 DELETE_KEY = "_delete_"   # in an object of a child config: replace the base's object instead of merging

@@ -18,8 +18,8 @@ import time
 from datetime import datetime
 from pathlib import Path
 
-from utils.util import make_dirs, read_json, remove_stale_temporaries, storage_error, write_json
 from utils.errors import ConfigError, RunFolderBusy
+from utils.util import make_dirs, read_json, remove_stale_temporaries, storage_error, write_json
 
 # Every file name of a run folder (and of a multi-seed group folder), spelled here only.
 LOCK_NAME = "run.lock"
