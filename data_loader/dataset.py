@@ -19,8 +19,9 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from torch.utils.data import Dataset
 
 from data_loader.classes import canonical_name, class_index
-from data_loader.transforms import IGNORE_INDEX, apply
+from data_loader.transforms import apply
 from utils.errors import ConfigError, DataError, first_line
+from utils.schema import IGNORE_INDEX
 
 log = logging.getLogger(__name__)
 

@@ -11,8 +11,8 @@ from tqdm import tqdm
 from utils.logger import progress_enabled
 
 from data_loader.dataset import SegmentationDataset
-from data_loader.transforms import IGNORE_INDEX
 from utils.errors import DataError
+from utils.schema import IGNORE_INDEX
 
 
 @dataclass(frozen=True)

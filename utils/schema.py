@@ -133,6 +133,7 @@ DATA_KEYS = (
     "skip_bad_samples", "layout", "synthetic", "expected_counts", "ignore_labels", *LAYOUT_KEYS,
 )
 EMBEDDING_KEYS = ("paths", "normalize", "names", "aliases")
+IGNORE_INDEX = 255   # the label value never learned nor scored (void, data.ignore_labels, ignored classes)
 
 
 # ----------------------------------------------------------------------------- training
