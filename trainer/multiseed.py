@@ -135,8 +135,9 @@ def seed_checkpoints(folder: Path) -> dict[int, tuple[Path, str]]:
 
 
 def test_jobs(folder: Path, name: str, seeds: list[int] | None, passthrough: list[str]) -> list[Job]:
-    """One ``-r <ckpt> --test`` evaluation per seed folder; run id ``<group>/<name>/seedN`` (the
-    test folder is ``<group folder>/<name>/test_seedN``, beside the aggregate)."""
+    """One ``-r <ckpt> --test`` evaluation per seed folder; its run id is the absolute path
+    ``<group folder>/<name>/seedN``, so the test folder is ``<group folder>/<name>/test_seedN``,
+    beside the aggregate, wherever the group folder is and whatever the config's save_dir."""
     checkpoints = seed_checkpoints(folder)
     if not checkpoints:
         raise ConfigError(f"{folder}: no seed*/model_best.pth nor any other seed*/*.pth checkpoint")
@@ -148,7 +149,7 @@ def test_jobs(folder: Path, name: str, seeds: list[int] | None, passthrough: lis
     for seed, (path, note) in checkpoints.items():
         print(f"seed {seed}: {path} ({note})", file=sys.stderr)
     return [Job(seed, f"seed{seed}", ["-r", str(path), "--test", *passthrough,
-                                      "--run_id", f"{folder.resolve().name}/{name}/seed{seed}"])
+                                      "--run_id", str(folder.resolve() / name / f"seed{seed}")])
             for seed, (path, _) in checkpoints.items()]
 
 

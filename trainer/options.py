@@ -67,7 +67,8 @@ def build_arg_parser(default_config: str | None) -> argparse.ArgumentParser:
     parser.add_argument("-d", "--device", default=None, help="GPU ids, e.g. 0,1,2,3 (several = DDP), or cpu")
     parser.add_argument("--test", action="store_true", help="evaluate the -r checkpoint on the validation split")
     parser.add_argument("--run_id", default=None,
-                        help="name of the run folder (default: time and a random suffix; may contain '/')")
+                        help="name of the run folder under <save_dir>/<name> (default: time and a random suffix; may "
+                             "contain '/'; an absolute path is the run folder itself)")
     parser.add_argument("--save_predictions", action="store_true",
                         help="with --test (or the final test): write each image's predicted mask as a palette PNG "
                              "into predictions_test/")

@@ -64,7 +64,8 @@ def new_run_id() -> str:
 
 
 def run_path(save_dir: str | Path, name: str, run_id: str | None = None) -> Path:
-    """A run's folder: ``<trainer.save_dir>/<name>/<run_id>`` (default run id: :func:`new_run_id`)."""
+    """A run's folder: ``<trainer.save_dir>/<name>/<run_id>`` (default run id: :func:`new_run_id`; an
+    absolute run id is the folder itself)."""
     return Path(str(save_dir)) / name / (run_id or new_run_id())
 
 
