@@ -17,7 +17,7 @@ from typing import Sequence
 from data_loader.classes import load_class_names
 from data_loader.word_vectors import (FORMATS, READERS, SourceReport, check_output_path, resolve_class_embeddings,
                                       save_class_embeddings)
-from utils.util import ConfigError, error_exit
+from utils.errors import ConfigError, error_exit
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:

@@ -8,10 +8,11 @@ import logging
 import sys
 from pathlib import Path
 
-from model.official import convert_official
+from segmentation.official import convert_official
 from utils.checkpoint import save_checkpoint
+from utils.errors import ConfigError, error_exit
 from utils.parse_config import load_config
-from utils.util import ConfigError, error_exit
+from utils.settings import Settings
 
 
 def main(argv=None) -> int:
@@ -25,7 +26,7 @@ def main(argv=None) -> int:
         out = Path(args.out)
         if out.exists():
             raise ConfigError(f"{out}: exists; choose another --out (nothing is overwritten)")
-        content = convert_official(args.resume, load_config(args.config), args.config)
+        content = convert_official(args.resume, Settings.from_config(load_config(args.config), args.config))
         for key in ("format", "version"):  # save_checkpoint writes its own
             del content[key]
         save_checkpoint(out, **content)

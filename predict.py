@@ -3,7 +3,7 @@
     python predict.py -r model_best.pth --images a.jpg photos/ --out preds/ \\
         [--classes "background,cat,dog,zebra" --embeddings extra.npy] [--sigma 0.5]
 
-A thin command line over :class:`model.segmenter.Segmenter` (the Python API). Writes
+A thin command line over :class:`segmentation.segmenter.Segmenter` (the Python API). Writes
 ``<stem>_mask.png`` (palette PNG of class indices), ``<stem>_overlay.png``, ``legend.png`` and
 ``classes.txt`` into ``--out``. Exit status: 0 success, 1 some images could not be read
 (skipped with a warning), 2 usage or configuration error (``error: ...`` on stderr).
@@ -19,14 +19,13 @@ from typing import Sequence
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
-from data_loader.dataset import DataError
-from model.inference import CALIBRATIONS, sigma_values
-from model.segmenter import Segmenter, image_tensor
+from data_loader.layouts import IMAGE_EXTENSIONS
+from segmentation.segmenter import Segmenter, image_tensor
 from utils.amp import parse_amp
-from utils.util import ConfigError, error_exit
+from utils.errors import ConfigError, DataError, error_exit
+from utils.schema import CALIBRATIONS, sigma_values
 from utils.visualization import colorize, palette, save_mask
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 MAX_CLASSES = 256          # mask values must fit a palette PNG
 OUTPUT_SUFFIXES = ("_mask.png", "_overlay.png")
 RUN_FILES = ("legend.png", "classes.txt")

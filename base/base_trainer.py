@@ -6,11 +6,9 @@ import math
 from abc import abstractmethod
 from pathlib import Path
 
+from utils.run_dir import BEST_NAME, epoch_checkpoint_name
+
 logger = logging.getLogger("joem")
-
-
-class TrainingDiverged(RuntimeError):
-    """The loss, a gradient or the weights became NaN or Inf."""
 
 
 class BaseTrainer:
@@ -68,12 +66,12 @@ class BaseTrainer:
                 else:
                     self.not_improved += 1
             if best:
-                self.best_path = self.run_dir / "model_best.pth"
+                self.best_path = self.run_dir / BEST_NAME
             if self.is_main and best:
                 self._save_checkpoint(self.best_path, epoch)
-                logger.info("saved model_best.pth (%s = %.2f)", self.mnt_metric, self.mnt_best)
+                logger.info("saved %s (%s = %.2f)", BEST_NAME, self.mnt_metric, self.mnt_best)
             if self.is_main and epoch % self.save_period == 0:
-                self._save_checkpoint(self.run_dir / f"checkpoint-epoch{epoch}.pth", epoch)
+                self._save_checkpoint(self.run_dir / epoch_checkpoint_name(epoch), epoch)
             if self.early_stop and self.not_improved >= self.early_stop:
                 logger.info("%s did not improve for %d evaluations: early stop", self.mnt_metric, self.not_improved)
                 break

@@ -13,6 +13,8 @@ from typing import Callable, Iterator, Sequence
 import torch
 import torch.nn.functional as F
 
+from utils.errors import first_line
+
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_CONFIG = ROOT / "configs" / "config_synthetic_zs3setting.json"
 RESULTS_DIR = ROOT / "benchmarks" / "results"
@@ -27,20 +29,15 @@ PEAK_TFLOPS: tuple[tuple[str, float, float], ...] = (
 )
 
 
-def _first(err: BaseException) -> str:
-    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
-    return f"{type(err).__name__}: {lines[0]}" if lines else type(err).__name__
-
-
 def one_line(err: BaseException, limit: int = 300) -> str:
     """``Type: first non-empty line of the message``, plus the innermost cause when the error
     wraps another one (torch.compile errors do), for the table and the JSON."""
-    text, root, seen = _first(err), err, set()
+    text, root, seen = first_line(err), err, set()
     while root.__cause__ is not None and id(root) not in seen:
         seen.add(id(root))
         root = root.__cause__
     if root is not err:
-        text += f" (cause: {_first(root)})"
+        text += f" (cause: {first_line(root)})"
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
@@ -123,12 +120,14 @@ def load_problem(config: dict, source: str) -> Problem:
     not depend on their values)."""
     from data_loader import prepare_data
     from data_loader.classes import parse_class_split
-    from utils.util import ConfigError
+    from utils.errors import ConfigError
+    from utils.settings import Settings
+    settings = Settings.from_config(config, source)
     try:
-        bundle = prepare_data(config["data"], train=False, val=False, source=source)
+        bundle = prepare_data(settings.data, train=False, val=False, source=source)
         return Problem(bundle.split, bundle.embeddings.float())
     except ConfigError as err:
-        split = parse_class_split(config["data"], source)
+        split = parse_class_split(settings.data, source)
         generator = torch.Generator().manual_seed(0)
         embeddings = F.normalize(torch.randn(split.num_classes, 300, generator=generator), dim=1)
         return Problem(split, embeddings, f"random stand-in embeddings ({one_line(err)})")
@@ -177,29 +176,30 @@ def build_pieces(config: dict, problem: Problem, mode: Mode, device: torch.devic
     """The run's pieces from the config, by the builders the Trainer uses (weights from
     ``checkpoint`` when given)."""
     from model.builder import build_encoders, load_encoder_weights, place
-    from model.inference import InferenceSettings
-    from model.trained import read_model_checkpoint
+    from model.predictor import class_mask
+    from segmentation.trained import read_model_checkpoint
     from trainer.optim import build_optimizers
     from trainer.step import StepSettings
     from utils.amp import amp_dtype
+    from utils.settings import Settings
 
+    settings = Settings.from_config(config, "benchmark config")
     split = problem.split
     torch.manual_seed(seed)
-    model, semantic_encoder = build_encoders(config, split.num_classes, problem.embeddings.shape[1], pretrained=False)
+    model, semantic_encoder = build_encoders(settings, split.num_classes, problem.embeddings.shape[1], pretrained=False)
     if checkpoint:
-        load_encoder_weights(model, semantic_encoder, read_model_checkpoint(checkpoint, config), checkpoint)
+        load_encoder_weights(model, semantic_encoder, read_model_checkpoint(checkpoint, settings), checkpoint)
     place(model, semantic_encoder, device, mode.channels_last)
-    optimizer, optimizer_gen = build_optimizers(config, model, semantic_encoder)
+    optimizer, optimizer_gen = build_optimizers(settings, model, semantic_encoder)
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype(mode.amp) == torch.float16)
-    settings = StepSettings.from_config(config)
-    settings.amp, settings.channels_last = mode.amp, mode.channels_last
-    unseen_mask = torch.zeros(split.num_classes, dtype=torch.bool, device=device)
-    unseen_mask[list(split.unseen)] = True
-    inference = InferenceSettings.from_config(config["inference"])
+    step = StepSettings.of(settings)
+    step.amp, step.channels_last = mode.amp, mode.channels_last
+    inference = settings.inference
     pieces = Pieces(
         mode=mode, device=device, model=model, semantic_encoder=semantic_encoder, optimizer=optimizer,
         optimizer_gen=optimizer_gen, scaler=scaler, embeddings=problem.embeddings.to(device),
-        seen_object=torch.tensor(split.seen_object, device=device), unseen_mask=unseen_mask, settings=settings,
+        seen_object=torch.tensor(split.seen_object, device=device),
+        unseen_mask=class_mask(split.num_classes, split.unseen, device), settings=step,
         sigma=inference.sigmas[0], calibration=inference.calibration, split=split)
     if mode.compile:
         pieces.compile()
@@ -215,21 +215,20 @@ def train_step(p: Pieces, images: torch.Tensor, labels: torch.Tensor) -> torch.T
     return losses["total"]
 
 
-@torch.inference_mode()
 def prototypes(p: Pieces) -> torch.Tensor:
-    p.semantic_encoder.eval()
-    return p.semantic_encoder(p.embeddings).float()
+    from model.predictor import class_prototypes
+    return class_prototypes(p.semantic_encoder, p.embeddings)
 
 
 @torch.inference_mode()
 def eval_batch(p: Pieces, protos: torch.Tensor, images: torch.Tensor, labels: torch.Tensor,
                evaluator) -> torch.Tensor:
-    """One evaluation batch through the project's inference path (``model.segment.segment``:
+    """One evaluation batch through the project's predictor (:class:`model.predictor.Predictor`:
     features under the mode's autocast, full-resolution calibrated nearest prototype at the
     configured sigma), then the confusion matrix."""
-    from model.segment import segment
-    preds = segment(p.features_model, images, protos, p.unseen_mask, p.sigma, calibration=p.calibration,
-                    amp=p.mode.amp, channels_last=p.mode.channels_last)
+    from model.predictor import Predictor
+    preds = Predictor(p.features_model, protos, p.unseen_mask, p.sigma, p.calibration, amp=p.mode.amp,
+                      channels_last=p.mode.channels_last).labels(images)
     evaluator.add_batch(labels, preds)
     return preds
 

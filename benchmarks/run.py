@@ -75,8 +75,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "'fast' (= --fast-mode), 'all', 'none' or a comma list")
     p.add_argument("--parity-steps", type=int, default=20, help="training steps of the parity check")
     p.add_argument("--parity-dropout", choices=("config", "off"), default="config",
-                   help="dropout in the parity runs: as configured, or off (channels_last draws different "
-                        "dropout masks than contiguous tensors, so 'off' isolates the precision effect)")
+                   help="dropout in the parity runs: as configured, or off (the masks do not depend on the "
+                        "memory format or dtype; 'off' takes dropout out of the comparison altogether)")
     p.add_argument("--threads", type=int, default=None,
                    help="torch CPU threads [None: the cores available to the process]")
     p.add_argument("--seed", type=int, default=None, help="seed [None: the config's seed]")

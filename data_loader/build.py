@@ -11,27 +11,18 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from data_loader.classes import (BUILTIN_CLASS_LISTS, ClassSplit, canonical_name, load_class_names, match_names,
-                                 parse_aliases, parse_class_split)
-from data_loader.dataset import DataError, LabelDict, LabelFiles, SegmentationDataset, ignore_table, remap_table
-from data_loader.layouts import OVERRIDABLE, label_source, layout_settings, split_label, split_samples
+from data_loader.classes import ClassSplit, canonical_name, load_class_names, parse_class_split, resolve_indices
+from data_loader.dataset import LabelDict, LabelFiles, SegmentationDataset, ignore_table, remap_table
+from data_loader.embeddings import class_embeddings
+from data_loader.layouts import label_source, layout_settings, split_label, split_samples
 from data_loader.scan import SampleCheck, check_exists, scan
 from data_loader.synthetic import SyntheticParams, ensure_synthetic
 from data_loader.transforms import train_transform, val_transform
-from utils.embeddings import classes_sidecar, load_class_embeddings
+from utils.errors import ConfigError, DataError
 from utils.logger import progress_enabled
-from utils.util import ConfigError
+from utils.schema import DATA_KEYS, DATASET_TYPES
 
 log = logging.getLogger(__name__)
-
-DATASET_TYPES = ("VOC", "Context", "Synthetic", "Custom")
-DATA_KEYS = (
-    "type", "root", "classes", "unseen_classes", "background", "embeddings", "train_split", "val_split",
-    "base_size", "crop_size", "scale_range", "hflip", "remove_unseen_images", "ignore_bg", "ignore_unseen",
-    "skip_bad_samples", "layout", "synthetic", "expected_counts", "ignore_labels", *OVERRIDABLE,
-)
-EMBEDDING_KEYS = ("paths", "normalize", "names", "aliases")
-
 
 def require(cfg: dict, key: str, source: str, kind: type | tuple[type, ...] = object) -> Any:
     """``cfg[key]`` checked for presence and type; ConfigError naming ``data.<key>`` otherwise."""
@@ -125,29 +116,20 @@ def ignored_values(spec: Any, label_names: Sequence[str], class_names: Sequence[
     """``data.ignore_labels``: raw label values (0..254) and/or names of raw label classes
     (``data.label_classes``) whose pixels become 255. A class of ``data.classes`` cannot be
     ignored (it would never be learned); leave it out of ``classes`` instead."""
-    items = spec if isinstance(spec, (list, tuple)) else [spec]
-    label_index = {canonical_name(name): value for value, name in enumerate(label_names)}
     classes = {canonical_name(name) for name in class_names}
-    values: list[int] = []
-    for item in items:
-        if isinstance(item, int) and not isinstance(item, bool):
-            if not 0 <= item < 255:
-                raise ConfigError(f"data.ignore_labels: value {item} out of range 0..254 (255 is always ignored) "
-                                  f"(file {source})")
-            value = item
-        elif isinstance(item, str) and canonical_name(item) in label_index:
-            value = label_index[canonical_name(item)]
-        else:
-            raise ConfigError(f"data.ignore_labels: {item!r} is neither a label value nor a label class "
-                              f"({', '.join(label_names)}) (file {source})")
+
+    def learned(item: Any, value: int) -> str | None:
         if value < len(label_names) and canonical_name(label_names[value]) in classes:
-            raise ConfigError(f"data.ignore_labels: {item!r} is the class {label_names[value]!r} of data.classes; "
-                              f"to ignore it, name the label values in data.label_classes and leave it out of "
-                              f"data.classes (file {source})")
-        if value in values:
-            raise ConfigError(f"data.ignore_labels: {item!r} is listed twice (file {source})")
-        values.append(value)
-    return tuple(sorted(values))
+            return (f"data.ignore_labels: {item!r} is the class {label_names[value]!r} of data.classes; to ignore it, "
+                    f"name the label values in data.label_classes and leave it out of data.classes (file {source})")
+        return None
+    return tuple(sorted(resolve_indices(
+        spec if isinstance(spec, (list, tuple)) else [spec], label_names, limit=255, check=learned,
+        out_of_range=lambda item: f"data.ignore_labels: value {item} out of range 0..254 (255 is always ignored) "
+                                  f"(file {source})",
+        unknown=lambda item: f"data.ignore_labels: {item!r} is neither a label value nor a label class "
+                             f"({', '.join(label_names)}) (file {source})",
+        duplicate=lambda item, value: f"data.ignore_labels: {item!r} is listed twice (file {source})")))
 
 
 @dataclass
@@ -207,70 +189,6 @@ class DataBundle:
     embeddings: torch.Tensor
     train_set: Dataset | None
     val_set: Dataset | None
-
-
-def embedding_row_names(path: Path, spec: Any, source: str | None = "config",
-                        key: str = "data.embeddings.names") -> tuple[tuple[str, ...] | None, str]:
-    """The names of an embedding file's rows and where they come from: ``spec`` (a built-in
-    list, a file, a list or a comma string), else the file's ``.classes.txt`` sidecar, else
-    (None, "")."""
-    if spec is not None:
-        where = f"the built-in list {spec!r}" if isinstance(spec, str) and spec.lower() in BUILTIN_CLASS_LISTS \
-            else str(spec) if isinstance(spec, str) else key
-        return load_class_names(spec, key, source), where
-    sidecar = classes_sidecar(path)
-    if sidecar.is_file():
-        return load_class_names(sidecar, f"{key}: row names of {path}", source), str(sidecar)
-    return None, ""
-
-
-def class_embeddings(spec: dict, class_names: Sequence[str], source: str = "config") -> torch.Tensor:
-    """The ``data.embeddings`` rows of ``class_names``: ``len(class_names) x dim`` float32.
-
-    ``spec``: ``paths`` (one file or a list, concatenated along the feature axis),
-    ``normalize`` (applied to each whole file, before rows are selected), ``names`` (the row
-    names of every file: a built-in list, a file or a list; default: each file's
-    ``.classes.txt`` sidecar when it has one) and ``aliases`` (``{class: row name}``).
-    A file with row names gives its rows by class name (alias rules of data_loader.classes,
-    then ``aliases``); a file without has one row per class, in class-list order. Classes
-    with no row are one ConfigError listing them all.
-    """
-    unknown = [key for key in spec if key not in EMBEDDING_KEYS]
-    if unknown or "paths" not in spec or "normalize" not in spec:
-        problem = f"unknown key {unknown[0]!r}" if unknown else "needs 'paths' and 'normalize'"
-        raise ConfigError(f"data.embeddings: {problem} (file {source}); keys: {', '.join(EMBEDDING_KEYS)}")
-    paths = spec["paths"]
-    paths = [paths] if isinstance(paths, (str, Path)) else paths
-    if not isinstance(paths, (list, tuple)) or not paths or not all(isinstance(p, (str, Path)) for p in paths):
-        raise ConfigError(f"data.embeddings.paths: expected a file or a list of files, got {paths!r} (file {source})")
-    aliases = parse_aliases(spec.get("aliases"), class_names, "data.embeddings.aliases", source)
-    parts, named = [], False
-    for path in map(Path, paths):
-        table = load_class_embeddings(path, normalize=spec["normalize"])
-        row_names, where = embedding_row_names(path, spec.get("names"), source)
-        if row_names is None:
-            if table.shape[0] != len(class_names):
-                raise ConfigError(f"{path}: has {table.shape[0]} rows but the class list has {len(class_names)} "
-                                  f"classes (name its rows with data.embeddings.names or {classes_sidecar(path).name} "
-                                  f"to pick them by class name)")
-            parts.append(table)
-            continue
-        named = True
-        if len(row_names) != table.shape[0]:
-            raise ConfigError(f"{path}: has {table.shape[0]} rows but {len(row_names)} row names in {where} "
-                              f"(file {source})")
-        rows = match_names(class_names, row_names, aliases)
-        missing = [f"{name!r}" + (f" (alias {aliases[canonical_name(name)]!r})" if canonical_name(name) in aliases
-                                  else "") for name, row in zip(class_names, rows) if row is None]
-        if missing:
-            raise ConfigError(f"data.embeddings: no row for {', '.join(missing)} in {path} (rows named by {where}); "
-                              f"add data.embeddings.aliases, or leave such a class out of data.classes and ignore "
-                              f"its pixels with data.ignore_labels (file {source})")
-        parts.append(table[rows])
-    if aliases and not named:
-        raise ConfigError(f"data.embeddings.aliases: the embedding files have no row names (give "
-                          f"data.embeddings.names or a .classes.txt beside each file) (file {source})")
-    return torch.cat(parts, dim=1)
 
 
 def load_split_and_embeddings(data_cfg: dict, source: str = "config") -> tuple[ClassSplit, torch.Tensor]:

@@ -15,11 +15,10 @@ import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
-import torch
 
-from utils.util import ConfigError
+from utils.errors import ConfigError
 
 VOC_CLASSES: tuple[str, ...] = (
     "background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
@@ -81,11 +80,11 @@ _ALIAS_GROUPS: tuple[tuple[str, ...], ...] = (
     ("sofa", "couch"),
     ("background", "bg"),
 )
-_SEPARATORS = re.compile(r"[\s_\-]+")
+NAME_SEPARATORS = re.compile(r"[\s_\-]+")   # between the words of a class name: spaces, _ and -
 
 
 def _key(name: str) -> str:
-    return _SEPARATORS.sub("", str(name).lower())
+    return NAME_SEPARATORS.sub("", str(name).lower())
 
 
 _GROUP_OF = {_key(alias): group for group in _ALIAS_GROUPS for alias in group}
@@ -162,26 +161,44 @@ def class_index(names: Sequence[str]) -> dict[str, int]:
     return {canonical_name(name): i for i, name in enumerate(names)}
 
 
-def _resolve_unseen(values: Iterable[Any], names: Sequence[str], key: str, source: str | None,
-                    has_background: bool = True) -> tuple[int, ...]:
+def resolve_indices(values: Iterable[Any], names: Sequence[str], *, out_of_range: Callable[[int], str] | None,
+                    unknown: Callable[[Any], str], duplicate: Callable[[Any, int], str],
+                    check: Callable[[Any, int], str | None] = lambda value, index: None,
+                    limit: int | None = None) -> list[int]:
+    """Each value an index or a name of ``names`` (matched by :func:`canonical_name`) -> its index,
+    in order; duplicates refused. ``out_of_range(value)`` is the error of an integer outside
+    ``0..limit-1`` (default ``len(names)``; None: integers are not accepted); ``unknown(value)`` of anything else
+    not found; ``duplicate(value, index)``; ``check(value, index)`` may refuse an index. Each
+    error is a ConfigError with the message the function returns."""
     index = class_index(names)
     resolved: list[int] = []
     for value in values:
-        if isinstance(value, int) and not isinstance(value, bool):
-            if not 0 <= value < len(names):
-                raise ConfigError(f"{key}: class index {value} out of range 0..{len(names) - 1}{_where(source)}")
+        if out_of_range is not None and isinstance(value, int) and not isinstance(value, bool):
+            if not 0 <= value < (len(names) if limit is None else limit):
+                raise ConfigError(out_of_range(value))
             idx = value
         elif isinstance(value, str) and canonical_name(value) in index:
             idx = index[canonical_name(value)]
         else:
-            raise ConfigError(f"{key}: unknown class {value!r}{_where(source)}; valid: {', '.join(names)}")
-        if idx == 0 and has_background:
-            raise ConfigError(f"{key}: class {value!r} is the background (index 0) and cannot be unseen"
-                              f"{_where(source)}")
+            raise ConfigError(unknown(value))
+        problem = check(value, idx)
+        if problem:
+            raise ConfigError(problem)
         if idx in resolved:
-            raise ConfigError(f"{key}: duplicate class {value!r} ({names[idx]}){_where(source)}")
+            raise ConfigError(duplicate(value, idx))
         resolved.append(idx)
-    return tuple(sorted(resolved))
+    return resolved
+
+
+def _resolve_unseen(values: Iterable[Any], names: Sequence[str], key: str, source: str | None,
+                    has_background: bool = True) -> tuple[int, ...]:
+    def background(value: Any, idx: int) -> str | None:
+        return (f"{key}: class {value!r} is the background (index 0) and cannot be unseen{_where(source)}"
+                if idx == 0 and has_background else None)
+    return tuple(sorted(resolve_indices(
+        values, names, out_of_range=lambda v: f"{key}: class index {v} out of range 0..{len(names) - 1}{_where(source)}",
+        unknown=lambda v: f"{key}: unknown class {v!r}{_where(source)}; valid: {', '.join(names)}",
+        duplicate=lambda v, i: f"{key}: duplicate class {v!r} ({names[i]}){_where(source)}", check=background)))
 
 
 def _preset_family(data_cfg: dict) -> str:
@@ -246,12 +263,6 @@ class ClassSplit:
     @property
     def seen_names(self) -> tuple[str, ...]:
         return tuple(self.names[i] for i in self.seen)
-
-    def unseen_mask(self) -> torch.Tensor:
-        """Bool tensor ``[num_classes]``, True at unseen classes."""
-        mask = torch.zeros(self.num_classes, dtype=torch.bool)
-        mask[list(self.unseen)] = True
-        return mask
 
     def to_dict(self) -> dict:
         """JSON-able form (stored in checkpoints)."""

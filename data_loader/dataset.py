@@ -19,14 +19,11 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from torch.utils.data import Dataset
 
 from data_loader.classes import canonical_name, class_index
-from data_loader.transforms import IGNORE_INDEX, apply
-from utils.util import ConfigError
+from data_loader.transforms import apply
+from utils.errors import ConfigError, DataError, first_line
+from utils.schema import IGNORE_INDEX
 
 log = logging.getLogger(__name__)
-
-
-class DataError(ConfigError):
-    """A bad data file (missing, unreadable, bad label values, size mismatch); names the file."""
 
 
 @dataclass(frozen=True)
@@ -36,11 +33,6 @@ class Sample:
     name: str
     image: Path
     label: Path | str
-
-
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip().splitlines()
-    return f"{type(err).__name__}: {text[0]}" if text else type(err).__name__
 
 
 def read_image(path: Path, exif_transpose: bool = False) -> torch.Tensor:
@@ -55,7 +47,7 @@ def read_image(path: Path, exif_transpose: bool = False) -> torch.Tensor:
             img = ImageOps.exif_transpose(img) if exif_transpose else img
             array = np.array(img if img.mode == "RGB" else img.convert("RGB"))
     except (OSError, UnidentifiedImageError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
-        raise DataError(f"{path}: cannot read image ({_first_line(err)})") from None
+        raise DataError(f"{path}: cannot read image ({first_line(err)})") from None
     return torch.from_numpy(array).permute(2, 0, 1)
 
 
@@ -72,7 +64,7 @@ def read_png_label(path: Path) -> np.ndarray:
     except DataError:
         raise
     except (OSError, UnidentifiedImageError, ValueError) as err:
-        raise DataError(f"{path}: cannot read label ({_first_line(err)})") from None
+        raise DataError(f"{path}: cannot read label ({first_line(err)})") from None
 
 
 class LabelFiles:

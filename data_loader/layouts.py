@@ -16,7 +16,8 @@ import torch
 from torch.serialization import safe_globals
 
 from data_loader.dataset import LabelDict, LabelFiles, Sample
-from utils.util import ConfigError
+from utils.errors import ConfigError
+from utils.schema import LAYOUT_KEYS
 
 # Folder conventions of each layout; every entry can be overridden by the same key in ``data``.
 LAYOUTS: dict[str, dict] = {
@@ -40,7 +41,6 @@ LAYOUTS["custom"] = {"image_dir": None, "image_ext": None, "label_dir": None, "l
                      "list_dir": ".", "list_name": "{split}", "label_classes": None, "folder_splits": True}
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 LABEL_EXTENSIONS = (".png", ".bmp", ".tif", ".tiff")  # lossless only: a JPEG label would be corrupt
-OVERRIDABLE = ("image_dir", "image_ext", "label_dir", "label_ext", "label_file", "label_classes")
 FOLDER_KEYS = ("images", "labels")
 CONTEXT_LAYOUTS = ("official", "png")
 
@@ -56,7 +56,7 @@ def layout_settings(data_cfg: dict, source: str = "config") -> dict:
     else:
         name = str(kind).lower()
     settings = dict(LAYOUTS[name])
-    for key in OVERRIDABLE:
+    for key in LAYOUT_KEYS:
         if key in data_cfg:
             if key not in settings:
                 raise ConfigError(f"data.{key}: not used by the {name} layout (file {source})")

@@ -13,7 +13,7 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from data_loader.transforms import IGNORE_INDEX
+from utils.schema import IGNORE_INDEX
 
 
 def pad_collate(items: Sequence[dict]) -> dict:

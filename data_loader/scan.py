@@ -10,8 +10,9 @@ from tqdm import tqdm
 
 from utils.logger import progress_enabled
 
-from data_loader.dataset import DataError, SegmentationDataset
-from data_loader.transforms import IGNORE_INDEX
+from data_loader.dataset import SegmentationDataset
+from utils.errors import DataError
+from utils.schema import IGNORE_INDEX
 
 
 @dataclass(frozen=True)

@@ -24,8 +24,8 @@ import torch.nn.functional as F
 from PIL import Image
 from tqdm import tqdm
 
+from utils.errors import ConfigError
 from utils.sections import check_types
-from utils.util import ConfigError
 from utils.visualization import mask_image
 
 GENERATOR_VERSION = 1

@@ -2,7 +2,7 @@
 
 Inputs are a uint8 ``tv_tensors.Image`` (3xHxW) and a uint8 ``tv_tensors.Mask`` (HxW);
 outputs a float32 ImageNet-normalised image and an int64 label (255 = ignore). The one home
-of the normalisation (:func:`to_model_input`, :func:`denormalize`) and of ``IGNORE_INDEX``.
+of the normalisation (:func:`to_model_input`, :func:`denormalize`); ``IGNORE_INDEX`` is utils.schema's.
 """
 from __future__ import annotations
 
@@ -12,9 +12,10 @@ import torch
 from torchvision import tv_tensors
 from torchvision.transforms import v2
 
+from utils.schema import IGNORE_INDEX
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-IGNORE_INDEX = 255
 
 
 def _to_float_normalised() -> list[v2.Transform]:

@@ -16,8 +16,8 @@ from data_loader.build import DataSource, count, flag, resolve
 from data_loader.dataset import value_ranges
 from data_loader.layouts import split_label
 from data_loader.scan import SampleCheck, scan
+from utils.errors import ConfigError, error_exit
 from utils.parse_config import load_config
-from utils.util import ConfigError, error_exit
 
 SPLIT_KEYS = ("train_split", "val_split")
 

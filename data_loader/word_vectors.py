@@ -28,15 +28,15 @@ from typing import BinaryIO, Iterable, Iterator, Sequence
 import numpy as np
 import torch
 
-from data_loader.classes import alias_spellings
-from utils.embeddings import NORMALIZATIONS, classes_sidecar, normalize_embeddings
-from utils.util import ConfigError, atomic_torch_save, atomic_write
+from data_loader.classes import NAME_SEPARATORS, alias_spellings
+from data_loader.embeddings import NORMALIZATIONS, classes_sidecar, normalize_embeddings
+from utils.errors import ConfigError
+from utils.util import atomic_torch_save, atomic_write, write_text
 
 FORMATS = ("auto", "word2vec-bin", "word2vec-text", "glove", "fasttext")
 READERS = ("auto", "builtin", "gensim")
 OUTPUT_SUFFIXES = (".npy", ".pt", ".pth")
 
-_SEPARATORS = re.compile(r"[\s_\-]+")
 _HEADER = re.compile(rb"^\s*(\d+)\s+(\d+)\s*$")
 _FASTTEXT_BIN_MAGIC = struct.pack("<i", 793712314)
 _SNIFF_LIMIT = 1 << 16
@@ -271,7 +271,7 @@ class ClassMatch:
 
 def name_tokens(name: str) -> list[str]:
     """Words of a class name: split on spaces, underscores and hyphens."""
-    return [token for token in _SEPARATORS.split(name.strip()) if token]
+    return [token for token in NAME_SEPARATORS.split(name.strip()) if token]
 
 
 def case_variants(token: str) -> list[str]:
@@ -430,7 +430,7 @@ def build_class_embeddings(vector_paths: PathLike | Sequence[PathLike], class_na
     """float32 ``len(class_names) x sum(dims)`` array, rows in class order.
 
     One embedding per vector file, each normalised (``none``/``l2``/``max_norm``, as
-    ``utils.embeddings.normalize_embeddings``) before they are concatenated (300+300 = 600-d,
+    ``data_loader.embeddings.normalize_embeddings``) before they are concatenated (300+300 = 600-d,
     as CaGNet). Raises one ``ConfigError`` listing every missing word of every file.
     """
     return resolve_class_embeddings(vector_paths, class_names, normalize, fmt, reader)[0]
@@ -456,6 +456,5 @@ def save_class_embeddings(array: np.ndarray, class_names: Sequence[str], path: P
     else:
         atomic_torch_save(torch.from_numpy(array), path)
     sidecar = classes_sidecar(path)
-    text = "".join(f"{name}\n" for name in class_names).encode("utf-8")
-    atomic_write(sidecar, lambda handle: handle.write(text))
+    write_text("".join(f"{name}\n" for name in class_names), sidecar)
     return sidecar

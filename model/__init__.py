@@ -1,4 +1,5 @@
-"""JoEm model: visual encoder (DeepLabV3+), semantic encoder, losses, inference, metrics."""
+"""nn modules and their builder, losses and distance maths (no file I/O, nothing from data_loader):
+the encoders, calibration, the one Predictor (images -> distances -> labels) and the metrics."""
 from model.semantic_encoder import SemanticEncoder
 from model.visual_encoder import DeepLabV3Plus
 

@@ -1,6 +1,7 @@
-"""The one builder of the two encoders from a config (training, test, predict, benchmarks)."""
+"""The one builder of the two encoders from the checked settings (training, test, predict, benchmarks)."""
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Mapping
 
@@ -9,31 +10,28 @@ import torch
 from model.semantic_encoder import SemanticEncoder
 from model.visual_encoder import DeepLabV3Plus
 from utils.checkpoint import load_state
-from utils.parse_config import call_with_config_args, init_obj, lookup_type
-from utils.util import ConfigError
+from utils.errors import ConfigError
+from utils.parse_config import construct
+from utils.settings import Settings
 
 VISUAL_ENCODERS = {"DeepLabV3Plus": DeepLabV3Plus}
 SEMANTIC_ENCODERS = {"SemanticEncoder": SemanticEncoder}
 
 
-def build_encoders(config: Mapping, num_classes: int, embed_dim: int,
+def build_encoders(settings: Settings, num_classes: int, embed_dim: int,
                    pretrained: bool = True) -> tuple[torch.nn.Module, torch.nn.Module]:
     """The configured visual encoder (``model``) for ``num_classes`` classes and semantic encoder
     (``semantic_encoder``) from ``embed_dim``-d embeddings to the visual feature size.
 
     ``pretrained=False`` skips the ImageNet backbone file (the weights come from a checkpoint)."""
-    if "model" not in config:
-        raise ConfigError("config: missing key 'model'")
-    spec = config["model"]
-    args = dict(spec.get("args", {}))
-    if "num_classes" in args:
+    if "num_classes" in settings.model.args:
         raise ConfigError("config key model.args.num_classes: set by the class list, remove it")
-    if not pretrained:
-        args["pretrained_backbone"] = None
-    visual = call_with_config_args(lookup_type(VISUAL_ENCODERS, spec, "model"), "model",
-                                   num_classes=num_classes, **args)
-    semantic = init_obj(config, "semantic_encoder", SEMANTIC_ENCODERS, embed_dim=embed_dim,
-                        feature_dim=visual.decoder.pred_conv.in_channels)
+    extra = {} if pretrained else {"pretrained_backbone": None}
+    spec = settings.model if pretrained else dataclasses.replace(
+        settings.model, args={k: v for k, v in settings.model.args.items() if k != "pretrained_backbone"})
+    visual = construct(VISUAL_ENCODERS, spec, "model", num_classes=num_classes, **extra)
+    semantic = construct(SEMANTIC_ENCODERS, settings.semantic_encoder, "semantic_encoder", embed_dim=embed_dim,
+                         feature_dim=visual.decoder.pred_conv.in_channels)
     return visual, semantic
 
 

@@ -1,16 +1,13 @@
-"""Calibrated nearest-prototype inference (Apollonius calibration): distances, calibration,
-the ``inference`` config section (sigma values, calibration rule, sliding window)."""
+"""Calibrated nearest-prototype maths (Apollonius calibration): squared distances to prototypes
+(also of bilinearly upsampled features, in bands), calibration over the two nearest or all classes."""
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass, field
-from typing import Any, Iterator
+from typing import Iterator
 
 import torch
 import torch.nn.functional as F
 
-from utils.sections import parse_section
-from utils.util import ConfigError
+from utils.schema import CALIBRATIONS
 
 
 def squared_distances(features: torch.Tensor, prototypes: torch.Tensor) -> torch.Tensor:
@@ -22,9 +19,6 @@ def squared_distances(features: torch.Tensor, prototypes: torch.Tensor) -> torch
     prototypes = prototypes.float()
     distances = pixels.pow(2).sum(-1, keepdim=True) - 2 * (pixels @ prototypes.T) + prototypes.pow(2).sum(1)
     return distances.permute(0, 3, 1, 2)
-
-
-CALIBRATIONS = ("top2", "all")
 
 
 def calibrate(distances: torch.Tensor, unseen_mask: torch.Tensor, sigma: float | torch.Tensor,
@@ -179,110 +173,5 @@ def distance_bands(features: torch.Tensor, prototypes: torch.Tensor, size: tuple
         yield rows, band.mul_(-2).add_(norms[:, :, rows]).add_(squared)
 
 
-# ----------------------------------------------------------------------------- the inference section
-
 # Fixed log-spaced grid (1e-3 .. 1e3) so AUSUC is comparable across models and sweeps.
 AUSUC_GRID = [10 ** (k / 8) for k in range(-24, 25)]
-
-
-def sigma_values(spec: Any, key: str = "inference.sigma") -> list[float]:
-    """Sigmas from a number, a list, a ``"0.3,0.5"`` string, or ``{"log_range": [lo, hi], "num": n}``."""
-    if spec is None:
-        return []
-    if isinstance(spec, (int, float)) and not isinstance(spec, bool):
-        values = [float(spec)]
-    elif isinstance(spec, str):
-        try:
-            values = [float(part) for part in spec.split(",") if part.strip()]
-        except ValueError:
-            raise ConfigError(f"{key}: expected numbers like 0.3,0.5,0.7, got {spec!r}") from None
-    elif isinstance(spec, (list, tuple)):
-        if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in spec):
-            raise ConfigError(f"{key}: expected a list of numbers, got {spec!r}")
-        values = [float(v) for v in spec]
-    elif isinstance(spec, dict) and "log_range" in spec:
-        try:
-            low, high = map(float, spec["log_range"])
-            num = int(spec.get("num", 25))
-        except (TypeError, ValueError):
-            raise ConfigError(f"{key}: log_range needs two numbers and num an integer, got {dict(spec)}") from None
-        if not 0 < low < high or num < 2:
-            raise ConfigError(f"{key}: log_range needs 0 < low < high and num >= 2, got {dict(spec)}")
-        values = [math.exp(math.log(low) + i * (math.log(high) - math.log(low)) / (num - 1)) for i in range(num)]
-    else:
-        raise ConfigError(f"{key}: expected a number, a list, or {{\"log_range\": [lo, hi], \"num\": n}}; got {spec!r}")
-    if not values or any(v <= 0 or not math.isfinite(v) for v in values):
-        raise ConfigError(f"{key}: sigma values must be positive, got {spec!r}")
-    return [round(v, 6) for v in values]
-
-
-@dataclass(frozen=True)
-class SlidingWindow:
-    """``inference.window``: images whose longer side exceeds ``max_size`` are encoded in
-    ``tile`` x ``tile`` tiles overlapping by ``overlap`` pixels, ``batch`` tiles per forward pass
-    (``max_size: 0`` never tiles). Tiled features approximate whole-image features."""
-
-    max_size: int = 1024
-    tile: int = 512
-    overlap: int = 128
-    batch: int = 4
-
-    def check(self) -> str | None:
-        if self.max_size < 0:
-            return f"max_size: must be >= 0, got {self.max_size}"
-        if self.tile < 16 or self.tile % 16:
-            return f"tile: must be a positive multiple of 16, got {self.tile}"
-        if self.overlap < 0 or self.overlap % 4 or self.overlap >= self.tile:
-            return f"overlap: must be a multiple of 4 in [0, tile), got {self.overlap}"
-        if self.batch < 1:
-            return f"batch: must be >= 1, got {self.batch}"
-        return None
-
-    def applies(self, height: int, width: int) -> bool:
-        return self.max_size > 0 and max(height, width) > self.max_size
-
-
-@dataclass(frozen=True)
-class InferenceSection:
-    sigma: Any
-    calibration: str = "top2"
-    sweep: Any = None
-    window: dict = field(default_factory=dict)
-    save_predictions: bool = False
-
-    def check(self) -> str | None:
-        if self.calibration not in CALIBRATIONS:
-            return f"calibration: {self.calibration!r}; valid: {', '.join(CALIBRATIONS)}"
-        return None
-
-
-@dataclass(frozen=True)
-class InferenceSettings:
-    """The resolved ``inference`` section.
-
-    ``sigma``: the configured calibration factor, or None when ``inference.sigma`` lists
-    several (a sweep whose best harmonic mIoU is the headline); ``sweep``: the other sigmas
-    evaluated in the same pass; ``calibration``: "top2" (official) or "all"."""
-
-    sigma: float | None
-    sweep: tuple[float, ...]
-    calibration: str = "top2"
-    window: SlidingWindow = SlidingWindow()
-    save_predictions: bool = False
-
-    @property
-    def sigmas(self) -> list[float]:
-        """Every sigma an evaluation computes, the headline first."""
-        return ([self.sigma] if self.sigma is not None else []) + list(self.sweep)
-
-    @classmethod
-    def from_config(cls, section: dict | None, source: str = "config") -> "InferenceSettings":
-        raw = parse_section(InferenceSection, section, "inference", source)
-        sigmas = sigma_values(raw.sigma)
-        if not sigmas:
-            raise ConfigError(f"inference.sigma: missing (file {source})")
-        extra = sigma_values(raw.sweep, "inference.sweep")
-        sigma = sigmas[0] if len(sigmas) == 1 else None
-        sweep = sigmas if sigma is None else [s for s in extra if s != sigma]
-        window = parse_section(SlidingWindow, raw.window, "inference.window", source)
-        return cls(sigma, tuple(sweep), raw.calibration, window, raw.save_predictions)

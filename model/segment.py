@@ -1,8 +1,5 @@
-"""From normalised images to per-pixel class indices: the one inference path of the project.
-
-Validation and ``--test`` (``trainer/evaluate.py``), the Python segmenter behind ``predict.py``
-(``model/segmenter.py``) and the benchmark harness all call :func:`pixel_distances` (or
-:func:`segment` on top of it), so one checkpoint gives one answer whatever the entry point.
+"""From normalised images to per-pixel squared distances to the prototypes (the path under
+:class:`model.predictor.Predictor`, which every entry point uses).
 
 Whole-image mode (the default, as the official test): the image goes through the visual encoder
 at its own size (any size, no padding), the stride-4 features are upsampled bilinearly to full
@@ -18,8 +15,9 @@ from typing import Iterator, Sequence
 import torch
 import torch.nn.functional as F
 
-from model.inference import SlidingWindow, calibrate, distance_bands
+from model.inference import distance_bands
 from utils.amp import autocast_context
+from utils.schema import SlidingWindow
 
 FEATURE_STRIDE = 4
 MAX_ELEMENTS = 1 << 26   # distance-map elements per band (256 MB in float32)
@@ -124,22 +122,6 @@ def pixel_distances(model: torch.nn.Module, images: torch.Tensor, prototypes: to
         if allowed is not None:
             distances = distances.masked_fill(~allowed[None, :, None, None], float("inf"))
         yield rows, distances
-
-
-def segment(model: torch.nn.Module, images: torch.Tensor, prototypes: torch.Tensor, unseen_mask: torch.Tensor,
-            sigma: float | Sequence[float] | torch.Tensor, *, calibration: str = "top2",
-            amp: str | bool | None = None, channels_last: bool = False, window: SlidingWindow | None = None,
-            excluded: Sequence[int] = (), max_elements: int = MAX_ELEMENTS) -> torch.Tensor:
-    """Calibrated nearest-prototype labels of normalised images N x 3 x H x W: N x H x W (int64)
-    for one sigma, S x N x H x W for a sequence of S sigmas (all from one distance computation)."""
-    sigmas = torch.as_tensor(sigma, dtype=torch.float32, device=images.device)
-    n, _, height, width = images.shape
-    shape = (n, height, width) if sigmas.dim() == 0 else (len(sigmas), n, height, width)
-    labels = torch.empty(shape, dtype=torch.long, device=images.device)
-    for rows, distances in pixel_distances(model, images, prototypes, amp=amp, channels_last=channels_last,
-                                           window=window, excluded=excluded, max_elements=max_elements):
-        labels[..., rows, :] = calibrate(distances, unseen_mask, sigmas, calibration)
-    return labels
 
 
 def same_size_groups(sizes: Sequence[tuple[int, int]]) -> list[tuple[list[int], tuple[int, int]]]:

@@ -82,7 +82,7 @@ def deny(code: str, folder: str) -> None:
 
 
 def install() -> None:
-    import trainer.evaluate
+    import model.predictor
     import trainer.trainer
     import utils.checkpoint
     import utils.util
@@ -125,7 +125,7 @@ def install() -> None:
     utils.util._WriteRecorder.write = write
 
     real_validate = trainer.trainer.validate
-    real_distances = trainer.evaluate.pixel_distances
+    real_distances = model.predictor.pixel_distances
 
     def validate(*args, **kwargs):
         state["validations"] += 1
@@ -140,7 +140,7 @@ def install() -> None:
             pause("paused")
         return real_distances(*args, **kwargs)
     trainer.trainer.validate = validate
-    trainer.evaluate.pixel_distances = distances
+    model.predictor.pixel_distances = distances
 
     denied = FAULTS.get("deny_writes")
     if denied and denied[0] == 0:

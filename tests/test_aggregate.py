@@ -6,7 +6,7 @@ import pytest
 
 from trainer.aggregate import (aggregate, aggregate_markdown, compare, compare_markdown, headline_test_record,
                                main, mean_std, read_run, write_aggregate)
-from utils.util import ConfigError
+from utils.errors import ConfigError
 
 
 def _record(split, sigma, seen, unseen, harmonic, **extra):

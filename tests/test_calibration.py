@@ -4,10 +4,11 @@ import math
 import pytest
 import torch
 
-from model.inference import GroupNearest, sigma_values, stacked_nearest
+from model.inference import GroupNearest, stacked_nearest
 from model.metric import ausuc
 from trainer.sweep import summarize
-from utils.util import ConfigError
+from utils.errors import ConfigError
+from utils.schema import sigma_values
 
 
 def test_sigma_values_forms():

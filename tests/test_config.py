@@ -5,10 +5,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from trainer.cli import OVERRIDES, build_arg_parser, main, overrides_of
-from trainer.settings import CONFIG_SCHEMA, check_config
-from utils.parse_config import ConfigParser, load_config, parse_assignment, set_by_path
-from utils.util import ConfigError, atomic_torch_save, read_json
+from trainer.cli import main
+from trainer.options import OVERRIDES, build_arg_parser, overrides_of
+from utils.errors import ConfigError
+from utils.parse_config import construct, load_config, parse_assignment, set_by_path
+from utils.run_dir import run_path
+from utils.schema import CONFIG_SCHEMA, OptimizerSection
+from utils.settings import Settings
+from utils.util import atomic_torch_save, read_json
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -40,7 +44,7 @@ def test_base_chain_is_deep_merged_relative_to_the_file(tmp_path):
 def test_every_shipped_config_loads_and_checks(path):
     config = load_config(path)
     assert "_base_" not in config and config["data"]["type"] in ("VOC", "Context", "Synthetic", "Custom")
-    settings = check_config(config, str(path))
+    settings = Settings.from_config(config, str(path))
     assert settings.trainer.epochs >= 1 and settings.inference.sigmas
 
 
@@ -79,10 +83,11 @@ def test_command_line_overrides_and_help(tmp_path, capsys):
     assert "-o KEY=VALUE" in help_text
     args = parser.parse_args(["-o", "data.root=/data/VOC2012", "-o", "trainer.epochs=5", "--lr", "0.5"])
     assert overrides_of(args) == {"data.root": "/data/VOC2012", "trainer.epochs": 5, "optimizer.args.lr": 0.5}
-    config = ConfigParser(load_config(ROOT / "configs" / "config_pascal_zs3setting.json"), overrides=overrides_of(args),
-                          run_id="r1", schema=CONFIG_SCHEMA)
-    assert config["data"]["root"] == "/data/VOC2012" and config["trainer"]["epochs"] == 5
-    assert config.run_dir == Path("saved") / "pascal_zs3_unseen2" / "r1" and not config.run_dir.exists()
+    settings = Settings.from_config(load_config(ROOT / "configs" / "config_pascal_zs3setting.json"),
+                                    overrides=overrides_of(args))
+    assert settings.data["root"] == "/data/VOC2012" and settings.trainer.epochs == 5
+    run_dir = run_path(settings.trainer.save_dir, settings.name, "r1")
+    assert run_dir == Path("saved") / "pascal_zs3_unseen2" / "r1" and not run_dir.exists()
     code = main(argv=["-c", str(ROOT / "configs" / "config_synthetic_zs3setting.json"), "-o", "trainer.epcohs=1",
                       "-d", "cpu", "--save_dir", str(tmp_path)])
     err = capsys.readouterr().err
@@ -90,16 +95,17 @@ def test_command_line_overrides_and_help(tmp_path, capsys):
     assert not any(tmp_path.iterdir())
 
 
-def test_init_obj_builds_and_lists_valid_names(tmp_path):
-    parser = ConfigParser({"name": "unit", "optimizer": {"type": "SGD", "args": {"lr": 0.01}}})
+def test_construct_builds_and_lists_valid_names(tmp_path):
+    spec = OptimizerSection("SGD", {"lr": 0.01})
     model = torch.nn.Linear(2, 2)
-    optimizer = parser.init_obj("optimizer", torch.optim, model.parameters())
+    optimizer = construct(torch.optim, spec, "optimizer", model.parameters())
     assert isinstance(optimizer, torch.optim.SGD) and optimizer.defaults["lr"] == 0.01
-    parser.config["optimizer"]["type"] = "Sgd"
     with pytest.raises(ConfigError, match=r"optimizer\.type: unknown 'Sgd'; valid: .*SGD"):
-        parser.init_obj("optimizer", torch.optim, model.parameters())
-    with pytest.raises(ConfigError, match="missing key 'scheduler'"):
-        parser.init_obj("scheduler", torch.optim)
+        construct(torch.optim, OptimizerSection("Sgd", {"lr": 0.01}), "optimizer", model.parameters())
+    with pytest.raises(ConfigError, match="optimizer.args: \\['lr'\\] may not be set here"):
+        construct(torch.optim, spec, "optimizer", model.parameters(), lr=0.1)
+    with pytest.raises(ConfigError, match="missing"):
+        Settings.from_config({"name": "unit", "optimizer": {"type": "SGD"}})
 
 
 def test_config_file_errors(tmp_path):
@@ -153,3 +159,25 @@ def test_command_line_without_config_or_checkpoint_is_a_one_line_error(capsys):
     assert main(argv=["-d", "cpu"]) == 2
     err = capsys.readouterr().err
     assert err == "error: no config given: add -c config.json (or -r a checkpoint or run folder to continue)\n"
+
+
+def test_delete_in_a_child_replaces_the_base_object(tmp_path):
+    _write(tmp_path / "base.json", {"name": "base", "optimizer": {"type": "SGD", "args": {"lr": 0.1, "momentum": 0.9}},
+                                    "data": {"embeddings": {"paths": ["a.npy"], "normalize": "l2"}}})
+    child = _write(tmp_path / "child.json", {"_base_": "base.json",
+                                             "optimizer": {"_delete_": True, "type": "Adam", "args": {"lr": 1e-3}},
+                                             "data": {"embeddings": {"normalize": "none"}}})
+    config = load_config(child)
+    assert config["optimizer"] == {"type": "Adam", "args": {"lr": 1e-3}}     # momentum deleted with the base object
+    assert config["data"]["embeddings"] == {"paths": ["a.npy"], "normalize": "none"}   # merged as before
+
+
+def test_semantic_dropout_without_a_hidden_layer_is_refused(tmp_path):
+    config = load_config(ROOT / "configs" / "config_pascal_zs3setting.json")
+    config["semantic_encoder"]["args"]["dropout"] = 0.5
+    with pytest.raises(ConfigError, match=r"semantic_encoder\.args\.dropout: does nothing when hidden_size is 0"):
+        Settings.from_config(config, "c.json")
+    recorded = Settings.from_config(config, "c.json", recorded=True)   # a checkpoint's config of an older run
+    assert "dropout" not in recorded.semantic_encoder.args
+    config["semantic_encoder"]["args"]["hidden_size"] = 64   # an MLP: dropout acts
+    assert Settings.from_config(config).semantic_encoder.args["dropout"] == 0.5

@@ -7,11 +7,12 @@ import pytest
 import torch
 
 from data_loader import ClassSplit, load_split_and_embeddings, parse_class_split, prepare_data
-from data_loader.build import DATA_KEYS, EMBEDDING_KEYS
 from data_loader.classes import CONTEXT_CLASSES, CONTEXT_PNG_CLASSES, VOC_CLASSES, load_class_names
+from model.predictor import class_mask
 from tests.test_data_helpers import standard_voc, voc_cfg, write_embeddings
+from utils.errors import ConfigError
 from utils.parse_config import load_config
-from utils.util import ConfigError
+from utils.schema import DATA_KEYS, EMBEDDING_KEYS
 
 
 def split_of(unseen, classes="voc", **extra):
@@ -62,8 +63,8 @@ def test_split_properties_and_round_trip():
     split = split_of("zs3-2", ignore_bg=True)
     assert split.seen[0] == 0 and 10 not in split.seen and len(split.seen) == 19
     assert split.seen_object == split.seen[1:]
-    assert split.unseen_mask().tolist() == [i in (10, 14) for i in range(21)]
-    assert split.unseen_mask().dtype == torch.bool
+    assert class_mask(split.num_classes, split.unseen).tolist() == [i in (10, 14) for i in range(21)]
+    assert class_mask(split.num_classes, split.unseen).dtype == torch.bool
     data = json.loads(json.dumps(split.to_dict()))
     assert ClassSplit.from_dict(data) == split and data["ignore_bg"] is True
 

@@ -3,10 +3,10 @@ import numpy as np
 import pytest
 import torch
 
-from data_loader import DataError, prepare_data
+from data_loader import prepare_data
 from data_loader.classes import CONTEXT_CLASSES, CONTEXT_PNG_CLASSES
 from tests.test_data_helpers import blank_label, image_for, write_embeddings, write_image, write_label
-from utils.util import ConfigError
+from utils.errors import ConfigError, DataError
 
 COW, FENCE, TABLE, WOOD = (CONTEXT_CLASSES.index(n) for n in ("cow", "fence", "diningtable", "wood"))
 BOX, BOX2 = (slice(2, 8), slice(3, 9)), (slice(10, 14), slice(0, 30))

@@ -9,7 +9,8 @@ from PIL import Image
 from data_loader import prepare_data
 from data_loader.synthetic import (PALETTE, SyntheticParams, attribute_projection, class_attributes,
                                    class_embeddings, class_names, ensure_synthetic, render)
-from utils.util import ConfigError, read_json
+from utils.errors import ConfigError
+from utils.util import read_json
 
 SMALL = {"num_train": 12, "num_val": 4, "image_size": 32}
 

@@ -6,12 +6,12 @@ import numpy as np
 import pytest
 import torch
 
-from data_loader import DataError, prepare_data
+from data_loader import prepare_data
 from data_loader.build import resolve
 from data_loader.transforms import IMAGENET_MEAN, IMAGENET_STD
 from tests.test_data_helpers import (CLASS_COLOURS, COW, SHEEP, blank_label, make_voc, standard_voc, voc_cfg,
                                      write_image, write_label)
-from utils.util import ConfigError
+from utils.errors import ConfigError, DataError
 
 
 def denormalise(image: torch.Tensor) -> np.ndarray:

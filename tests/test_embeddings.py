@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 import torch
 
-from utils.embeddings import load_class_embeddings
-from utils.util import ConfigError
+from data_loader.embeddings import class_embeddings, load_class_embeddings
+from utils.errors import ConfigError
 
 
 def test_formats_roundtrip(tmp_path):
@@ -30,7 +30,8 @@ def test_normalisation_and_concatenation(tmp_path):
     assert torch.allclose(l2.norm(dim=1), torch.ones(2))
     max_norm = load_class_embeddings(tmp_path / "a.npy", "max_norm")
     assert torch.allclose(max_norm, torch.from_numpy(a) / 5)
-    both = load_class_embeddings([tmp_path / "a.npy", tmp_path / "b.npy"], "max_norm", num_classes=2)
+    both = class_embeddings({"paths": [str(tmp_path / "a.npy"), str(tmp_path / "b.npy")], "normalize": "max_norm"},
+                            ["one", "two"])
     assert both.shape == (2, 4) and torch.allclose(both[:, :2], both[:, 2:])
 
 
@@ -54,19 +55,22 @@ def test_refuses_non_numeric_content_and_bad_files(tmp_path):
         load_class_embeddings(tmp_path / "missing.npy")
     np.save(tmp_path / "ok.npy", np.zeros((3, 2)))
     with pytest.raises(ConfigError, match=r"ok\.npy: has 3 rows but the class list has 21"):
-        load_class_embeddings(tmp_path / "ok.npy", num_classes=21)
+        class_embeddings({"paths": [str(tmp_path / "ok.npy")], "normalize": "none"}, [f"c{i}" for i in range(21)])
     with pytest.raises(ConfigError, match="unknown value"):
         load_class_embeddings(tmp_path / "ok.npy", normalize="zscore")
 
 
 def test_published_embeddings(shared_dir):
     root = shared_dir / "embeddings"
-    voc = load_class_embeddings(root / "pascal/ZS3/norm_embed_arr_300_airplane.pkl", "max_norm", num_classes=21)
+    voc = load_class_embeddings(root / "pascal/ZS3/norm_embed_arr_300_airplane.pkl", "max_norm")
     assert voc.shape == (21, 300) and abs(voc.norm(dim=1).max().item() - 1) < 1e-6
-    old = load_class_embeddings(root / "pascal/ZS3/norm_embed_arr_300.pkl", num_classes=21)
+    old = load_class_embeddings(root / "pascal/ZS3/norm_embed_arr_300.pkl")
+    assert old.shape == (21, 300)
     assert torch.allclose(old[2:], voc[2:], atol=1e-5) and not torch.allclose(old[1], voc[1])
-    context = load_class_embeddings(root / "context/ZS3/pascalcontext_class_w2c.npy", "max_norm", num_classes=60)
+    context = load_class_embeddings(root / "context/ZS3/pascalcontext_class_w2c.npy", "max_norm")
+    assert context.shape[0] == 60
     assert abs(context.norm(dim=1).max().item() - 1) < 1e-6 and context.norm(dim=1).min() < 0.9
-    cagnet = load_class_embeddings([root / "context/CaGNet/word2vec.pkl", root / "context/CaGNet/fasttext.pkl"],
-                                   "l2", num_classes=34)
+    cagnet = class_embeddings({"paths": [str(root / "context/CaGNet/word2vec.pkl"),
+                                         str(root / "context/CaGNet/fasttext.pkl")], "normalize": "l2"},
+                              [f"c{i}" for i in range(34)])
     assert cagnet.shape == (34, 600)

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from model import DeepLabV3Plus, SemanticEncoder
-from utils.util import ConfigError
+from utils.errors import ConfigError
 
 
 def _official_keys(path):

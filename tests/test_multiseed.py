@@ -11,6 +11,7 @@ import pytest
 from tests.tiny import read_metrics, write_tiny_config
 from trainer import aggregate as agg
 from trainer.multiseed import Job, Outcome, Runner, device_slots, main, metrics_path, train_jobs
+from trainer.multiseed import test_jobs as evaluation_jobs
 
 
 def _main(*argv):
@@ -117,7 +118,7 @@ def test_a_failed_seed_is_reported_and_left_out(group, capsys):
     (["--seeds", "1", "--group", "../up"], "--group"),
     (["--from", "MISSING", "--test"], "not a folder"),
     (["--from", "TMP"], "add --test"),
-    (["--from", "TMP", "--test"], "no seed*/model_best.pth"),
+    (["--from", "TMP", "--test"], "no seed*/model_best.pth nor any other seed*/*.pth checkpoint"),
     (["--from", "TMP", "--test", "-r", "x.pth"], "-r is set for every seed"),
 ])
 def test_argument_errors(tmp_path, capsys, argv, message):
@@ -209,3 +210,18 @@ def test_two_groups_at_once_one_is_refused_and_the_aggregate_is_complete(tmp_pat
     assert again["seeds"] == [1, 2] and again["n"] == 2 and again["means"]["mIoU_harmonic"] == doc["means"]["mIoU_harmonic"]
     assert again["failed"] == [{"seed": 3, "exit_code": None, "reason": "run.json status interrupted"}]
     assert out.getvalue().rstrip().endswith(f"aggregate: {folder / 'aggregate.json'}")
+
+
+def test_test_jobs_use_the_best_checkpoint_else_the_newest_and_say_which(tmp_path, capsys):
+    (tmp_path / "seed1").mkdir()
+    (tmp_path / "seed1" / "checkpoint-epoch2.pth").write_bytes(b"")
+    (tmp_path / "seed1" / "model_best.pth").write_bytes(b"")
+    (tmp_path / "seed2").mkdir()
+    (tmp_path / "seed2" / "checkpoint-epoch20.pth").write_bytes(b"")   # monitor: off, no best kept
+    (tmp_path / "seed3").mkdir()                                        # nothing to evaluate: left out
+    jobs = evaluation_jobs(tmp_path, "again", None, ["--calibration", "all"])
+    assert [job.argv[:3] for job in jobs] == [["-r", str(tmp_path / "seed1" / "model_best.pth"), "--test"],
+                                              ["-r", str(tmp_path / "seed2" / "checkpoint-epoch20.pth"), "--test"]]
+    err = capsys.readouterr().err
+    assert f"seed 2: {tmp_path / 'seed2' / 'checkpoint-epoch20.pth'} (the run's newest checkpoint: it has no " \
+           "model_best.pth)" in err and "seed 1:" in err and "(the run's best checkpoint)" in err

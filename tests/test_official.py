@@ -9,10 +9,10 @@ import torch
 
 from convert_official_checkpoint import main as convert_main
 from model import DeepLabV3Plus, SemanticEncoder
+from segmentation.trained import load_trained_model
 from tests.tiny import write_tiny_config
 from trainer.cli import main as cli_main
-from model.trained import load_trained_model
-from utils.util import ConfigError
+from utils.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -90,7 +90,7 @@ def test_official_checkpoint_for_test_and_training(tmp_path, capsys):
 
 
 def test_segmenter_loads_an_official_pair_with_its_config_file(official, tmp_path):
-    from model.segmenter import Segmenter
+    from segmentation.segmenter import Segmenter
     folder, fe_path, model, semantic, config = official
     segmenter = Segmenter.from_checkpoint(fe_path, config=folder / "config.json", device="cpu", amp=False,
                                           classes=["background", "cow", "horse", "motorbike"])

@@ -11,13 +11,14 @@ import pytest
 import torch
 from PIL import Image
 
-import predict
 from data_loader.transforms import to_model_input
 from model import DeepLabV3Plus
-from model.segmenter import Segmenter, image_tensor
+import predict
+from segmentation.segmenter import Segmenter, image_tensor
 from tests.tiny import TINY, fit_prototypes
 from trainer.cli import main as cli_main
 from utils.checkpoint import architecture, save_checkpoint
+from utils.settings import Settings
 
 NAMES = ["background", "cat", "dog", "horse"]
 SIZES = {"odd": (67, 45), "small": (50, 40)}   # width x height
@@ -54,7 +55,7 @@ def setup(tmp_path_factory):
     checkpoint = root / "model.pth"
     save_checkpoint(checkpoint, epoch=1, visual_encoder=model.state_dict(), semantic_encoder=encoder.state_dict(),
                     config=config, class_split={"names": NAMES, "unseen": [3], "ignore_bg": False},
-                    embeddings=centres, architecture=architecture(config))
+                    embeddings=centres, architecture=architecture(Settings.from_config(config)))
     return root, voc, checkpoint
 
 

@@ -9,7 +9,7 @@ import torch
 
 from utils import amp
 from utils.amp import Precision, amp_dtype, check_amp, cpu_bf16_support, resolve_precision
-from utils.util import ConfigError
+from utils.errors import ConfigError
 
 
 def _cpu(monkeypatch, *, amx=False, avx512_bf16=False, capability="AVX512", onednn_bf16=True):

@@ -11,15 +11,18 @@ import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image
 
-import predict
 from data_loader.transforms import to_model_input
-from model.inference import SlidingWindow, calibrate, distance_bands, squared_distances, upsampled_squared_distances
+from model.inference import calibrate, distance_bands, squared_distances, upsampled_squared_distances
+from model.predictor import Predictor, class_mask, class_prototypes, segment
 from model.segment import sliding_window_features, tile_boxes, tile_starts
-from model.segmenter import Segmenter, choose_classes, image_tensor
-from model.trained import load_trained_model
 from model.visual_encoder import DeepLabV3Plus
+import predict
+from segmentation.segmenter import Segmenter, choose_classes, image_tensor
+from segmentation.trained import load_trained_model
 from tests.tiny import fit_prototypes
 from utils.checkpoint import architecture, save_checkpoint
+from utils.schema import InferenceSettings, SlidingWindow
+from utils.settings import Settings
 from utils.visualization import palette
 
 NAMES = ["background", "cat", "dog", "horse"]
@@ -48,7 +51,7 @@ def ckpt(tmp_path_factory, images) -> Path:
     path = tmp_path_factory.mktemp("ckpt") / "model.pth"
     save_checkpoint(path, epoch=1, visual_encoder=model.state_dict(), semantic_encoder=encoder.state_dict(),
                     config=CONFIG, class_split={"names": NAMES, "unseen": UNSEEN, "ignore_bg": False},
-                    embeddings=centres, architecture=architecture(CONFIG))
+                    embeddings=centres, architecture=architecture(Settings.of_trained(CONFIG)))
     return path
 
 
@@ -247,13 +250,14 @@ def test_segmenter_accepts_paths_pil_arrays_and_tensors(trained, images):
     assert torch.equal(segmenter(torch.from_numpy(np.array(pil)).permute(2, 0, 1)), expected)
     result = segmenter.predict(path, distances=True)
     assert result.distances.shape == (4, 40, 50) and result.tiles == 1
-    assert torch.equal(calibrate(result.distances[None], trained.split.unseen_mask(), 0.5)[0], expected)
+    assert torch.equal(calibrate(result.distances[None], class_mask(trained.split.num_classes, trained.split.unseen), 0.5)[0], expected)
     with pytest.raises(predict.ConfigError, match="H x W x 3 uint8"):
         segmenter(np.zeros((4, 4), np.float32))
 
 
 def test_a_sweep_in_the_checkpoint_uses_its_best_sigma(trained):
-    swept = dataclasses.replace(trained, config={**trained.config, "inference": {"sigma": [0.3, 0.5, 0.7]}})
+    swept = dataclasses.replace(trained, settings=dataclasses.replace(
+        trained.settings, inference=InferenceSettings.from_config({"sigma": [0.3, 0.5, 0.7]})))
     with pytest.raises(predict.ConfigError, match=r"inference.sigma is a sweep \[0.3, 0.5, 0.7\].*give sigma"):
         Segmenter(swept)
     assert Segmenter(dataclasses.replace(swept, best_sigma=0.7)).sigma == 0.7
@@ -317,7 +321,7 @@ def test_output_names_never_overwrite_inputs(tmp_path):
 def test_a_run_folder_gives_its_best_checkpoint_else_its_newest(capsys, ckpt, images, tmp_path):
     import os
     import shutil
-    from model.segmenter import Segmenter
+    from segmentation.segmenter import Segmenter
     run_dir = tmp_path / "run"
     run_dir.mkdir()
     shutil.copy(ckpt, run_dir / "checkpoint-epoch1.pth")
@@ -335,3 +339,20 @@ def test_a_run_folder_gives_its_best_checkpoint_else_its_newest(capsys, ckpt, im
     empty.mkdir()
     code, out, err = run(capsys, "-r", empty, "--images", images / "small.png", "--out", tmp_path / "b")
     assert code == 2 and err == f"error: {empty}: no checkpoint (*.pth) in this run folder\n"
+
+
+def test_the_predictor_turns_distances_into_labels_in_one_place():
+    model, encoder = PointwiseStub(), nn.Linear(5, 6)
+    embeddings, images = torch.randn(4, 5), torch.randn(2, 3, 20, 28)
+    predictor = Predictor.build(model, encoder, embeddings, [1, 3], [0.5, 2.0], calibration="all", excluded=[0])
+    assert predictor.unseen_mask.tolist() == [False, True, False, True]
+    assert torch.equal(predictor.prototypes, class_prototypes(encoder, embeddings))
+    with torch.inference_mode():
+        up = F.interpolate(model.features(images), size=(20, 28), mode="bilinear", align_corners=False)
+        distances = squared_distances(up, predictor.prototypes)
+        distances[:, 0] = float("inf")
+        expected = calibrate(distances, predictor.unseen_mask, torch.tensor([0.5, 2.0]), "all")
+    labels = predictor.labels(images)
+    assert labels.shape == (2, 2, 20, 28) and (labels == expected).float().mean() > 0.999 and (labels != 0).all()
+    single = segment(model, images, predictor.prototypes, predictor.unseen_mask, 0.5, calibration="all", excluded=[0])
+    assert torch.equal(single, labels[0])

@@ -23,7 +23,7 @@ import torch
 from tests.tiny import read_metrics, write_tiny_config
 from trainer.cli import main as cli_main
 from trainer.step import norms_finite
-from utils.parse_config import new_run_id
+from utils.run_dir import new_run_id
 from utils.util import atomic_write
 
 pytestmark = pytest.mark.slow   # real training subprocesses: run with `pytest -m slow tests`
@@ -298,7 +298,8 @@ def test_atomic_writes_follow_the_umask_and_keep_the_old_file(tmp_path):
 
 
 def test_run_lock_is_exclusive_and_a_stale_one_is_taken_over(tmp_path):
-    from utils.run_dir import RunFolderBusy, RunLock
+    from utils.run_dir import RunLock
+    from utils.errors import RunFolderBusy
     first = RunLock(tmp_path / "run")
     first.acquire()
     with pytest.raises(RunFolderBusy, match=f"in use by pid {os.getpid()} on host"):

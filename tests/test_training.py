@@ -163,3 +163,17 @@ def test_figure_of_predictions(trained, tmp_path):
     assert figures_main(["-r", str(run / "model_best.pth"), "--count", "2", "--out", str(out)]) == 0
     width, height = Image.open(out).size
     assert width > 500 and height > 300
+
+
+def test_test_of_a_run_folder_without_best_uses_its_final_checkpoint_and_says_so(tmp_path, cache, capsys):
+    config = write_tiny_config(tmp_path, cache, trainer__epochs=1, trainer__monitor="off",
+                               trainer__test_after_train=False)
+    assert _run("-c", config, "--run_id", "off") == 0
+    run = tmp_path / "saved" / "tiny" / "off"
+    assert not (run / "model_best.pth").exists() and (run / "checkpoint-epoch1.pth").is_file()
+    capsys.readouterr()
+    assert _run("-r", run, "--test", "--run_id", "again") == 0
+    out = capsys.readouterr()
+    assert f"evaluating {run / 'checkpoint-epoch1.pth'} (the run's newest checkpoint: it has no model_best.pth)" \
+        in out.out + out.err
+    assert read_metrics(tmp_path / "saved" / "tiny" / "test_again")[-1]["split"] == "test"

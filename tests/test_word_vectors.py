@@ -11,10 +11,10 @@ import torch
 
 import build_embeddings
 from data_loader.classes import load_class_names
+from data_loader.embeddings import classes_sidecar, load_class_embeddings
 from data_loader.word_vectors import (build_class_embeddings, detect_layout, gensim_available, lookup_words,
                                       read_word_vectors, resolve_class_embeddings)
-from utils.embeddings import classes_sidecar, load_class_embeddings
-from utils.util import ConfigError
+from utils.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
 VOCAB = {

@@ -14,9 +14,11 @@ import sys
 from pathlib import Path
 from typing import Any, Sequence
 
-from model.inference import sigma_values
-from utils.run_dir import FINISHED, GROUP_LOCK_NAME, RunLock, read_status
-from utils.util import ConfigError, atomic_write, error_exit, read_json, write_json
+from utils.errors import ArgParser, ConfigError, error_exit
+from utils.run_dir import (AGGREGATE_NAME, CONFIG_NAME, FINISHED, GROUP_LOCK_NAME, METRICS_NAME, RunLock, read_status,
+                           sweep_name)
+from utils.schema import InferenceSettings
+from utils.util import read_json, write_json, write_text
 
 # (key, column label, format): the per-seed values that are averaged over seeds.
 METRICS: list[tuple[str, str, str]] = [
@@ -39,7 +41,7 @@ NA = "n/a"
 # --- one run folder -----------------------------------------------------------------------
 def read_metrics(run_dir: str | Path) -> list[dict]:
     """The records of ``run_dir/metrics.jsonl`` (blank lines skipped)."""
-    path = Path(run_dir) / "metrics.jsonl"
+    path = Path(run_dir) / METRICS_NAME
     try:
         lines = path.read_text().splitlines()
     except FileNotFoundError:
@@ -54,9 +56,9 @@ def read_metrics(run_dir: str | Path) -> list[dict]:
 
 
 def configured_sigma(config: dict) -> float | None:
-    """The single ``inference.sigma`` of a run config; None when it is a sweep or absent."""
-    values = sigma_values(config.get("inference", {}).get("sigma"))
-    return values[0] if len(values) == 1 else None
+    """The single ``inference.sigma`` of a run's recorded config; None when it is a sweep or absent."""
+    section = config.get("inference") or {}
+    return InferenceSettings.from_config(section).sigma if "sigma" in section else None
 
 
 def headline_test_record(records: Sequence[dict], sigma: float | None) -> dict | None:
@@ -81,9 +83,9 @@ def read_run(run_dir: str | Path, wall_s: float | None = None) -> dict:
     configured sigma, the sweep's best sigma and its mIoU, AUSUC (``sweep_test.json``) and wall time.
     Values that the run does not have (no sweep, no test) are None."""
     run_dir = Path(run_dir)
-    config = read_json(run_dir / "config.json")
+    config = read_json(run_dir / CONFIG_NAME)
     record = headline_test_record(read_metrics(run_dir), configured_sigma(config)) or {}
-    sweep_path = run_dir / "sweep_test.json"
+    sweep_path = run_dir / f"{sweep_name('test')}.json"
     sweep = read_json(sweep_path) if sweep_path.is_file() else {}
     best = sweep.get("best", {})
     row = {"seed": config.get("seed"), "run_dir": str(run_dir), "sigma": _number(record.get("sigma"))}
@@ -118,7 +120,7 @@ def aggregate_folder(folder: str | Path, command: Sequence[str] | None = None, c
     finished run. ``walls``: wall times by run folder (else the earlier aggregate's). Command,
     config, title, mode and runs default to the earlier ``aggregate.json``'s. None: no seed finished."""
     folder = Path(folder)
-    earlier_path = folder / "aggregate.json"
+    earlier_path = folder / f"{AGGREGATE_NAME}.json"
     earlier = read_json(earlier_path) if earlier_path.is_file() else {}
     walls = {**{row.get("run_dir"): row.get("wall_s") for row in earlier.get("rows", [])}, **(walls or {})}
     rows, unfinished = [], []
@@ -222,15 +224,10 @@ def aggregate_markdown(doc: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_text(text: str, path: str | Path) -> None:
-    """Write a text file atomically."""
-    atomic_write(Path(path), lambda handle: handle.write(text.encode()))
-
-
 def write_aggregate(doc: dict, folder: str | Path) -> tuple[Path, Path]:
     """Write ``aggregate.md`` and ``aggregate.json`` into ``folder``; returns their paths."""
     folder = Path(folder)
-    md, js = folder / "aggregate.md", folder / "aggregate.json"
+    md, js = folder / f"{AGGREGATE_NAME}.md", folder / f"{AGGREGATE_NAME}.json"
     write_json(doc, js)
     write_text(aggregate_markdown(doc), md)
     return md, js
@@ -271,13 +268,6 @@ def compare_markdown(doc: dict) -> str:
 
 
 # --- command line -----------------------------------------------------------------------------
-class ArgParser(argparse.ArgumentParser):
-    """Argument errors raise ConfigError (one line on stderr, exit 2) instead of printing usage."""
-
-    def error(self, message: str):
-        raise ConfigError(message)
-
-
 def _compare_command(args: argparse.Namespace) -> int:
     labels = [part.strip() for part in args.labels.split(",")] if args.labels else ["A", "B"]
     if len(labels) != 2 or not all(labels):

@@ -6,11 +6,12 @@ import logging
 from pathlib import Path
 from typing import Any
 
+from trainer.optim import param_groups
 from utils.checkpoint import architecture, rng_state, set_rng_state
-from utils.util import ConfigError
+from utils.errors import ConfigError
+from utils.run_dir import INTERRUPTED_NAME
 
 logger = logging.getLogger("joem")
-INTERRUPTED = "checkpoint-interrupted.pth"
 _ENCODERS = {"visual_encoder": "model", "semantic_encoder": "semantic_encoder"}
 
 
@@ -25,7 +26,7 @@ def rank_state(trainer: Any, sums: dict | None = None) -> dict:
 
 def discard_interrupted(run_dir: Path, newer: Path) -> None:
     """Remove ``run_dir``'s interrupted checkpoint once ``newer`` (written later in the run) supersedes it."""
-    path = Path(run_dir) / INTERRUPTED
+    path = Path(run_dir) / INTERRUPTED_NAME
     try:
         path.unlink()
     except FileNotFoundError:
@@ -50,18 +51,17 @@ def training_checkpoint(trainer: Any, epoch: int, progress: dict | None = None, 
             "scaler": trainer.scaler.state_dict(), "monitor_best": trainer.mnt_best,
             "not_improved": trainer.not_improved, "global_step": trainer.global_step, "best_sigma": trainer.best_sigma,
             "best_checkpoint": str(trainer.best_path) if trainer.best_path is not None else None,
-            "config": json.loads(json.dumps(trainer.config.config)), "class_split": trainer.split.to_dict(),
-            "embeddings": trainer.embeddings.detach().cpu(), "architecture": architecture(trainer.config.config),
+            "config": json.loads(json.dumps(trainer.settings.config)), "class_split": trainer.split.to_dict(),
+            "embeddings": trainer.embeddings.detach().cpu(), "architecture": architecture(trainer.settings),
             "precision": trainer.settings.precision}
 
 
 def _apply_optimizer_settings(trainer: Any, changes: dict) -> None:
     """Config changes of the optimizers' arguments on top of their restored state."""
-    config = trainer.config.config
+    settings = trainer.settings
     if any(key.startswith("optimizer.") for key in changes):
-        spec = config["optimizer"]
-        args = dict(spec.get("args", {}))
-        fresh = trainer.model.param_groups(float(args.get("lr", 0.01)), float(spec.get("head_lr_mult", 10.0)))
+        args = settings.optimizer.args
+        fresh = param_groups(trainer.model, settings.optimizer)
         for group, new in zip(trainer.optimizer.param_groups, fresh):
             group.update({k: v for k, v in args.items() if k in group and k != "lr"})
             group["initial_lr"] = group["lr"] = new["lr"]
@@ -69,7 +69,7 @@ def _apply_optimizer_settings(trainer: Any, changes: dict) -> None:
             trainer.scheduler.scheduler.base_lrs = [group["lr"] for group in fresh]
             trainer.scheduler.rebase()
     if any(key.startswith("optimizer_gen.") for key in changes):
-        args = config["optimizer_gen"].get("args", {})
+        args = settings.optimizer_gen.args
         for group in trainer.optimizer_gen.param_groups:
             group.update({k: v for k, v in args.items() if k in group})
 

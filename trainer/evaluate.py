@@ -9,13 +9,15 @@ import torch
 from tqdm import tqdm
 
 from data_loader.classes import ClassSplit
-from model.inference import AUSUC_GRID, GroupNearest, InferenceSettings, SlidingWindow, calibrate
+from model.inference import AUSUC_GRID
 from model.metric import Evaluator
-from model.segment import pixel_distances, same_size_groups
+from model.predictor import Predictor
+from model.segment import same_size_groups
 from trainer.reporting import Reporter
 from trainer.sweep import summarize
 from utils.distributed import all_reduce_sum
 from utils.logger import progress_enabled
+from utils.settings import Settings
 from utils.signals import StopSignals
 
 
@@ -33,30 +35,21 @@ class EvalResult:
 
 
 @torch.inference_mode()
-def evaluate(model: torch.nn.Module, semantic_encoder: torch.nn.Module, loader, embeddings: torch.Tensor,
-             seen: Sequence[int], unseen: Sequence[int], sigmas: Sequence[float], *, device: torch.device,
-             amp: str | bool | None = None, channels_last: bool = False, window: SlidingWindow | None = None,
-             keep_samples: int = 0, extremes: bool = False, excluded: Sequence[int] = (),
-             calibration: str = "top2", on_prediction: Callable[[str, torch.Tensor], None] | None = None,
+def evaluate(predictor: Predictor, loader, num_classes: int, seen: Sequence[int], unseen: Sequence[int], *,
+             device: torch.device, keep_samples: int = 0, extremes: bool = False,
+             on_prediction: Callable[[str, torch.Tensor], None] | None = None,
              stop: StopSignals | None = None, desc: str = "eval") -> EvalResult:
-    """Segment every image of ``loader`` (each at its own size, through
-    :func:`model.segment.pixel_distances`) and accumulate one confusion matrix per sigma.
+    """Segment every image of ``loader`` (each at its own size, through ``predictor``) and
+    accumulate one confusion matrix per sigma of the predictor.
 
     Distances are computed once per image; every sigma reuses them. With ``extremes`` two more
     matrices hold the sweep's ends (seen-only and unseen-only predictions) and one per
-    ``AUSUC_GRID`` value of calibrated stacking. ``excluded`` classes are never predicted
-    (background when it is ignored). ``on_prediction(name, labels)`` receives each image's
-    labels at the first sigma. ``stop``: checked before every batch (raises
-    :class:`utils.signals.Interrupted` when a signal arrived). In a distributed run each process
+    ``AUSUC_GRID`` value of calibrated stacking. ``on_prediction(name, labels)`` receives each
+    image's labels at the first sigma. ``stop``: checked before every batch (raises
+    :class:`utils.errors.Interrupted` when a signal arrived). In a distributed run each process
     evaluates its own shard and the matrices are summed.
     """
-    model.eval()
-    semantic_encoder.eval()
-    num_classes = embeddings.shape[0]
-    prototypes = semantic_encoder(embeddings.to(device)).float()
-    unseen_mask = torch.zeros(num_classes, dtype=torch.bool, device=device)
-    unseen_mask[list(unseen)] = True
-    sigma_tensor = torch.tensor(list(sigmas), dtype=torch.float32, device=device)
+    sigmas = predictor.sigma_list
 
     def evaluator() -> Evaluator:
         return Evaluator(num_classes, seen, unseen, device=device)
@@ -75,15 +68,14 @@ def evaluate(model: torch.nn.Module, semantic_encoder: torch.nn.Module, loader, 
             group = images[indices, :, :height, :width] if len(indices) < len(images) or (
                 (height, width) != tuple(images.shape[-2:])) else images
             truth = labels[indices, :height, :width]
-            for rows, distances in pixel_distances(model, group, prototypes, amp=amp, channels_last=channels_last,
-                                                   window=window, excluded=excluded):
+            for rows, distances in predictor.distances(group):
                 band_truth = truth[:, rows]
-                band_preds = calibrate(distances, unseen_mask, sigma_tensor, calibration)
+                band_preds = predictor.calibrated(distances)
                 preds[:, indices, rows.start:rows.stop, :width] = band_preds
                 for ev, pred in zip(evaluators, band_preds):
                     ev.add_batch(band_truth, pred)
                 if extremes:   # excluded classes are at infinite distance already
-                    nearest = GroupNearest(distances, unseen_mask)
+                    nearest = predictor.nearest_groups(distances)
                     ends["seen_only"].add_batch(band_truth, nearest.seen_arg)
                     ends["unseen_only"].add_batch(band_truth, nearest.unseen_arg)
                     for ev, sigma in zip(stacking, AUSUC_GRID):
@@ -98,7 +90,7 @@ def evaluate(model: torch.nn.Module, semantic_encoder: torch.nn.Module, loader, 
                                 "label": labels[i, :height, :width].cpu(), "pred": preds[:, i, :height, :width].cpu()})
     for ev in [*evaluators, *ends.values(), *stacking]:
         all_reduce_sum(ev.confusion_matrix)
-    return EvalResult(list(map(float, sigmas)), evaluators, samples, ends, stacking)
+    return EvalResult(sigmas, evaluators, samples, ends, stacking)
 
 
 def _pct(value: float) -> float | None:
@@ -116,20 +108,42 @@ def metrics_record(evaluator: Evaluator, class_names: Sequence[str], sigma: floa
     return record
 
 
-def validate(model: torch.nn.Module, semantic_encoder: torch.nn.Module, loader, split: ClassSplit,
-             embeddings: torch.Tensor, inference: InferenceSettings, reporter: Reporter, *, epoch: int,
-             split_name: str, device: torch.device, amp: str | bool | None = None, channels_last: bool = False,
-             keep_samples: int = 0, save_predictions: bool = False, stop: StopSignals | None = None) -> dict:
+@dataclass
+class Validation:
+    """What every validation of a run shares: the encoders, class split and embeddings, the
+    run's settings (inference section, resolved precision, memory format), the reporter."""
+
+    model: torch.nn.Module
+    semantic_encoder: torch.nn.Module
+    split: ClassSplit
+    embeddings: torch.Tensor
+    settings: Settings
+    reporter: Reporter
+    device: torch.device
+
+    def predictor(self) -> Predictor:
+        """The predictor of the current weights (prototypes recomputed: the semantic encoder trains)."""
+        self.model.eval()
+        inference, trainer = self.settings.inference, self.settings.trainer
+        return Predictor.build(self.model, self.semantic_encoder, self.embeddings, self.split.unseen,
+                               inference.sigmas, calibration=inference.calibration, amp=trainer.amp,
+                               channels_last=trainer.channels_last, window=inference.window,
+                               excluded=self.split.never_predicted)
+
+
+def validate(run: Validation, loader, *, epoch: int, split_name: str, stop: StopSignals | None = None) -> dict:
     """Evaluate at every configured sigma, report, and return the headline record (percent
     values): at ``inference.sigma``, or at the best harmonic mIoU of a sweep given as
-    ``inference.sigma``; with a sweep it also holds ``ausuc`` and ``best_sigma``."""
+    ``inference.sigma``; with a sweep it also holds ``ausuc`` and ``best_sigma``. The test split
+    writes each predicted mask when ``inference.save_predictions`` is set."""
+    inference, split, reporter = run.settings.inference, run.split, run.reporter
     excluded = list(split.never_predicted)
-    result = evaluate(model, semantic_encoder, loader, embeddings, [c for c in split.seen if c not in excluded],
-                      split.unseen, inference.sigmas, device=device, amp=amp, channels_last=channels_last,
-                      window=inference.window, keep_samples=keep_samples, extremes=bool(inference.sweep),
-                      excluded=excluded, calibration=inference.calibration, desc=split_name,
-                      on_prediction=reporter.prediction_writer(split_name) if save_predictions else None,
-                      stop=stop)
+    save_predictions = split_name == "test" and inference.save_predictions
+    result = evaluate(run.predictor(), loader, split.num_classes, [c for c in split.seen if c not in excluded],
+                      split.unseen, device=run.device,
+                      keep_samples=run.settings.trainer.tensorboard_images if reporter.wants_images else 0,
+                      extremes=bool(inference.sweep), desc=split_name,
+                      on_prediction=reporter.prediction_writer(split_name) if save_predictions else None, stop=stop)
     records = [metrics_record(ev, split.names, s) for ev, s in zip(result.evaluators, result.sigmas)]
     summary = None
     if inference.sweep:

@@ -3,9 +3,11 @@
     python -m trainer.figures -r CHECKPOINT [-c CONFIG] [--count 4] --out docs/images/predictions.png
 
 Images come from the config's validation split (the checkpoint's config by default), spread
-over the split among those with unseen-class pixels; predictions come from :class:`model.segmenter.Segmenter` (the
-path ``--test`` and ``predict.py`` use) at the checkpoint's sigma and calibration. The legend
-marks unseen classes with ``*``; white is ignored/void.
+over the split among those with unseen-class pixels; predictions come from
+:class:`segmentation.segmenter.Segmenter` (the path ``--test`` and ``predict.py`` use) at the
+checkpoint's sigma and calibration, on the dataset's own decoding of each image (the one its
+label is aligned with: datasets ignore EXIF orientation). The legend marks unseen classes with
+``*``; white is ignored/void.
 """
 from __future__ import annotations
 
@@ -18,9 +20,10 @@ import torch
 
 from data_loader import prepare_data
 from data_loader.transforms import denormalize
-from model.segmenter import Segmenter
+from segmentation.segmenter import Segmenter
+from utils.errors import ConfigError, error_exit
 from utils.parse_config import load_config
-from utils.util import ConfigError, error_exit
+from utils.settings import Settings
 from utils.visualization import colorize, palette
 
 
@@ -70,14 +73,14 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         segmenter = Segmenter.from_checkpoint(args.checkpoint, config=args.config)
-        config = load_config(args.config) if args.config else segmenter.trained.config
-        val_set = prepare_data(config["data"], train=False, val=True, source=args.config or args.checkpoint).val_set
+        settings = Settings.from_config(load_config(args.config), args.config) if args.config \
+            else segmenter.trained.settings
+        val_set = prepare_data(settings.data, train=False, val=True, source=settings.source).val_set
         unseen = list(segmenter.trained.split.unseen)
         rows = []
         for index in pick_samples(val_set, set(unseen), max(1, args.count)):
             item = val_set[index]
-            sample = val_set.samples[index]
-            rows.append((denormalize(item["image"]), item["label"], segmenter(sample.image)))
+            rows.append((denormalize(item["image"]), item["label"], segmenter.predict_input(item["image"]).labels))
         title = args.title or f"{Path(args.checkpoint).parent.name}: sigma {segmenter.sigma:g}, " \
                               f"{segmenter.calibration} calibration (* = unseen)"
         draw(rows, segmenter.names, unseen, title, Path(args.out))

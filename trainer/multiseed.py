@@ -25,10 +25,15 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from trainer.aggregate import ArgParser, aggregate_folder, aggregate_markdown, write_aggregate, write_text
-from utils.parse_config import ConfigParser, load_config, new_run_id, parse_assignment
-from utils.run_dir import GROUP_LOCK_NAME, RunLock
-from utils.util import ConfigError, error_exit
+from trainer.aggregate import aggregate_folder, aggregate_markdown, write_aggregate
+from trainer.options import build_arg_parser, option_strings
+from utils.checkpoint import run_checkpoint
+from utils.distributed import device_ids
+from utils.errors import ArgParser, ConfigError, error_exit
+from utils.parse_config import load_config, parse_assignment
+from utils.run_dir import GROUP_LOCK_NAME, GROUP_LOGS_NAME, RunLock, new_run_id, run_path
+from utils.settings import Settings
+from utils.util import write_text
 
 ROOT = Path(__file__).resolve().parents[1]
 PROG = "python -m trainer.multiseed"
@@ -61,17 +66,21 @@ class Outcome:
 
 # --- arguments ---------------------------------------------------------------------------------
 def build_parser() -> ArgParser:
+    run_options = [flag for flag in option_strings(build_arg_parser(None))
+                   if flag not in ("-h", "--help", "--seeds", "--group", "--from", "--name")]
     parser = ArgParser(prog=PROG, allow_abbrev=False,
                        description="one training per seed (or --from GROUP --test: evaluate each seed's "
                                    "checkpoint), then mean ± sample std (ddof=1) over seeds; other "
-                                   "arguments go to every run (python -m trainer.cli)")
+                                   "arguments go to every run (python -m trainer.cli)",
+                       epilog="options of every run (see python -m trainer.cli -h): " + ", ".join(run_options))
     parser.add_argument("-c", "--config", default=None, help="training config JSON")
     parser.add_argument("--seeds", default=None, help="comma-separated seeds, e.g. 1,2,3")
     parser.add_argument("-d", "--device", default=None,
                         help="cpu or one GPU id: seeds one after another; several GPU ids: one seed per GPU at once")
     parser.add_argument("--group", default=None, help="group folder name (default: a timestamp and a random suffix)")
     parser.add_argument("--from", dest="source", default=None, help="group folder of a multi-seed training")
-    parser.add_argument("--test", action="store_true", help="with --from: evaluate GROUP/seed*/model_best.pth")
+    parser.add_argument("--test", action="store_true", help="with --from: evaluate GROUP/seed*/model_best.pth (a seed without one: its newest "
+                             "checkpoint, and says so)")
     parser.add_argument("--name", default=None, help="with --from: name of this evaluation (a folder in GROUP)")
     return parser
 
@@ -90,12 +99,8 @@ def parse_seeds(spec: str) -> list[int]:
 def device_slots(device: str | None) -> list[str | None]:
     """Where seeds run: ``-d`` as given (cpu, one GPU or unset) runs them one after another;
     several GPU ids give one slot per GPU, each running one seed at a time."""
-    parts = [part.strip() for part in (device or "").split(",") if part.strip()]
-    if len(parts) <= 1:
-        return [device]
-    if not all(part.isdigit() for part in parts) or len(set(parts)) != len(parts):
-        raise ConfigError(f"-d/--device: expected cpu or distinct GPU ids like 0,1,2, got {device!r}")
-    return parts
+    ids = device_ids(device)
+    return [device] if ids is None or len(ids) <= 1 else [str(index) for index in ids]
 
 
 def _check_name(value: str, option: str) -> str:
@@ -118,30 +123,34 @@ def train_jobs(seeds: list[int], group: str, passthrough: list[str]) -> list[Job
             for seed in seeds]
 
 
-def seed_checkpoints(folder: Path) -> dict[int, Path]:
-    """``folder/seed<N>/model_best.pth`` by seed number."""
+def seed_checkpoints(folder: Path) -> dict[int, tuple[Path, str]]:
+    """By seed number, the checkpoint each ``folder/seed<N>`` stands for (its ``model_best.pth``,
+    else its newest checkpoint: the final weights of a run that kept no best) and a note saying which."""
     found = {}
-    for path in folder.glob("seed*/model_best.pth"):
-        match = re.fullmatch(r"seed(-?\d+)", path.parent.name)
-        if match:
-            found[int(match.group(1))] = path
+    for seed_dir in folder.glob("seed*"):
+        match = re.fullmatch(r"seed(-?\d+)", seed_dir.name)
+        if match and seed_dir.is_dir() and any(seed_dir.glob("*.pth")):
+            found[int(match.group(1))] = run_checkpoint(seed_dir)
     return dict(sorted(found.items()))
 
 
 def test_jobs(folder: Path, name: str, seeds: list[int] | None, passthrough: list[str]) -> list[Job]:
-    """One ``-r <ckpt> --test`` evaluation per seed folder; run id ``<group>/<name>/seedN`` (the
-    test folder is ``<group folder>/<name>/test_seedN``, beside the aggregate)."""
+    """One ``-r <ckpt> --test`` evaluation per seed folder; its run id is the absolute path
+    ``<group folder>/<name>/seedN``, so the test folder is ``<group folder>/<name>/test_seedN``,
+    beside the aggregate, wherever the group folder is and whatever the config's save_dir."""
     checkpoints = seed_checkpoints(folder)
     if not checkpoints:
-        raise ConfigError(f"{folder}: no seed*/model_best.pth")
+        raise ConfigError(f"{folder}: no seed*/model_best.pth nor any other seed*/*.pth checkpoint")
     if seeds is not None:
         missing = [seed for seed in seeds if seed not in checkpoints]
         if missing:
-            raise ConfigError(f"{folder}: no model_best.pth for seed(s) {', '.join(map(str, missing))}")
+            raise ConfigError(f"{folder}: no checkpoint for seed(s) {', '.join(map(str, missing))}")
         checkpoints = {seed: checkpoints[seed] for seed in seeds}
+    for seed, (path, note) in checkpoints.items():
+        print(f"seed {seed}: {path} ({note})", file=sys.stderr)
     return [Job(seed, f"seed{seed}", ["-r", str(path), "--test", *passthrough,
-                                      "--run_id", f"{folder.resolve().name}/{name}/seed{seed}"])
-            for seed, path in checkpoints.items()]
+                                      "--run_id", str(folder.resolve() / name / f"seed{seed}")])
+            for seed, (path, _) in checkpoints.items()]
 
 
 # --- running -----------------------------------------------------------------------------------
@@ -254,7 +263,7 @@ def _write_logs(outcomes: list[Outcome], folder: Path) -> None:
     """``folder/logs/seedN.log``: each seed's command line and console output."""
     for outcome in outcomes:
         write_text("\n".join([" ".join(outcome.command), *outcome.lines]) + "\n",
-                   folder / "logs" / f"{outcome.job.label}.log")
+                   folder / GROUP_LOGS_NAME / f"{outcome.job.label}.log")
 
 
 def finish_group(outcomes: list[Outcome], out_dir: Path | None, mode: str, command: list[str],
@@ -316,7 +325,8 @@ def group_folder_of(config: str, passthrough: list[str], group: str) -> Path:
             key, value = ("trainer.save_dir", value) if flag == "--save_dir" else parse_assignment(value)
             if key in ("name", "trainer.save_dir"):
                 overrides[key] = value
-    return ConfigParser(load_config(config), overrides=overrides, run_id=group).run_dir
+    settings = Settings.from_config(load_config(config), config, overrides)
+    return run_path(settings.trainer.save_dir, settings.name, group)
 
 
 def _plan_test(args, passthrough: list[str]) -> Plan:

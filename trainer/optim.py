@@ -1,24 +1,26 @@
-"""The optimizers and the LR schedule of a training run, built from the config."""
+"""The optimizers and the LR schedule of a training run, built from the checked settings."""
 from __future__ import annotations
-
-from typing import Mapping
 
 import torch
 
 from data_loader.loader import steps_per_epoch
-from trainer.settings import SchedulerSection
-from utils.parse_config import init_obj
+from utils.parse_config import construct
+from utils.schema import OptimizerSection
+from utils.settings import Settings
 
 
-def build_optimizers(config: Mapping, model: torch.nn.Module,
+def param_groups(model: torch.nn.Module, spec: OptimizerSection) -> list[dict]:
+    """The visual encoder's parameter groups: backbone at ``spec.lr``, ASPP + decoder at
+    ``spec.head_lr_mult`` x that."""
+    return model.param_groups(spec.lr, spec.head_lr_mult)
+
+
+def build_optimizers(settings: Settings, model: torch.nn.Module,
                      semantic_encoder: torch.nn.Module) -> tuple[torch.optim.Optimizer, torch.optim.Optimizer]:
     """SGD-style optimizer for the visual encoder (1x backbone, ``head_lr_mult`` x ASPP+decoder)
     and the semantic encoder's optimizer (``optimizer_gen``, constant LR as official)."""
-    spec = config["optimizer"]
-    args = dict(spec.get("args", {}))
-    groups = model.param_groups(float(args.get("lr", 0.01)), float(spec.get("head_lr_mult", 10.0)))
-    return (init_obj(config, "optimizer", torch.optim, groups),
-            init_obj(config, "optimizer_gen", torch.optim, semantic_encoder.parameters()))
+    return (construct(torch.optim, settings.optimizer, "optimizer", param_groups(model, settings.optimizer)),
+            construct(torch.optim, settings.optimizer_gen, "optimizer_gen", semantic_encoder.parameters()))
 
 
 class PolySchedule:
@@ -54,13 +56,13 @@ class PolySchedule:
             group["lr"] = base * self.factor(position)
 
 
-def build_scheduler(config: Mapping, optimizer: torch.optim.Optimizer,
+def build_scheduler(settings: Settings, optimizer: torch.optim.Optimizer,
                     train_loader) -> tuple[PolySchedule | None, str]:
     """Poly LR (``interval`` "epoch": stepped once per epoch, epoch 1 at the base LR, as the
     official code; "step": every iteration) or ``"constant"`` (None). Returns (schedule, interval)."""
-    spec = SchedulerSection(**(config.get("lr_scheduler") or {}))
+    spec = settings.scheduler
     if spec.type.lower() == "constant":
         return None, spec.interval
-    epochs = int(config["trainer"]["epochs"])
+    epochs = settings.trainer.epochs
     total = epochs if spec.interval == "epoch" else epochs * max(1, steps_per_epoch(train_loader))
     return PolySchedule(optimizer, total, spec.power), spec.interval

@@ -13,7 +13,8 @@ import torch
 
 from data_loader.transforms import denormalize
 from trainer.sweep import format_sweep_table, sweep_figure, write_sweep
-from utils.util import atomic_write, json_safe, storage_error
+from utils.run_dir import METRICS_NAME, TENSORBOARD_NAME, backup_path, predictions_name, sweep_name
+from utils.util import json_safe, storage_error, write_text
 from utils.visualization import colorize, save_mask
 
 logger = logging.getLogger("joem")
@@ -53,12 +54,12 @@ class Reporter:
         self.unseen_names = list(unseen_names)
         self.is_main = is_main
         self.log_step = log_step
-        self.metrics_path = self.run_dir / "metrics.jsonl"
+        self.metrics_path = self.run_dir / METRICS_NAME
         self.writer = None
         if is_main and tensorboard:
             from torch.utils.tensorboard import SummaryWriter
             with self._tensorboard_errors("create folder"):
-                self.writer = SummaryWriter(log_dir=str(self.run_dir / "tensorboard"))
+                self.writer = SummaryWriter(log_dir=str(self.run_dir / TENSORBOARD_NAME))
 
     @contextlib.contextmanager
     def _tensorboard_errors(self, what: str = "write") -> Iterator[None]:
@@ -68,7 +69,7 @@ class Reporter:
             yield
         except OSError as err:
             self.writer = None   # nothing more is written there (closing it would fail again)
-            raise storage_error(err, self.run_dir / "tensorboard", what) from None
+            raise storage_error(err, self.run_dir / TENSORBOARD_NAME, what) from None
 
     @property
     def wants_images(self) -> bool:
@@ -107,7 +108,7 @@ class Reporter:
         append_text(self.metrics_path, "".join(lines))
         if summary is not None:
             logger.info("calibration sweep (%s, epoch %d):\n%s", split_name, epoch, format_sweep_table(summary))
-            paths = write_sweep(self.run_dir, summary, f"sweep_{split_name}")
+            paths = write_sweep(self.run_dir, summary, sweep_name(split_name))
             logger.info("sweep written: %s", ", ".join(str(p) for p in paths))
         if self.writer is not None:
             with self._tensorboard_errors():
@@ -131,17 +132,16 @@ class Reporter:
         kept = [line for line in lines if line.strip() and json.loads(line).get("epoch", 0) <= epoch]
         if len(kept) == len([line for line in lines if line.strip()]):
             return
-        number = 1 + sum(1 for _ in self.run_dir.glob("metrics.previous-*.jsonl"))
-        self.metrics_path.rename(self.run_dir / f"metrics.previous-{number}.jsonl")
-        text = "".join(line + "\n" for line in kept).encode()
-        atomic_write(self.metrics_path, lambda handle: handle.write(text))
-        logger.info("metrics.jsonl: %d evaluation(s) after epoch %d will be redone (the earlier file is "
-                    "metrics.previous-%d.jsonl)", len(lines) - len(kept), epoch, number)
+        backup = backup_path(self.metrics_path)
+        self.metrics_path.rename(backup)
+        write_text("".join(line + "\n" for line in kept), self.metrics_path)
+        logger.info("%s: %d evaluation(s) after epoch %d will be redone (the earlier file is %s)",
+                    METRICS_NAME, len(lines) - len(kept), epoch, backup.name)
 
     def prediction_writer(self, split_name: str) -> Callable[[str, torch.Tensor], None]:
         """A function saving each image's predicted labels as ``predictions_<split>/<name>.png``
         (palette PNG, values = class indices; every process writes its own shard)."""
-        folder = self.run_dir / f"predictions_{split_name}"
+        folder = self.run_dir / predictions_name(split_name)
         folder.mkdir(parents=True, exist_ok=True)
 
         def write(name: str, labels: torch.Tensor) -> None:

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any, Iterator, Mapping
 
 from utils.checkpoint import checkpoint_files, load_checkpoint
-from utils.util import ConfigError
+from utils.errors import ConfigError
 
 logger = logging.getLogger("joem")
 

@@ -6,28 +6,10 @@ from typing import Callable
 
 import torch
 
-from base.base_trainer import TrainingDiverged
 from model.loss import joem_loss
 from utils.amp import autocast_context
-from utils.sections import parse_section
-
-
-@dataclass(frozen=True)
-class LossSection:
-    """The ``loss`` section: BAR ratio, SC temperature and weight, and the loss weights."""
-
-    ratio: float
-    temperature: float
-    alpha: float
-    sc_divide_by_num_classes: bool = False
-    ce_weight: float = 1.0
-    bar_weight: float = 1.0
-    bar_detach_features: bool = False  # ablation: BAR trains only the semantic encoder
-
-    def check(self) -> str | None:
-        if not 0 < self.ratio <= 1:
-            return f"ratio: must be in (0, 1], got {self.ratio}"
-        return None
+from utils.errors import NonFiniteLoss
+from utils.settings import Settings
 
 
 @dataclass
@@ -40,21 +22,13 @@ class StepSettings:
     channels_last: bool = False
 
     @classmethod
-    def from_config(cls, config, source: str = "config") -> "StepSettings":
-        loss = parse_section(LossSection, config["loss"], "loss", source)
-        trainer = config["trainer"]
+    def of(cls, settings: Settings) -> "StepSettings":
+        """The step of a run's settings (its ``loss`` section, precision and memory format)."""
+        loss = settings.loss
         args = {"ratio": loss.ratio, "temperature": loss.temperature, "alpha": loss.alpha,
                 "sc_divide_by_num_classes": loss.sc_divide_by_num_classes, "ce_weight": loss.ce_weight,
                 "bar_weight": loss.bar_weight}
-        return cls(args, loss.bar_detach_features, trainer.get("amp", False), bool(trainer.get("channels_last", False)))
-
-
-class NonFiniteLoss(TrainingDiverged):
-    """The step's loss or gradient is NaN or Inf (nothing was updated); ``values`` says which."""
-
-    def __init__(self, values: str):
-        super().__init__(f"not finite: {values}")
-        self.values = values
+        return cls(args, loss.bar_detach_features, settings.trainer.amp, settings.trainer.channels_last)
 
 
 def norms_finite(tensors: list[torch.Tensor]) -> bool:

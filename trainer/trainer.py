@@ -12,23 +12,24 @@ import torch
 import torch.nn as nn
 from tqdm import tqdm
 
-from base.base_trainer import BaseTrainer, TrainingDiverged
+from base.base_trainer import BaseTrainer
 from data_loader.loader import steps_per_epoch
-from trainer.checkpointing import (INTERRUPTED, discard_interrupted, rank_state, restore_training,
+from trainer.checkpointing import (discard_interrupted, rank_state, restore_training,
                                   training_checkpoint)
-from trainer.evaluate import validate
+from trainer.evaluate import Validation, validate
 from trainer.parallel import gradient_average, training_forward
 from trainer.reporting import Reporter
 from trainer.resume import checkpoint_files
-from trainer.settings import RunSettings
-from trainer.step import NonFiniteLoss, norms_finite, train_step
+from trainer.step import StepSettings, norms_finite, train_step
 from utils.amp import amp_dtype
 from utils.checkpoint import save_checkpoint, set_rng_state
 from utils.distributed import (AgreedBatches, DistContext, agreed_signal, all_gather_object, all_reduce_sum,
                                broadcast_object)
+from utils.errors import ConfigError, Interrupted, NonFiniteLoss, TrainingDiverged
 from utils.logger import progress_enabled
-from utils.signals import Interrupted, StopSignals
-from utils.util import ConfigError
+from utils.run_dir import INTERRUPTED_NAME
+from utils.settings import Settings
+from utils.signals import StopSignals
 
 logger = logging.getLogger("joem")
 
@@ -43,19 +44,20 @@ class Trainer(BaseTrainer):
     """CE + BAR + alpha * SC training of both encoders, with validation and checkpoints.
 
     Args:
-        config: the ConfigParser; settings: its checked sections; ctx: process/device;
+        settings: the run's checked settings (precision resolved); run_dir: its folder; ctx: process/device;
         model / semantic_encoder: the encoders (on ``ctx.device``); split: the ClassSplit;
         embeddings: class embeddings (num_classes x D); train_loader / val_loader;
         optimizer, optimizer_gen, scheduler (+ its ``interval``); reporter: where results go;
         stop: the run's signal handlers (polled after every step and evaluation batch).
     """
 
-    def __init__(self, config, settings: RunSettings, ctx: DistContext, model: nn.Module,
+    def __init__(self, settings: Settings, run_dir: Path, ctx: DistContext, model: nn.Module,
                  semantic_encoder: nn.Module, split, embeddings: torch.Tensor, train_loader, val_loader,
                  optimizer, optimizer_gen, scheduler, interval: str, reporter: Reporter,
                  stop: StopSignals | None = None):
-        super().__init__(settings.trainer, config.run_dir, ctx.is_main)
-        self.config, self.settings, self.ctx, self.split = config, settings, ctx, split
+        super().__init__(settings.trainer, run_dir, ctx.is_main)
+        self.settings, self.ctx, self.split = settings, ctx, split
+        self.step_settings = StepSettings.of(settings)
         self.device = ctx.device
         self.model, self.semantic_encoder = model, semantic_encoder
         self.forward = training_forward(model, ctx, settings.trainer.compile)
@@ -66,6 +68,7 @@ class Trainer(BaseTrainer):
         self.optimizer, self.optimizer_gen = optimizer, optimizer_gen
         self.scheduler, self.interval = scheduler, interval
         self.reporter = reporter
+        self.validation = Validation(model, semantic_encoder, split, self.embeddings, settings, reporter, self.device)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=amp_dtype(settings.trainer.amp) == torch.float16)
         self.stop = stop or StopSignals()
         self.steps_per_epoch = steps_per_epoch(train_loader)
@@ -80,7 +83,7 @@ class Trainer(BaseTrainer):
         labels = batch["label"].to(self.device, non_blocking=True)
         try:
             losses = train_step(self.forward, self.semantic_encoder, self.optimizer, self.optimizer_gen,
-                                self.scaler, images, labels, self.embeddings, self.seen_object, self.settings.step,
+                                self.scaler, images, labels, self.embeddings, self.seen_object, self.step_settings,
                                 self.after_backward)
         except NonFiniteLoss as err:
             raise TrainingDiverged(f"{err.values} is not finite at epoch {self.epoch} (step {self.global_step + 1} of "
@@ -164,7 +167,7 @@ class Trainer(BaseTrainer):
         (on every process once the file is written)."""
         if progress is not None:
             progress = {"epoch": epoch, "steps_per_epoch": self.steps_per_epoch, **progress}
-        path = self.run_dir / INTERRUPTED
+        path = self.run_dir / INTERRUPTED_NAME
         ranks = all_gather_object(rank_state(self, (progress or {}).get("sums")))
         failure = None
         if self.is_main:
@@ -202,16 +205,10 @@ class Trainer(BaseTrainer):
     def validate(self, epoch: int, split_name: str) -> dict:
         """Evaluate the current weights on the validation loader and report (see
         :func:`trainer.evaluate.validate`); the encoders return to training mode."""
-        trainer = self.settings.trainer
         loader, stop = self.val_loader, self.stop
         if self.ctx.distributed:   # the processes agree before every batch whether to stop
             loader, stop = AgreedBatches(self.val_loader, self.stop, self.device), None
-        record = validate(self.model, self.semantic_encoder, loader, self.split, self.embeddings,
-                          self.settings.inference, self.reporter, epoch=epoch, split_name=split_name,
-                          device=self.device, amp=trainer.amp, channels_last=trainer.channels_last,
-                          keep_samples=trainer.tensorboard_images if self.reporter.wants_images else 0,
-                          save_predictions=split_name == "test" and self.settings.inference.save_predictions,
-                          stop=stop)
+        record = validate(self.validation, loader, epoch=epoch, split_name=split_name, stop=stop)
         self.best_sigma = record.get("best_sigma", self.best_sigma)
         self.model.train()
         self.semantic_encoder.train()
@@ -225,7 +222,7 @@ class Trainer(BaseTrainer):
                                    f"{path.name} was not written; {self._last_good()}")
         save_checkpoint(path, **training_checkpoint(self, epoch, progress, ranks))
         logger.debug("saved %s", path)
-        if path.name != INTERRUPTED:
+        if path.name != INTERRUPTED_NAME:
             discard_interrupted(self.run_dir, path)
 
     def resume(self, checkpoint: dict, path: Path, changes: dict | None = None) -> None:

@@ -14,7 +14,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from utils.util import ConfigError, atomic_torch_save
+from utils.errors import ConfigError, first_line
+from utils.run_dir import BEST_NAME
+from utils.settings import Settings
+from utils.util import atomic_torch_save
 
 FORMAT = "joem-checkpoint"
 VERSION = 1
@@ -50,12 +53,12 @@ def _tuples(value):
     return tuple(_tuples(v) for v in value) if isinstance(value, (list, tuple)) else value
 
 
-def architecture(config: dict) -> dict:
-    """The config entries that determine the checkpoint's tensor shapes."""
+def architecture(settings: Settings) -> dict:
+    """The settings' encoder entries that determine the checkpoint's tensor shapes."""
     arch = {}
     for section, keys in _ARCH_KEYS.items():
-        spec = config.get(section, {})
-        merged = {"type": spec.get("type"), **spec.get("args", {})}
+        spec = getattr(settings, section)
+        merged = {"type": spec.type, **spec.args}
         arch[section] = {k: merged.get(k) for k in keys if k in merged}
     return arch
 
@@ -67,16 +70,17 @@ def checkpoint_files(folder: str | Path) -> list[Path]:
 
 
 def run_checkpoint(folder: str | Path) -> tuple[Path, str]:
-    """The checkpoint a run folder stands for (inference): its ``model_best.pth``, else its newest
-    checkpoint; with a note saying which, for the user."""
+    """The checkpoint a run folder stands for (inference, ``-r RUN_DIR --test``, ``multiseed
+    --test``): its ``model_best.pth``, else its newest checkpoint (the final weights of a run
+    that kept no best, ``monitor: off``); with a note saying which, for the user."""
     folder = Path(folder)
-    best = folder / "model_best.pth"
+    best = folder / BEST_NAME
     if best.is_file():
         return best, "the run's best checkpoint"
     files = checkpoint_files(folder)
     if not files:
         raise ConfigError(f"{folder}: no checkpoint (*.pth) in this run folder")
-    return files[0], "the run's newest checkpoint: it has no model_best.pth"
+    return files[0], f"the run's newest checkpoint: it has no {BEST_NAME}"
 
 
 def save_checkpoint(path: str | Path, **content: Any) -> None:
@@ -92,18 +96,16 @@ def load_checkpoint(path: str | Path) -> dict:
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise ConfigError(f"{path}: refused: not a weights-only checkpoint ({first[:200]})") from None
+        raise ConfigError(f"{path}: refused: not a weights-only checkpoint ({first_line(err, 200)})") from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as err:
-        raise ConfigError(f"{path}: corrupted or truncated checkpoint ({type(err).__name__}: "
-                          f"{str(err).splitlines()[0][:200] if str(err) else ''})") from None
+        raise ConfigError(f"{path}: corrupted or truncated checkpoint ({first_line(err, 200)})") from None
     if not isinstance(checkpoint, dict):
         raise ConfigError(f"{path}: not a checkpoint (holds a {type(checkpoint).__name__})")
     return checkpoint
 
 
-def check_compatible(checkpoint: dict, path: str | Path, config: dict, split_dict: dict) -> None:
-    """Refuse a checkpoint whose class list, unseen split or architecture differs from the config."""
+def check_compatible(checkpoint: dict, path: str | Path, settings: Settings, split_dict: dict) -> None:
+    """Refuse a checkpoint whose class list, unseen split or architecture differs from the settings'."""
     if checkpoint.get("format") != FORMAT:
         raise ConfigError(f"{path}: not a checkpoint of this project (no '{FORMAT}' tag)")
     saved_split = checkpoint.get("class_split", {})
@@ -118,7 +120,7 @@ def check_compatible(checkpoint: dict, path: str | Path, config: dict, split_dic
     if bool(saved_split.get("has_background", True)) != bool(split_dict.get("has_background", True)):
         raise ConfigError(f"{path}: trained with has_background {saved_split.get('has_background', True)}, the "
                           f"config's split has {split_dict.get('has_background', True)}")
-    saved_arch, wanted_arch = checkpoint.get("architecture", {}), architecture(config)
+    saved_arch, wanted_arch = checkpoint.get("architecture", {}), architecture(settings)
     for section, spec in wanted_arch.items():
         for key, value in spec.items():
             if key in saved_arch.get(section, {}) and saved_arch[section][key] != value:
@@ -131,5 +133,5 @@ def load_state(module: torch.nn.Module, state: dict, path: str | Path, what: str
     try:
         module.load_state_dict(state, strict=True)
     except RuntimeError as err:
-        lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+        lines = [line.strip() for line in str(err).splitlines() if line.strip()]   # the first names the class
         raise ConfigError(f"{path}: {what} weights do not fit the model: {' '.join(lines[1:3])[:300]}") from None

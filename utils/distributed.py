@@ -10,8 +10,8 @@ from typing import Any, Iterable, Iterator
 import torch
 import torch.distributed as dist
 
-from utils.signals import Interrupted, StopSignals
-from utils.util import ConfigError
+from utils.errors import ConfigError, Interrupted
+from utils.signals import StopSignals
 
 
 @dataclass
@@ -20,7 +20,6 @@ class DistContext:
 
     rank: int = 0
     world_size: int = 1
-    local_rank: int = 0
     device: torch.device = torch.device("cpu")
 
     @property
@@ -32,11 +31,10 @@ class DistContext:
         return self.rank == 0
 
 
-def parse_devices(spec: str | None) -> list[int] | None:
-    """``"0,1,2"`` -> ``[0, 1, 2]``; ``"cpu"`` or no GPU -> ``None`` (CPU)."""
-    if spec is None:
-        return [0] if torch.cuda.is_available() else None
-    spec = str(spec).strip().lower()
+def device_ids(spec: str | None) -> list[int] | None:
+    """The ``-d`` option as written: ``"0,1,2"`` -> ``[0, 1, 2]``; ``"cpu"``, empty or unset ->
+    ``None``. Malformed or repeated ids are a one-line ConfigError (nothing is checked on the machine)."""
+    spec = str(spec or "").strip().lower()
     if spec in ("cpu", ""):
         return None
     try:
@@ -45,7 +43,16 @@ def parse_devices(spec: str | None) -> list[int] | None:
         raise ConfigError(f"-d/--device: expected GPU ids like 0,1,2 or 'cpu', got {spec!r}") from None
     if len(set(ids)) != len(ids) or any(i < 0 for i in ids):
         raise ConfigError(f"-d/--device {spec}: GPU ids must be distinct and >= 0")
-    for index in ids:
+    return ids
+
+
+def parse_devices(spec: str | None) -> list[int] | None:
+    """``"0,1,2"`` -> ``[0, 1, 2]`` (each GPU checked to exist); ``"cpu"`` -> ``None`` (CPU);
+    unset -> GPU 0 when there is one, else CPU."""
+    if spec is None:
+        return [0] if torch.cuda.is_available() else None
+    ids = device_ids(spec)
+    for index in ids or ():
         resolve_device(f"cuda:{index}")   # the one check that the GPU exists
     return ids
 
@@ -98,7 +105,7 @@ def init_process(devices: list[int] | None, rank: int | None = None, world_size:
         device = torch.device("cpu")
     if world_size > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=rank, world_size=world_size)
-    return DistContext(rank, world_size, local_rank, device)
+    return DistContext(rank, world_size, device)
 
 
 def cleanup() -> None:

@@ -7,6 +7,8 @@ import logging.handlers
 import sys
 from pathlib import Path
 
+from utils.run_dir import LOG_NAME
+
 FORMAT = "%(asctime)s %(levelname)s %(message)s"
 
 
@@ -40,7 +42,7 @@ def start_logging(is_main: bool = True, level: int = logging.INFO) -> logging.Lo
 def log_to_file(run_dir: Path) -> None:
     """Write the project's records to ``run_dir/train.log`` from now on, the kept ones first."""
     root = logging.getLogger()
-    file_handler = logging.FileHandler(Path(run_dir) / "train.log")
+    file_handler = logging.FileHandler(Path(run_dir) / LOG_NAME)
     file_handler.setFormatter(logging.Formatter(FORMAT))
     for handler in list(root.handlers):
         if isinstance(handler, logging.handlers.MemoryHandler) and getattr(handler, "_joem", False):

@@ -1,8 +1,9 @@
-"""Configs (pytorch-template's ConfigParser): JSON files with inheritance, overrides, the run folder.
+"""Config files: JSON with inheritance (``_base_``, ``_delete_``), dotted-key overrides, object factories.
 
 A config file may name a base config (``"_base_": "../config_pascal_zs3setting.json"``, a path
 relative to the file, or a list of them): the bases are read first and this file's keys are
-deep-merged over them (objects merge key by key, any other value replaces). Overrides address
+deep-merged over them (objects merge key by key, any other value replaces; an object with
+``"_delete_": true`` replaces the base's object whole). Overrides address
 nested keys with dotted paths (``optimizer.args.lr``); their values are parsed as JSON where they
 parse (``5``, ``[0.5, 1.5]``, ``true``, ``null``), else kept as strings (``/data/VOC2012``).
 """
@@ -10,14 +11,14 @@ from __future__ import annotations
 
 import copy
 import json
-import secrets
-from datetime import datetime
 from pathlib import Path
 from typing import Any, Callable, Mapping, NamedTuple
 
-from utils.util import ConfigError, read_json
+from utils.errors import ConfigError
+from utils.util import read_json
 
 BASE_KEY = "_base_"
+DELETE_KEY = "_delete_"   # in an object of a child config: replace the base's object instead of merging
 FREE = "*"   # a schema node whose keys are not checked (constructor ``args``, ...)
 NULLABLE = "?"   # a schema leaf that may be set to null (``-o key=null``)
 
@@ -32,11 +33,17 @@ class CustomArgs(NamedTuple):
 
 
 def deep_merge(base: Mapping, override: Mapping) -> dict:
-    """``base`` updated with ``override``: nested objects merge key by key, other values replace."""
+    """``base`` updated with ``override``: nested objects merge key by key, other values replace;
+    an object of ``override`` holding ``"_delete_": true`` replaces the base's object whole
+    (the base's other keys are deleted), as in MMSegmentation."""
     merged = copy.deepcopy(dict(base))
     for key, value in override.items():
-        if isinstance(value, Mapping) and isinstance(merged.get(key), Mapping):
+        if isinstance(value, Mapping) and value.get(DELETE_KEY) is True:
+            merged[key] = deep_merge({}, {k: v for k, v in value.items() if k != DELETE_KEY})
+        elif isinstance(value, Mapping) and isinstance(merged.get(key), Mapping):
             merged[key] = deep_merge(merged[key], value)
+        elif isinstance(value, Mapping):
+            merged[key] = deep_merge({}, value)   # no base object: drop any _delete_ marker below
         else:
             merged[key] = copy.deepcopy(value)
     return merged
@@ -121,77 +128,12 @@ def _may_be_null(spec: Any, key: str, node: Mapping) -> bool:
     return spec == FREE or (isinstance(spec, Mapping) and spec.get(key) == NULLABLE)
 
 
-def new_run_id() -> str:
-    """A run folder name that does not collide: microsecond time plus a random suffix."""
-    return f"{datetime.now().strftime('%Y%m%d_%H%M%S_%f')}_{secrets.token_hex(2)}"
-
-
-class ConfigParser:
-    """The resolved config with its overrides, the checkpoint to resume and the run folder.
-
-    ``config``: the parsed JSON (``_base_`` already resolved); ``overrides``: ``{"a.b": value}``
-    applied in order (a None value is a null, allowed where the ``schema`` says) and checked against ``schema``; ``run_id``: the run
-    folder name (default :func:`new_run_id`); ``run_dir``: an explicit folder (instead of
-    ``<trainer.save_dir>/<name>/<run_id>``). Nothing is written until :meth:`create_run_dir`.
-    """
-
-    def __init__(self, config: dict, resume: str | Path | None = None, overrides: Mapping | None = None,
-                 run_id: str | None = None, run_dir: str | Path | None = None,
-                 config_path: str | Path | None = None, schema: Mapping | None = None):
-        self._config = copy.deepcopy(dict(config))
-        self._config.pop(BASE_KEY, None)
-        for key, value in (overrides or {}).items():
-            set_by_path(self._config, key, value, schema)
-        self.resume = Path(resume) if resume is not None else None
-        self.config_path = Path(config_path) if config_path is not None else None
-        if run_dir is None:
-            save_dir = Path(str(self._config.get("trainer", {}).get("save_dir", "saved")))
-            run_dir = save_dir / str(self._config.get("name", "run")) / (run_id or new_run_id())
-        self._run_dir = Path(run_dir)
-
-    @property
-    def source(self) -> str:
-        """Where the config came from, for error messages."""
-        return str(self.config_path) if self.config_path is not None else "config"
-
-    def init_obj(self, name: str, module: Any, *args, **kwargs) -> Any:
-        """Build ``config[name]['type']`` from ``module`` with ``config[name]['args']`` (+ kwargs).
-
-        ``module`` may be a module or a dict ``{name: class}``. An unknown type is a ConfigError
-        listing the valid names; ``kwargs`` set by the program may not appear in the config.
-        """
-        self[name]   # a missing section is an error naming this config's file
-        return init_obj(self._config, name, module, *args, **kwargs)
-
-    def __getitem__(self, name: str) -> Any:
-        try:
-            return self._config[name]
-        except KeyError:
-            raise ConfigError(f"config ({self.source}): missing key {name!r}") from None
-
-    def get(self, name: str, default: Any = None) -> Any:
-        return self._config.get(name, default)
-
-    def __contains__(self, name: str) -> bool:
-        return name in self._config
-
-    @property
-    def config(self) -> dict:
-        return self._config
-
-    @property
-    def run_dir(self) -> Path:
-        return self._run_dir
-
-
-def init_obj(config: Mapping, name: str, module: Any, *args, **kwargs) -> Any:
-    """Build ``config[name]['type']`` from ``module`` (a module or a dict ``{name: class}``) with
-    ``config[name]['args']`` plus ``kwargs``, which the program sets and the config may not."""
-    if name not in config:
-        raise ConfigError(f"config: missing key {name!r}")
-    spec = config[name]
-    factory = lookup_type(module, spec, name)
-    module_args = dict(spec.get("args", {}))
+def construct(registry: Any, spec: Any, name: str, *args, **kwargs) -> Any:
+    """Build ``spec.type`` from ``registry`` (a module or a dict ``{name: class}``) with
+    ``spec.args`` plus ``kwargs``, which the program sets and the config may not. ``spec``: a
+    checked section with ``type`` and ``args`` (:mod:`utils.schema`); ``name``: its config key."""
+    factory = lookup_type(registry, spec.type, name)
+    module_args = dict(spec.args)
     overlap = set(kwargs) & set(module_args)
     if overlap:
         raise ConfigError(f"config key {name}.args: {sorted(overlap)} may not be set here (set by the program)")
@@ -210,11 +152,8 @@ def call_with_config_args(factory: Callable, name: str, *args, **kwargs) -> Any:
         raise
 
 
-def lookup_type(module: Any, spec: Any, name: str) -> Callable:
-    """The class named by ``spec['type']`` in ``module`` (a module or a dict of classes)."""
-    if not isinstance(spec, dict) or "type" not in spec:
-        raise ConfigError(f"config key {name!r} must be an object with a 'type' (and optional 'args')")
-    type_name = spec["type"]
+def lookup_type(module: Any, type_name: str, name: str) -> Callable:
+    """The class named ``type_name`` in ``module`` (a module or a dict of classes)."""
     if isinstance(module, dict):
         valid = dict(module)
     else:

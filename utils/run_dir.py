@@ -11,21 +11,62 @@ from __future__ import annotations
 import errno
 import fcntl
 import os
+import secrets
 import socket
 import sys
 import time
+from datetime import datetime
 from pathlib import Path
 
-from utils.util import ConfigError, make_dirs, read_json, remove_stale_temporaries, storage_error, write_json
+from utils.errors import ConfigError, RunFolderBusy
+from utils.util import make_dirs, read_json, remove_stale_temporaries, storage_error, write_json
 
+# Every file name of a run folder (and of a multi-seed group folder), spelled here only.
 LOCK_NAME = "run.lock"
 GROUP_LOCK_NAME = "group.lock"
 STATUS_NAME = "run.json"
+CONFIG_NAME = "config.json"
+LOG_NAME = "train.log"
+METRICS_NAME = "metrics.jsonl"
+BEST_NAME = "model_best.pth"
+INTERRUPTED_NAME = "checkpoint-interrupted.pth"
+TENSORBOARD_NAME = "tensorboard"
+AGGREGATE_NAME = "aggregate"   # a multi-seed group's aggregate.md and aggregate.json
+GROUP_LOGS_NAME = "logs"       # a multi-seed group's logs/seedN.log
 FINISHED = "finished"
 
 
-class RunFolderBusy(ConfigError):
-    """Another live process holds the run folder."""
+def epoch_checkpoint_name(epoch: int) -> str:
+    """The checkpoint saved after ``epoch`` (every ``trainer.save_period``)."""
+    return f"checkpoint-epoch{epoch}.pth"
+
+
+def sweep_name(split: str) -> str:
+    """The stem of a split's sweep files (``.json``, ``.csv``, ``.png``)."""
+    return f"sweep_{split}"
+
+
+def predictions_name(split: str) -> str:
+    """The folder of a split's predicted masks (``--save_predictions``)."""
+    return f"predictions_{split}"
+
+
+def backup_path(path: Path) -> Path:
+    """Where an earlier version of ``path`` is kept: ``<stem>.previous-N<suffix>`` with the next free N."""
+    path = Path(path)
+    number = 1 + sum(1 for _ in path.parent.glob(f"{path.stem}.previous-*{path.suffix}"))
+    return path.with_name(f"{path.stem}.previous-{number}{path.suffix}")
+
+
+def new_run_id() -> str:
+    """A run folder name that does not collide: microsecond time plus a random suffix."""
+    return f"{datetime.now().strftime('%Y%m%d_%H%M%S_%f')}_{secrets.token_hex(2)}"
+
+
+def run_path(save_dir: str | Path, name: str, run_id: str | None = None) -> Path:
+    """A run's folder: ``<trainer.save_dir>/<name>/<run_id>`` (default run id: :func:`new_run_id`; an
+    absolute run id is the folder itself)."""
+    return Path(str(save_dir)) / name / (run_id or new_run_id())
 
 
 def read_status(folder: Path) -> dict:
@@ -41,8 +82,8 @@ def read_status(folder: Path) -> dict:
 def has_results(folder: Path) -> bool:
     """Whether a folder holds an earlier run's work (checkpoints, metrics or a config)."""
     folder = Path(folder)
-    return folder.is_dir() and (any(folder.glob("*.pth")) or (folder / "metrics.jsonl").is_file()
-                                or (folder / "config.json").is_file())
+    return folder.is_dir() and (any(folder.glob("*.pth")) or (folder / METRICS_NAME).is_file()
+                                or (folder / CONFIG_NAME).is_file())
 
 
 class RunLock:
@@ -123,6 +164,20 @@ class RunFolder:
         remove_stale_temporaries(self.path)
         return self
 
+    @property
+    def interrupted_checkpoint(self) -> Path:
+        return self.path / INTERRUPTED_NAME
+
+    def write_config(self, content: dict) -> None:
+        """``config.json``; a resumed run that changed it keeps the earlier one as ``config.previous-N.json``."""
+        path = self.path / CONFIG_NAME
+        if path.is_file():
+            earlier = read_json(path)
+            if earlier == content:
+                return
+            write_json(earlier, backup_path(path))
+        write_json(content, path)
+
     def set_status(self, status: str, **extra) -> None:
         """Record what the run is doing in ``run.json`` (atomically)."""
         content = {"status": status, "pid": os.getpid(), "host": socket.gethostname(),
@@ -134,7 +189,7 @@ class RunFolder:
         only what the run wrote at start-up (a run whose start-up failed leaves nothing)."""
         self.lock.release()
         if remove and self.created and self.path.is_dir():
-            leftovers = {p.name for p in self.path.iterdir()} - {"config.json", "train.log", STATUS_NAME, LOCK_NAME}
+            leftovers = {p.name for p in self.path.iterdir()} - {CONFIG_NAME, LOG_NAME, STATUS_NAME, LOCK_NAME}
             if not leftovers:
                 for child in self.path.iterdir():
                     child.unlink()

@@ -7,8 +7,8 @@ import types
 import typing
 from typing import Any, Mapping, TypeVar
 
+from utils.errors import ConfigError
 from utils.parse_config import NULLABLE
-from utils.util import ConfigError
 
 T = TypeVar("T")
 

@@ -14,19 +14,9 @@ import os
 import signal
 from typing import Iterator
 
+from utils.errors import Interrupted
+
 HANDLED = (signal.SIGINT, signal.SIGTERM)
-
-
-class Interrupted(Exception):
-    """The run was stopped by a signal; the exit status is 128 + the signal number."""
-
-    def __init__(self, signum: int, message: str | None = None):
-        super().__init__(message or f"interrupted by {signal.Signals(signum).name}")
-        self.signum = signum
-
-    @property
-    def exit_code(self) -> int:
-        return 128 + self.signum
 
 
 class StopSignals:

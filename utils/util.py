@@ -4,28 +4,15 @@ from __future__ import annotations
 import json
 import math
 import os
-import sys
 import tempfile
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
 
+from utils.errors import ConfigError, StorageError
+
 TMP_SUFFIX = ".tmp"
-
-
-class ConfigError(ValueError):
-    """A user-facing error about a config, a file or a value; printed as one line."""
-
-
-def error_exit(err: ConfigError, code: int = 2) -> int:
-    """A command line's answer to a user error: one ``error: ...`` line on stderr, status 2."""
-    print(f"error: {err}", file=sys.stderr)
-    return code
-
-
-class StorageError(ConfigError):
-    """A file could not be written (read-only folder, disk full, permission denied); one line."""
 
 
 def read_json(path: str | Path) -> Any:
@@ -133,6 +120,12 @@ def remove_stale_temporaries(folder: Path) -> list[Path]:
         except OSError:
             pass
     return removed
+
+
+def write_text(text: str, path: str | Path) -> None:
+    """Write a UTF-8 text file atomically."""
+    data = text.encode()
+    atomic_write(Path(path), lambda handle: handle.write(data))
 
 
 def write_json(content: Any, path: str | Path) -> None:

@@ -1,36 +1,36 @@
 """The Python segmenter: a trained JoEm model, any class list, images in, label maps out.
 
-    from model.segmenter import Segmenter
+    from segmentation.segmenter import Segmenter
     segmenter = Segmenter.from_checkpoint("saved/synthetic_zs3/<run>/model_best.pth")
     labels = segmenter("photo.jpg")                     # H x W int64 class indices
     segmenter.names                                     # class of each index
 
 Classes missing from the checkpoint take their embedding from a file (rows named by its
 ``X.classes.txt`` sidecar) and their prototype from the semantic encoder: no retraining.
-Images go through :func:`model.segment.pixel_distances`, the path ``--test`` uses, so the
-same checkpoint, image, sigma, calibration and precision give the same labels.
+Images go through :class:`model.predictor.Predictor`, the path ``--test`` uses, so the same
+checkpoint, image, sigma, calibration and precision give the same labels.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import torch
 
-from data_loader.build import embedding_row_names
-from data_loader.classes import canonical_name, class_index, load_class_names, match_names
+from data_loader.classes import canonical_name, load_class_names, match_names, resolve_indices
 from data_loader.dataset import read_image
+from data_loader.embeddings import classes_sidecar, embedding_row_names, load_class_embeddings, normalize_embeddings
 from data_loader.transforms import to_model_input
-from model.inference import CALIBRATIONS, InferenceSettings, SlidingWindow, calibrate
-from model.segment import pixel_distances, tile_count
-from model.trained import TrainedModel, load_trained_model
+from model.predictor import Predictor, class_mask
+from model.segment import tile_count
+from segmentation.trained import TrainedModel, load_trained_model
 from utils.amp import resolve_precision
 from utils.checkpoint import run_checkpoint
 from utils.distributed import resolve_device
-from utils.embeddings import classes_sidecar, load_class_embeddings, normalize_embeddings
-from utils.util import ConfigError
+from utils.errors import ConfigError
+from utils.schema import CALIBRATIONS, InferenceSettings, SlidingWindow
 
 ImageLike = str | Path | np.ndarray | torch.Tensor | Any   # Any: a PIL image
 
@@ -56,9 +56,7 @@ class ClassChoice:
     extra: list[int]
 
     def unseen_mask(self) -> torch.Tensor:
-        mask = torch.zeros(len(self.names), dtype=torch.bool)
-        mask[self.unseen] = True
-        return mask
+        return class_mask(len(self.names), self.unseen)
 
 
 def image_tensor(image: ImageLike) -> torch.Tensor:
@@ -111,7 +109,7 @@ def choose_classes(trained: TrainedModel, classes: Any = None, embeddings: str |
     """
     ckpt_names = list(trained.split.names)
     if normalize == "checkpoint":
-        normalize = ((trained.config.get("data") or {}).get("embeddings") or {}).get("normalize")
+        normalize = (trained.settings.data.get("embeddings") or {}).get("normalize")
     extra_names, extra_table = ([], None) if not embeddings else read_extra_embeddings(
         embeddings, embedding_classes, normalize, trained.embeddings.shape[1])
     wanted = ckpt_names if classes is None else list(load_class_names(classes, "classes", None))
@@ -143,13 +141,10 @@ def _unseen_indices(chosen: ClassChoice, unseen: Any, ckpt_unseen: set[str]) -> 
     if (isinstance(unseen, str) and unseen.strip().lower() in ("", "none")) or (
             isinstance(unseen, (list, tuple)) and not unseen):
         return []
-    index = class_index(chosen.names)
-    resolved = []
-    for name in load_class_names(unseen, "unseen", None):
-        if canonical_name(name) not in index:
-            raise ConfigError(f"unseen: {name!r} is not among the classes of this run: {', '.join(chosen.names)}")
-        resolved.append(index[canonical_name(name)])
-    return sorted(resolved)
+    return sorted(resolve_indices(
+        load_class_names(unseen, "unseen", None), chosen.names, out_of_range=None,
+        unknown=lambda name: f"unseen: {name!r} is not among the classes of this run: {', '.join(chosen.names)}",
+        duplicate=lambda name, i: f"unseen: duplicate class {name!r} ({chosen.names[i]})"))
 
 
 class Segmenter:
@@ -172,7 +167,7 @@ class Segmenter:
                  sigma: float | None = None, calibration: str | None = None, amp: str | bool | None = None,
                  channels_last: bool | None = None, window: SlidingWindow | dict | None = None):
         self.trained = trained
-        settings: InferenceSettings = trained.inference
+        settings: InferenceSettings = trained.settings.inference
         self.classes = choose_classes(trained, classes, embeddings, embedding_classes, unseen, normalize)
         self.sigma = float(sigma if sigma is not None else self._default_sigma(settings))
         if not self.sigma > 0:
@@ -181,20 +176,20 @@ class Segmenter:
         if self.calibration not in CALIBRATIONS:
             raise ConfigError(f"calibration: {self.calibration!r}; valid: {', '.join(CALIBRATIONS)}")
         # "auto" resolved for the model's device; .precision.warning says when the choice is slow here
-        self.precision = resolve_precision(trained.amp if amp is None else amp, trained.device)
+        self.precision = resolve_precision(trained.settings.trainer.amp if amp is None else amp, trained.device)
         self.amp = self.precision.amp
-        self.channels_last = trained.channels_last if channels_last is None else bool(channels_last)
+        self.channels_last = trained.settings.trainer.channels_last if channels_last is None else bool(channels_last)
         if isinstance(window, dict):
             window = SlidingWindow(**{**settings.window.__dict__, **window})
         self.window = window or settings.window
         problem = self.window.check()
         if problem:
             raise ConfigError(f"window.{problem}")
-        device = trained.device
-        self.prototypes = trained.prototypes(self.classes.embeddings.to(device))
-        self.unseen_mask = self.classes.unseen_mask().to(device)
         never = {canonical_name(trained.split.names[i]) for i in trained.split.never_predicted}
-        self.excluded = [i for i, name in enumerate(self.names) if canonical_name(name) in never]
+        excluded = [i for i, name in enumerate(self.names) if canonical_name(name) in never]
+        self.predictor = Predictor.build(trained.model, trained.semantic_encoder, self.classes.embeddings,
+                                         self.classes.unseen, self.sigma, calibration=self.calibration, amp=self.amp,
+                                         channels_last=self.channels_last, window=self.window, excluded=excluded)
 
     @classmethod
     def from_checkpoint(cls, checkpoint: str | Path, config: dict | str | Path | None = None,
@@ -238,18 +233,18 @@ class Segmenter:
     @torch.inference_mode()
     def predict(self, image: ImageLike, distances: bool = False) -> Prediction:
         """Labels of one image and, with ``distances``, every pixel's squared distance to each class."""
-        inputs = to_model_input(image_tensor(image))[None].to(self.trained.device)
+        return self.predict_input(to_model_input(image_tensor(image)), distances)
+
+    @torch.inference_mode()
+    def predict_input(self, inputs: torch.Tensor, distances: bool = False) -> Prediction:
+        """:meth:`predict` of an image already normalised for the model (3 x H x W float, as a
+        dataset gives it)."""
+        inputs = inputs[None].to(self.trained.device)
         height, width = inputs.shape[-2:]
         labels = torch.empty(height, width, dtype=torch.long)
         table = torch.empty(len(self.names), height, width) if distances else None
-        for rows, band in pixel_distances(self.trained.model, inputs, self.prototypes, amp=self.amp,
-                                          channels_last=self.channels_last, window=self.window,
-                                          excluded=self.excluded):
-            labels[rows] = calibrate(band, self.unseen_mask, self.sigma, self.calibration)[0].cpu()
+        for rows, band in self.predictor.distances(inputs):
+            labels[rows] = self.predictor.calibrated(band)[0].cpu()
             if table is not None:
                 table[:, rows] = band[0].cpu()
         return Prediction(labels, table, tile_count(height, width, self.window))
-
-    def predict_batch(self, images: Sequence[ImageLike]) -> list[torch.Tensor]:
-        """Labels of several images (each at its own size)."""
-        return [self(image) for image in images]

@@ -13,7 +13,8 @@ from pathlib import Path
 
 from data_loader import load_split_and_embeddings
 from utils.checkpoint import FORMAT, VERSION, architecture, load_checkpoint
-from utils.util import ConfigError
+from utils.errors import ConfigError
+from utils.settings import Settings
 
 logger = logging.getLogger("joem")
 
@@ -42,10 +43,10 @@ def _state_dict(checkpoint: dict, path: Path) -> dict:
     return {key.removeprefix("module."): value for key, value in state.items()}
 
 
-def convert_official(visual_path: str | Path, config: dict, source: str = "config", visual: dict | None = None) -> dict:
+def convert_official(visual_path: str | Path, settings: Settings, visual: dict | None = None) -> dict:
     """This project's checkpoint content (weights, split, embeddings, config; no optimizer)
-    from an official fe_/gen_ pair and the config that names the classes and split
-    (``visual``: the visual-encoder file's content when it has been read already)."""
+    from an official fe_/gen_ pair and the settings of the config that names the classes and
+    split (``visual``: the visual-encoder file's content when it has been read already)."""
     visual_path = Path(visual_path)
     semantic_path = semantic_encoder_path(visual_path)
     if not semantic_path.is_file():
@@ -55,12 +56,12 @@ def convert_official(visual_path: str | Path, config: dict, source: str = "confi
     for path, checkpoint in ((visual_path, visual), (semantic_path, semantic)):
         if not is_official(checkpoint):
             raise ConfigError(f"{path}: not an official JoEm checkpoint (no state_dict)")
-    split, embeddings = load_split_and_embeddings(config["data"], source)
+    split, embeddings = load_split_and_embeddings(settings.data, settings.source)
     converted = {"format": FORMAT, "version": VERSION, "epoch": int(visual.get("epoch", 0) or 0),
                  "visual_encoder": _state_dict(visual, visual_path),
                  "semantic_encoder": _state_dict(semantic, semantic_path),
-                 "config": config, "class_split": split.to_dict(), "embeddings": embeddings,
-                 "architecture": architecture(config), "converted_from": [str(visual_path), str(semantic_path)]}
+                 "config": settings.record(), "class_split": split.to_dict(), "embeddings": embeddings,
+                 "architecture": architecture(settings), "converted_from": [str(visual_path), str(semantic_path)]}
     logger.info("converted official JoEm checkpoint %s + %s (epoch %d) to this project's format",
                 visual_path, semantic_path.name, converted["epoch"])
     return converted

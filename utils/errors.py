@@ -1,0 +1,77 @@
+"""Every error class of the project, the one-line form of an exception and the exit on a user error.
+
+A :class:`ConfigError` (and its subclasses) is a user-facing problem printed as one ``error:``
+line with exit status 2; :class:`TrainingDiverged` exits 3; :class:`Interrupted` 128 + signal.
+"""
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+
+
+class ConfigError(ValueError):
+    """A user-facing error about a config, a file or a value; printed as one line."""
+
+
+class StorageError(ConfigError):
+    """A file could not be written (read-only folder, disk full, permission denied); one line."""
+
+
+class DataError(ConfigError):
+    """A bad data file (missing, unreadable, bad label values, size mismatch); names the file."""
+
+
+class RunFolderBusy(ConfigError):
+    """Another live process holds the run folder."""
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss, a gradient or the weights became NaN or Inf."""
+
+
+class NonFiniteLoss(TrainingDiverged):
+    """The step's loss or gradient is NaN or Inf (nothing was updated); ``values`` says which."""
+
+    def __init__(self, values: str):
+        super().__init__(f"not finite: {values}")
+        self.values = values
+
+
+class Interrupted(Exception):
+    """The run was stopped by a signal; the exit status is 128 + the signal number."""
+
+    def __init__(self, signum: int, message: str | None = None):
+        super().__init__(message or f"interrupted by {signal.Signals(signum).name}")
+        self.signum = signum
+
+    @property
+    def exit_code(self) -> int:
+        return 128 + self.signum
+
+
+class NothingToDo(Exception):
+    """The run asked for is already complete (a requeued job after its end): exit 0."""
+
+
+def first_line(err: BaseException, limit: int | None = None) -> str:
+    """``Type: first non-empty line of the message`` (just ``Type`` for an empty message),
+    cut to ``limit`` characters of message when given."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    if not lines:
+        return type(err).__name__
+    text = lines[0] if limit is None else lines[0][:limit]
+    return f"{type(err).__name__}: {text}"
+
+
+class ArgParser(argparse.ArgumentParser):
+    """Argument errors raise ConfigError (one line on stderr, exit 2) instead of printing usage."""
+
+    def error(self, message: str):
+        raise ConfigError(message)
+
+
+def error_exit(err: ConfigError, code: int = 2) -> int:
+    """A command line's answer to a user error: one ``error: ...`` line on stderr, status 2."""
+    print(f"error: {err}", file=sys.stderr)
+    return code
