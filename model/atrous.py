@@ -112,14 +112,14 @@ class AtrousConv2d(nn.Conv2d):
         false; AVX-512 BF16/AMX): always in reduced precision (autocast or a bf16/fp16 input);
         in float32 only for training when the dilated kernel spans the input (``2 d >= min(H,
         W)``: the GEMM weight-gradient path). Backbone convs (``sparse_only``; AVX2 fp32 and
-        AVX-512 BF16): only where the kernel spans the input, in any precision (the demo's
+        AVX-512 BF16): only where the kernel spans a channels_last input, in any precision (the demo's
         ResNet-18 at 4 x 4: training step 1.3x faster; ResNet-101's 20 x 20 stage: slower, so not
         there). Not on other devices (cuDNN has not been measured)."""
         if x.device.type != "cpu":
             return False
         spans = 2 * self.dilation[0] >= min(x.shape[-2:])
-        if self.sparse_only:
-            return spans
+        if self.sparse_only:   # measured with channels_last inputs only (the shipped layout)
+            return spans and x.is_contiguous(memory_format=torch.channels_last)
         if torch.is_autocast_enabled("cpu") or x.dtype in (torch.bfloat16, torch.float16):
             return True
         return torch.is_grad_enabled() and spans

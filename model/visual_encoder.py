@@ -41,7 +41,8 @@ def _dilate_stage(stage: nn.Sequential, dilations: Sequence[int]) -> None:
             if isinstance(conv, nn.Conv2d) and conv.kernel_size == (3, 3):
                 # the same weight as an AtrousConv2d (state_dict unchanged): at these feature sizes
                 # most of a dilated kernel lies in the zero padding (model/atrous.py)
-                atrous = AtrousConv2d(conv.in_channels, conv.out_channels, rate, sparse_only=True)
+                with torch.random.fork_rng(devices=[]):   # its discarded init draws nothing from the seed's stream
+                    atrous = AtrousConv2d(conv.in_channels, conv.out_channels, rate, sparse_only=True)
                 atrous.weight = conv.weight
                 setattr(block, name, atrous)
 
@@ -67,7 +68,7 @@ class Backbone(nn.Module):
         self.low_level_channels = 256 if depth >= 50 else 64
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        x = self.maxpool(F.relu(conv_bn(x, self.conv1, self.bn1)))
+        x = self.maxpool(F.relu(conv_bn(x, self.conv1, self.bn1), inplace=True))
         low = _stage(self.layer1, x)
         return low, _stage(self.layer4, _stage(self.layer3, _stage(self.layer2, low)))
 
@@ -94,14 +95,14 @@ def conv_bn(x: torch.Tensor, conv: nn.Conv2d, bn: nn.BatchNorm2d) -> torch.Tenso
 
 def _block(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """torchvision's ``BasicBlock`` / ``Bottleneck`` forward with every conv + BN through :func:`conv_bn`."""
-    identity = x if block.downsample is None else conv_bn(x, block.downsample[0], block.downsample[1])
-    out = F.relu(conv_bn(x, block.conv1, block.bn1))
+    out = F.relu(conv_bn(x, block.conv1, block.bn1), inplace=True)   # in place, as torchvision's blocks
     if isinstance(block, resnet.Bottleneck):
-        out = F.relu(conv_bn(out, block.conv2, block.bn2))
+        out = F.relu(conv_bn(out, block.conv2, block.bn2), inplace=True)
         out = conv_bn(out, block.conv3, block.bn3)
     else:
         out = conv_bn(out, block.conv2, block.bn2)
-    return F.relu(out + identity)
+    out += x if block.downsample is None else conv_bn(x, block.downsample[0], block.downsample[1])
+    return F.relu(out, inplace=True)
 
 
 def _stage(stage: nn.Sequential, x: torch.Tensor) -> torch.Tensor:
@@ -201,10 +202,6 @@ class Decoder(nn.Module):
         high = channels_last_gradient(F.interpolate(high, size=low.shape[-2:], mode="bilinear", align_corners=True))
         return self.last_conv(torch.cat([high, low], dim=1))
 
-    def forward(self, high: torch.Tensor, low: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        feature = self.features(high, low)
-        return self.pred_conv(feature), feature
-
 
 class DeepLabV3Plus(nn.Module):
     """DeepLabV3+ visual encoder: ``forward(images) -> (logits at input size, features at stride 4)``.
@@ -285,7 +282,7 @@ class DeepLabV3Plus(nn.Module):
     def head_parameters(self) -> Iterator[nn.Parameter]:
         return (p for m in self.head_modules() for p in m.parameters() if p.requires_grad)
 
-    def param_groups(self, lr: float, head_lr_mult: float = 10.0) -> list[dict]:
+    def param_groups(self, lr: float, head_lr_mult: float) -> list[dict]:
         """Optimizer groups: backbone at ``lr``, ASPP + decoder at ``lr * head_lr_mult``."""
         return [{"params": list(self.backbone_parameters()), "lr": lr, "name": "backbone"},
                 {"params": list(self.head_parameters()), "lr": lr * head_lr_mult, "name": "head"}]
@@ -304,8 +301,7 @@ class DeepLabV3Plus(nn.Module):
         return self.decoder.features(self.aspp(high), low)
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        low, high = self.backbone(images)
-        features = self.decoder.features(self.aspp(high), low)
+        features = self.features(images)
         logits = self.decoder.pred_conv(features)
         # upsampled in float32 and contiguous memory (the layout of the CE loss's gradient):
         # under bf16 + channels_last the bilinear backward is then several times faster
