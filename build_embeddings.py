@@ -17,11 +17,11 @@ from typing import Sequence
 from data_loader.classes import load_class_names
 from data_loader.word_vectors import (FORMATS, READERS, SourceReport, check_output_path, resolve_class_embeddings,
                                       save_class_embeddings)
-from utils.errors import ConfigError, error_exit
+from utils.cli import ArgParser, run_command
 
 
-def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description="Build a class-embedding file (.npy) from word vectors.")
+def build_parser() -> ArgParser:
+    parser = ArgParser(description="Build a class-embedding file (.npy) from word vectors.")
     parser.add_argument("--vectors", action="append", required=True, metavar="FILE",
                         help="word2vec .bin/.txt, GloVe .txt or fastText .vec (.gz ok); repeat to concatenate")
     parser.add_argument("--classes", required=True, metavar="FILE|LIST",
@@ -34,7 +34,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                         help="vector file format (default: auto, from the content)")
     parser.add_argument("--reader", choices=READERS, default="auto",
                         help="auto: gensim when installed, else the built-in streaming reader")
-    return parser.parse_args(argv)
+    return parser
 
 
 def summary(reports: Sequence[SourceReport]) -> list[str]:
@@ -53,19 +53,19 @@ def summary(reports: Sequence[SourceReport]) -> list[str]:
     return lines
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    args = parse_args(argv)
-    try:
-        out = check_output_path(args.out)
-        names = load_class_names(args.classes, "--classes", None)
-        array, reports = resolve_class_embeddings(args.vectors, names, args.normalize, args.fmt, args.reader)
-        sidecar = save_class_embeddings(array, names, out)
-    except ConfigError as err:
-        return error_exit(err)
+def build(args: argparse.Namespace) -> int:
+    out = check_output_path(args.out)
+    names = load_class_names(args.classes, "--classes", None)
+    array, reports = resolve_class_embeddings(args.vectors, names, args.normalize, args.fmt, args.reader)
+    sidecar = save_class_embeddings(array, names, out)
     print(f"wrote {out}: {array.shape[0]} classes x {array.shape[1]} dims (float32, normalize "
           f"{args.normalize}), row names in {sidecar}")
     print("\n".join(summary(reports)))
     return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return run_command(build_parser(), build, argv)
 
 
 if __name__ == "__main__":

@@ -10,30 +10,31 @@ from pathlib import Path
 
 from segmentation.official import convert_official
 from utils.checkpoint import save_checkpoint
-from utils.errors import ConfigError, error_exit
+from utils.cli import ArgParser, run_command
+from utils.errors import ConfigError
 from utils.parse_config import load_config
 from utils.settings import Settings
 
 
+def convert(args: argparse.Namespace) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    out = Path(args.out)
+    if out.exists():
+        raise ConfigError(f"{out}: exists; choose another --out (nothing is overwritten)")
+    content = convert_official(args.resume, Settings.from_config(load_config(args.config), args.config))
+    for key in ("format", "version"):  # save_checkpoint writes its own
+        del content[key]
+    save_checkpoint(out, **content)
+    print(f"wrote {out}")
+    return 0
+
+
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = ArgParser(description=__doc__.splitlines()[0])
     parser.add_argument("-c", "--config", required=True, help="the config naming the classes, split and embeddings")
     parser.add_argument("-r", "--resume", required=True, help="official fe_checkpoint-epochN.pth or model_best_fe.pth")
     parser.add_argument("--out", required=True, help="output checkpoint (refuses to overwrite an existing file)")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    try:
-        out = Path(args.out)
-        if out.exists():
-            raise ConfigError(f"{out}: exists; choose another --out (nothing is overwritten)")
-        content = convert_official(args.resume, Settings.from_config(load_config(args.config), args.config))
-        for key in ("format", "version"):  # save_checkpoint writes its own
-            del content[key]
-        save_checkpoint(out, **content)
-    except ConfigError as err:
-        return error_exit(err)
-    print(f"wrote {out}")
-    return 0
+    return run_command(parser, convert, argv)
 
 
 if __name__ == "__main__":

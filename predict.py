@@ -22,7 +22,8 @@ from PIL import Image, ImageDraw, ImageFont
 from data_loader.layouts import IMAGE_EXTENSIONS
 from segmentation.segmenter import Segmenter, image_tensor
 from utils.amp import parse_amp
-from utils.errors import ConfigError, DataError, error_exit
+from utils.cli import ArgParser, run_command
+from utils.errors import ConfigError, DataError
 from utils.schema import CALIBRATIONS, sigma_values
 from utils.visualization import colorize, palette, save_mask
 
@@ -38,11 +39,10 @@ def _sigma(value: str) -> float:
     return values[0]
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser() -> ArgParser:
     """The command-line interface."""
-    parser = argparse.ArgumentParser(
-        description="Segment images with a trained JoEm model and any class list.",
-        epilog="Exit status: 0 ok, 1 some images were unreadable (skipped), 2 usage/config error.")
+    parser = ArgParser(description="Segment images with a trained JoEm model and any class list.",
+                       epilog="Exit status: 0 ok, 1 some images were unreadable (skipped), 2 usage/config error.")
     parser.add_argument("-r", "--resume", "--checkpoint", dest="checkpoint", required=True,
                         help="checkpoint of this project (model_best.pth, checkpoint-epochN.pth, or a run folder: "
                              "its model_best.pth, else its newest checkpoint) or an official "
@@ -244,11 +244,7 @@ def run(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Command-line entry point; ``error: ...`` on stderr and status 2 for user errors."""
-    args = build_parser().parse_args(argv)
-    try:
-        return run(args)
-    except ConfigError as err:
-        return error_exit(err)
+    return run_command(build_parser(), run, argv)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
-"""pytorch-template's BaseTrainer: the epoch loop, monitoring, early stop and checkpoints."""
+"""pytorch-template's BaseTrainer: the epoch loop, monitoring, early stop and checkpoints (every
+``save_period`` epochs and always after the last one, so the final weights are on disk)."""
 from __future__ import annotations
 
 import logging
@@ -70,9 +71,10 @@ class BaseTrainer:
             if self.is_main and best:
                 self._save_checkpoint(self.best_path, epoch)
                 logger.info("saved %s (%s = %.2f)", BEST_NAME, self.mnt_metric, self.mnt_best)
-            if self.is_main and epoch % self.save_period == 0:
-                self._save_checkpoint(self.run_dir / epoch_checkpoint_name(epoch), epoch)
-            if self.early_stop and self.not_improved >= self.early_stop:
+            stopping = bool(self.early_stop) and self.not_improved >= self.early_stop
+            if self.is_main and (epoch % self.save_period == 0 or epoch == self.epochs or stopping):
+                self._save_checkpoint(self.run_dir / epoch_checkpoint_name(epoch), epoch)   # the final weights too
+            if stopping:
                 logger.info("%s did not improve for %d evaluations: early stop", self.mnt_metric, self.not_improved)
                 break
             self._epoch_done(epoch)

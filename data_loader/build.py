@@ -1,11 +1,11 @@
-"""From a config's ``data`` section to a class split, embeddings and train/val datasets."""
+"""From a config's ``data`` section to a class split, embeddings and the train / selection / test datasets."""
 from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -14,39 +14,25 @@ from torch.utils.data import Dataset
 from data_loader.classes import ClassSplit, canonical_name, load_class_names, parse_class_split, resolve_indices
 from data_loader.dataset import LabelDict, LabelFiles, SegmentationDataset, ignore_table, remap_table
 from data_loader.embeddings import class_embeddings
-from data_loader.layouts import label_source, layout_settings, split_label, split_samples
+from data_loader.layouts import label_source, layout_settings, split_label, split_list_path, split_samples
 from data_loader.scan import SampleCheck, check_exists, scan
-from data_loader.synthetic import SyntheticParams, ensure_synthetic
+from data_loader.synthetic import ensure_synthetic
 from data_loader.transforms import train_transform, val_transform
 from utils.errors import ConfigError, DataError
 from utils.logger import progress_enabled
-from utils.schema import DATA_KEYS, DATASET_TYPES
+from utils.schema import DataSection, SyntheticSection, as_data_section
 
 log = logging.getLogger(__name__)
-
-def require(cfg: dict, key: str, source: str, kind: type | tuple[type, ...] = object) -> Any:
-    """``cfg[key]`` checked for presence and type; ConfigError naming ``data.<key>`` otherwise."""
-    if key not in cfg:
-        raise ConfigError(f"data.{key}: missing (file {source})")
-    value = cfg[key]
-    if not isinstance(value, kind) or (isinstance(value, bool) and kind not in (bool, object)):
-        raise ConfigError(f"data.{key}: invalid value {value!r} (file {source})")
-    return value
-
-
-def flag(cfg: dict, key: str, default: bool, source: str) -> bool:
-    """A boolean option of ``data`` (``default`` when absent)."""
-    return require(cfg, key, source, bool) if key in cfg else default
 
 
 @dataclass
 class DataSource:
     """A resolved ``data`` section: root folder, layout conventions and the class split."""
 
-    cfg: dict
+    data: DataSection
     source: str
     root: Path
-    settings: dict
+    layout: dict
     split: ClassSplit
     remap: np.ndarray  # raw label value -> class index (see dataset.remap_table)
     label_names: tuple[str, ...] = ()  # names of the raw label values (index = value)
@@ -54,61 +40,59 @@ class DataSource:
 
     @cached_property
     def labels(self) -> LabelFiles | LabelDict:
-        return label_source(self.root, self.settings)
+        return label_source(self.root, self.layout)
 
     def embeddings(self) -> torch.Tensor:
-        return class_embeddings(require(self.cfg, "embeddings", self.source, dict), self.split.names, self.source)
+        return class_embeddings(self.data.embeddings, self.split.names, self.source)
 
-    def dataset(self, split_key: str, train: bool) -> SegmentationDataset:
-        """Every sample listed for ``data.<split_key>``, with train or val transforms."""
-        cfg, source = self.cfg, self.source
-        samples = split_samples(self.root, require(cfg, split_key, source, (str, dict)), self.settings,
-                                f"data.{split_key}", source)
+    def dataset(self, split: Any, key: str, train: bool) -> SegmentationDataset:
+        """Every sample listed for ``split`` (the config's ``data.<key>``), with train or val transforms."""
+        data = self.data
+        if split is None:
+            raise ConfigError(f"data.{key}: missing (file {self.source})")
+        samples = split_samples(self.root, split, self.layout, f"data.{key}", self.source)
         ignored = [0] if self.split.ignore_bg else []
-        if train and flag(cfg, "ignore_unseen", False, source):
+        if train and data.ignore_unseen:
             ignored += list(self.split.unseen)
-        if train:
-            scale = require(cfg, "scale_range", source, list)
-            if len(scale) != 2 or not 0 < scale[0] <= scale[1]:
-                raise ConfigError(f"data.scale_range: expected [low, high] with 0 < low <= high, got {scale} "
-                                  f"(file {source})")
-            sizes = [require(cfg, key, source, int) for key in ("base_size", "crop_size")]
-            if min(sizes) < 1:
-                raise ConfigError(f"data.base_size/crop_size: must be positive, got {sizes} (file {source})")
-            transform = train_transform(*sizes, scale, hflip=flag(cfg, "hflip", True, source))
-        else:
-            transform = val_transform()
+        transform = train_transform(data.base_size, data.crop_size, data.scale_range, data.hflip) if train \
+            else val_transform()
         return SegmentationDataset(samples, self.labels, self.remap, ignore_table(ignored), transform,
-                                   flag(cfg, "skip_bad_samples", False, source))
+                                   data.skip_bad_samples)
+
+    def same_list(self, a: Any, b: Any) -> bool:
+        """Whether two split specs name the same samples (the same list file, or the same folders)."""
+        if isinstance(a, str) and isinstance(b, str):
+            return split_list_path(self.root, a, self.layout).resolve() == split_list_path(self.root, b,
+                                                                                           self.layout).resolve()
+        return a == b
 
 
-def resolve(data_cfg: dict, source: str = "config", progress: bool = True) -> DataSource:
-    """Check the ``data`` keys, generate the synthetic data if needed, parse the class split."""
-    for key in data_cfg:
-        if key not in DATA_KEYS:
-            raise ConfigError(f"data.{key}: unknown key (file {source}); valid: {', '.join(DATA_KEYS)}")
-    kind = require(data_cfg, "type", source, str)
-    if kind not in DATASET_TYPES:
-        raise ConfigError(f"data.type: unknown {kind!r} (file {source}); valid: {', '.join(DATASET_TYPES)}")
-    cfg = dict(data_cfg)
-    if kind == "Synthetic":
-        if "root" in cfg:
-            raise ConfigError(f"data.root: not used by Synthetic, set data.synthetic.cache_dir (file {source})")
-        root = ensure_synthetic(SyntheticParams.from_config(cfg.get("synthetic"), source), progress and progress_enabled())
-        cfg.setdefault("classes", str(root / "classes.txt"))
-        cfg["embeddings"] = {"paths": [str(root / "embeddings.npy")], **(cfg.get("embeddings") or {})}
+def resolve(data: DataSection | Mapping, source: str = "config", progress: bool = True) -> DataSource:
+    """Check the section, generate the synthetic data if needed, parse the class split."""
+    data = as_data_section(data, source)
+    problem = data.missing()
+    if problem:
+        raise ConfigError(f"{problem} (file {source})")
+    layout = layout_settings(data, source)
+    if data.type == "Synthetic":
+        root = ensure_synthetic(data.synthetic or SyntheticSection(), progress and progress_enabled())
+        data = data.resolved(root)
     else:
-        if "synthetic" in cfg:
-            raise ConfigError(f"data.synthetic: only used by type Synthetic (file {source})")
-        root = Path(require(cfg, "root", source, str))
+        root = Path(data.root)
         if not root.is_dir():
             raise ConfigError(f"data.root: folder {root} not found (file {source})")
-    settings, split = layout_settings(cfg, source), parse_class_split(cfg, source)
-    spec = settings.get("label_classes")
+    split = parse_class_split(data, source)
+    spec = layout.get("label_classes")
     label_names = split.names if spec is None else load_class_names(spec, "data.label_classes", source)
-    ignored = ignored_values(cfg.get("ignore_labels", []), label_names, split.names, source)
+    ignored = ignored_values(data.ignore_labels, label_names, split.names, source)
     remap = remap_table(label_names, split.names, f"data.label_classes (file {source})", ignored)
-    return DataSource(cfg, source, root, settings, split, remap, tuple(label_names), ignored)
+    ds = DataSource(data, source, root, layout, split, remap, tuple(label_names), ignored)
+    if data.selection_split is not None and data.holdout is None and ds.same_list(data.selection_split,
+                                                                                   data.val_split):
+        raise ConfigError(f"data.selection_split: {data.selection_split!r} lists the same images as the reported "
+                          f"split {data.val_split!r}; a checkpoint is never chosen on the split that is reported "
+                          f"(file {source})")
+    return ds
 
 
 def ignored_values(spec: Any, label_names: Sequence[str], class_names: Sequence[str],
@@ -156,10 +140,20 @@ def count(checks: Sequence[SampleCheck], unseen: Sequence[int], remove_unseen: b
     return counts
 
 
-def _filtered(ds: DataSource, split_key: str, train: bool, logger: logging.Logger) -> SegmentationDataset:
-    dataset = ds.dataset(split_key, train)
-    remove = train and flag(ds.cfg, "remove_unseen_images", True, ds.source) and bool(ds.split.unseen)
-    label = split_label(ds.cfg[split_key])
+def carve(names: Sequence[str], holdout: dict) -> list[int]:
+    """The indices (sorted) of ``holdout["holdout"]`` samples drawn from ``holdout["seed"]`` alone."""
+    if holdout["holdout"] >= len(names):
+        raise ConfigError(f"data.selection_split: holdout {holdout['holdout']} leaves no training image of "
+                          f"{len(names)}")
+    generator = torch.Generator().manual_seed(holdout["seed"])
+    return sorted(torch.randperm(len(names), generator=generator)[:holdout["holdout"]].tolist())
+
+
+def _checked(ds: DataSource, dataset: SegmentationDataset, label: str, key: str, train: bool,
+             logger: logging.Logger) -> SegmentationDataset:
+    """The dataset without its bad samples (an error unless skipped) and, for training, without the
+    images holding unseen pixels (``remove_unseen_images``)."""
+    remove = train and ds.data.remove_unseen_images and bool(ds.split.unseen)
     if train:   # labels read when unseen images are removed, else only existence (images are read each epoch)
         checks = scan(dataset, desc=f"scanning {label} labels") if remove else check_exists(dataset)
     else:       # evaluation reads each file once: check every image and label now, before any training
@@ -174,46 +168,80 @@ def _filtered(ds: DataSource, split_key: str, train: bool, logger: logging.Logge
             logger.warning("skipping bad sample: %s", error)
     dataset.samples = [dataset.samples[i] for i in counts.kept]
     removed = f", {counts.with_unseen} with unseen-class pixels removed" if remove else ""
-    logger.info("data.%s %r: %d listed, %d bad%s, %d used", split_key, label, counts.total,
-                len(counts.bad), removed, len(dataset))
+    logger.info("data.%s %r: %d listed, %d bad%s, %d used", key, label, counts.total, len(counts.bad), removed,
+                len(dataset))
     if not len(dataset):
-        raise ConfigError(f"data.{split_key}: no usable sample left (file {ds.source})")
+        raise ConfigError(f"data.{key}: no usable sample left (file {ds.source})")
     return dataset
 
 
 @dataclass
 class DataBundle:
-    """What training needs from the data side."""
+    """What a run needs from the data side: the split, the embeddings, the training set, the
+    model-selection set (None: the last epoch's weights are tested) and the reported (test) set."""
 
     split: ClassSplit
     embeddings: torch.Tensor
     train_set: Dataset | None
     val_set: Dataset | None
+    selection_set: Dataset | None = None
+    selection: str = "none (the final weights are tested)"   # how the selection set was made, for the banner
+
+    @property
+    def selection_names(self) -> list[str]:
+        return [sample.name for sample in self.selection_set.samples] if self.selection_set is not None else []
 
 
-def load_split_and_embeddings(data_cfg: dict, source: str = "config") -> tuple[ClassSplit, torch.Tensor]:
+def load_split_and_embeddings(data: DataSection | Mapping, source: str = "config") -> tuple[ClassSplit, torch.Tensor]:
     """The class split and class embeddings alone: no dataset folder is needed (except that
     the synthetic benchmark is generated, since its class list and embeddings come from it)."""
-    if data_cfg.get("type") == "Synthetic":
-        ds = resolve(data_cfg, source)
+    data = as_data_section(data, source)
+    if data.type == "Synthetic":
+        ds = resolve(data, source)
         return ds.split, ds.embeddings()
-    split = parse_class_split(data_cfg, source)
-    return split, class_embeddings(require(data_cfg, "embeddings", source, dict), split.names, source)
+    split = parse_class_split(data, source)
+    return split, class_embeddings(data.embeddings, split.names, source)
 
 
-def prepare_data(data_cfg: dict, *, train: bool = True, val: bool = True, source: str = "config",
+def prepare_data(data: DataSection | Mapping, *, train: bool = True, val: bool = True, source: str = "config",
                  logger: logging.Logger | None = None) -> DataBundle:
     """Resolve the class split, load the class embeddings and build the requested datasets.
 
-    The training split drops images with unseen-class pixels (``remove_unseen_images``,
-    default true); missing files fail here with an error naming the file (or are skipped
-    with ``skip_bad_samples``). Synthetic data is generated into its cache on first use.
+    Every setting is checked before any file is read or generated. The training split drops
+    images with unseen-class pixels (``remove_unseen_images``, default true) and, with a
+    ``{"holdout": N}`` selection split, the N images carved from it; missing files fail here
+    with an error naming the file (or are skipped with ``skip_bad_samples``). Synthetic data is
+    generated into its cache on first use.
     """
     logger = logger or log
-    ds = resolve(data_cfg, source)
+    data = as_data_section(data, source)
+    problem = data.missing(train)
+    if problem:
+        raise ConfigError(f"{problem} (file {source})")
+    ds = resolve(data, source)
+    data = ds.data
     embeddings = ds.embeddings()
     logger.info("classes: %d (%s unseen: %s), embeddings %s", ds.split.num_classes, len(ds.split.unseen),
                 ", ".join(ds.split.unseen_names), tuple(embeddings.shape))
-    train_set = _filtered(ds, "train_split", True, logger) if train else None
-    val_set = _filtered(ds, "val_split", False, logger) if val else None
-    return DataBundle(ds.split, embeddings, train_set, val_set)
+    bundle = DataBundle(ds.split, embeddings, None, None)
+    if train:
+        train_set = ds.dataset(data.train_split, "train_split", train=True)
+        label = split_label(data.train_split)
+        if data.holdout is not None:
+            chosen = set(carve([s.name for s in train_set.samples], data.holdout))
+            held = ds.dataset(data.train_split, "train_split", train=False)
+            held.samples = [s for i, s in enumerate(train_set.samples) if i in chosen]
+            train_set.samples = [s for i, s in enumerate(train_set.samples) if i not in chosen]
+            bundle.selection_set = _checked(ds, held, f"{label} holdout", "selection_split", False, logger)
+            bundle.selection = (f"{len(chosen)} images carved from {label!r} (seed {data.holdout['seed']}; "
+                                "not trained on)")
+        elif data.selection_split is not None:
+            selection = ds.dataset(data.selection_split, "selection_split", train=False)
+            bundle.selection_set = _checked(ds, selection, split_label(data.selection_split), "selection_split",
+                                            False, logger)
+            bundle.selection = f"the split {split_label(data.selection_split)!r}"
+        bundle.train_set = _checked(ds, train_set, label, "train_split", True, logger)
+    if val:
+        bundle.val_set = _checked(ds, ds.dataset(data.val_split, "val_split", train=False),
+                                  split_label(data.val_split), "val_split", False, logger)
+    return bundle

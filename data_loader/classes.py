@@ -17,8 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
-
 from utils.errors import ConfigError
+from utils.schema import UNSEEN_KEY, DataSection, as_data_section
 
 VOC_CLASSES: tuple[str, ...] = (
     "background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
@@ -60,7 +60,7 @@ PRESETS: dict[str, dict[str, tuple[str, ...]]] = {
     "voc": {
         **_cumulative([("cow", "motorbike"), ("airplane", "sofa"), ("cat", "tv"), ("train", "bottle"),
                        ("chair", "potted plant")]),
-        # SPNet setting (use with "ignore_bg": true).
+        # SPNet setting (use with the background ignored).
         "spnet": ("potted plant", "sheep", "sofa", "train", "tv"),
     },
     "context": _cumulative([("cow", "motorbike"), ("sofa", "cat"), ("boat", "fence"), ("bird", "tvmonitor"),
@@ -201,11 +201,11 @@ def _resolve_unseen(values: Iterable[Any], names: Sequence[str], key: str, sourc
         duplicate=lambda v, i: f"{key}: duplicate class {v!r} ({names[i]}){_where(source)}", check=background)))
 
 
-def _preset_family(data_cfg: dict) -> str:
-    classes = data_cfg.get("classes")
+def _preset_family(data: DataSection) -> str:
+    classes = data.classes
     if isinstance(classes, str) and classes.lower() in PRESETS:
         return classes.lower()
-    return str(data_cfg.get("type", "")).lower()
+    return data.type.lower()
 
 
 @dataclass(frozen=True)
@@ -234,7 +234,7 @@ class ClassSplit:
             raise ConfigError(f"class split: unseen indices {list(self.unseen)} must be distinct and in "
                               f"{first}..{len(self.names) - 1}")
         if self.ignore_bg and not self.has_background:
-            raise ConfigError("class split: ignore_bg needs a background class (has_background is false)")
+            raise ConfigError("class split: an ignored background needs a background class (class 0 is not one)")
 
     @property
     def never_predicted(self) -> tuple[int, ...]:
@@ -276,52 +276,42 @@ class ClassSplit:
                    bool(data.get("has_background", True)))
 
 
-def has_background(data_cfg: dict, names: Sequence[str], source: str | None = "config") -> bool:
+def has_background(data: DataSection, names: Sequence[str]) -> bool:
     """``data.background``; by default true for the built-in dataset types, and for
     ``Custom`` whether class 0 is named background (or an alias of it, e.g. ``bg``)."""
-    value = data_cfg.get("background")
-    if value is None:
-        return data_cfg.get("type") != "Custom" or canonical_name(names[0]) == "background"
-    if not isinstance(value, bool):
-        raise ConfigError(f"data.background: expected true or false, got {value!r}{_where(source)}")
-    return value
+    if data.background is None:
+        return data.type != "Custom" or canonical_name(names[0]) == "background"
+    return data.background
 
 
-def parse_class_split(data_cfg: dict, source: str = "config") -> ClassSplit:
-    """Build the :class:`ClassSplit` from a config's ``data`` section.
+def parse_class_split(data: DataSection | Mapping, source: str = "config") -> ClassSplit:
+    """Build the :class:`ClassSplit` from a config's ``data`` section (a mapping is checked first).
 
-    ``classes``: built-in list name, class-list file, list or comma-separated names;
-    ``unseen_classes``: a preset name (``zs3-2`` ... ``zs3-10``, ``spnet``) or a list of
-    class names and/or indices; ``background``: see :func:`has_background`.
+    ``classes``: built-in list name, class-list file, list or comma-separated names; the unseen
+    classes: a preset name (``zs3-2`` ... ``zs3-10``, ``spnet``) or a list of class names and/or
+    indices; ``background``: see :func:`has_background`.
     """
-    if "classes" not in data_cfg:
+    data = as_data_section(data, source)
+    if data.classes is None:
         raise ConfigError(f"data.classes: missing (file {source})")
-    spec = data_cfg["classes"]
-    names = load_class_names(spec, "data.classes", source)
+    names = load_class_names(data.classes, "data.classes", source)
     if len(names) < 2:
-        raise ConfigError(f"data.classes: {spec!r} is neither a built-in class list "
+        raise ConfigError(f"data.classes: {data.classes!r} is neither a built-in class list "
                           f"({', '.join(BUILTIN_CLASS_LISTS)}), a file, nor a list of two or more classes"
                           f"{_where(source)}")
-    background = has_background(data_cfg, names, source)
-    unseen = data_cfg.get("unseen_classes", [])
-    key = "data.unseen_classes"
+    background = has_background(data, names)
+    if not background and data.background_problem(names[0]):
+        raise ConfigError(f"{data.background_problem(names[0])}{_where(source)}")
+    unseen, key = data.unseen_classes, UNSEEN_KEY
     if isinstance(unseen, str):
-        family = _preset_family(data_cfg)
+        family = _preset_family(data)
         presets = PRESETS.get(family, {})
         if unseen.lower() not in presets:
             valid = ", ".join(presets) if presets else f"none for {family!r}; give a list of class names"
             raise ConfigError(f"{key}: unknown preset {unseen!r}{_where(source)}; valid: {valid}")
+        key = f"{key} (preset {unseen!r})"
         unseen = presets[unseen.lower()]
-        key = f"{key} (preset {data_cfg['unseen_classes']!r})"
-    elif not isinstance(unseen, (list, tuple)):
-        raise ConfigError(f"{key}: expected a preset name or a list, got {unseen!r}{_where(source)}")
-    ignore_bg = data_cfg.get("ignore_bg", False)
-    if not isinstance(ignore_bg, bool):
-        raise ConfigError(f"data.ignore_bg: expected true or false, got {ignore_bg!r}{_where(source)}")
-    if ignore_bg and not background:
-        raise ConfigError(f"data.ignore_bg: true needs a background class, but data.background is false "
-                          f"(class 0 is {names[0]!r}){_where(source)}")
-    return ClassSplit(names, _resolve_unseen(unseen, names, key, source, background), ignore_bg, background)
+    return ClassSplit(names, _resolve_unseen(unseen, names, key, source, background), data.ignore_bg, background)
 
 
 # ----------------------------------------------------------------------------- names -> rows

@@ -13,16 +13,15 @@ from __future__ import annotations
 import io
 import pickle
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 import torch
 
 from data_loader.classes import BUILTIN_CLASS_LISTS, canonical_name, load_class_names, match_names, parse_aliases
 from utils.errors import ConfigError
-from utils.schema import EMBEDDING_KEYS
-
-NORMALIZATIONS = (None, "none", "l2", "max_norm")
+from utils.schema import NORMALIZATIONS, EmbeddingsSection
+from utils.sections import parse_section
 
 
 class _DataOnlyUnpickler(pickle.Unpickler):
@@ -97,7 +96,7 @@ def normalize_embeddings(embeddings: torch.Tensor, mode: str | None) -> torch.Te
         return embeddings / norms.clamp_min(1e-12)
     if mode == "max_norm":
         return embeddings / norms.max().clamp_min(1e-12)
-    raise ConfigError(f"embeddings.normalize: unknown value {mode!r}; valid: {NORMALIZATIONS[1:]}")
+    raise ConfigError(f"unknown normalization {mode!r}; valid: {', '.join(NORMALIZATIONS)}")
 
 
 def load_class_embeddings(path: str | Path, normalize: str | None = None) -> torch.Tensor:
@@ -121,30 +120,29 @@ def embedding_row_names(path: Path, spec: Any, source: str | None = "config",
     return None, ""
 
 
-def class_embeddings(spec: dict, class_names: Sequence[str], source: str = "config") -> torch.Tensor:
+def class_embeddings(spec: EmbeddingsSection | Mapping, class_names: Sequence[str],
+                     source: str = "config") -> torch.Tensor:
     """The ``data.embeddings`` rows of ``class_names``: ``len(class_names) x dim`` float32.
 
-    ``spec``: ``paths`` (one file or a list, concatenated along the feature axis),
-    ``normalize`` (applied to each whole file, before rows are selected), ``names`` (the row
+    ``spec``: ``paths`` (one file or a list, concatenated along the feature axis), the
+    normalisation (applied to each whole file, before rows are selected), ``names`` (the row
     names of every file: a built-in list, a file or a list; default: each file's
     ``.classes.txt`` sidecar when it has one) and ``aliases`` (``{class: row name}``).
     A file with row names gives its rows by class name (alias rules of data_loader.classes,
     then ``aliases``); a file without has one row per class, in class-list order. Classes
     with no row are one ConfigError listing them all.
     """
-    unknown = [key for key in spec if key not in EMBEDDING_KEYS]
-    if unknown or "paths" not in spec or "normalize" not in spec:
-        problem = f"unknown key {unknown[0]!r}" if unknown else "needs 'paths' and 'normalize'"
-        raise ConfigError(f"data.embeddings: {problem} (file {source}); keys: {', '.join(EMBEDDING_KEYS)}")
-    paths = spec["paths"]
-    paths = [paths] if isinstance(paths, (str, Path)) else paths
-    if not isinstance(paths, (list, tuple)) or not paths or not all(isinstance(p, (str, Path)) for p in paths):
-        raise ConfigError(f"data.embeddings.paths: expected a file or a list of files, got {paths!r} (file {source})")
-    aliases = parse_aliases(spec.get("aliases"), class_names, "data.embeddings.aliases", source)
+    if spec is None:
+        raise ConfigError(f"data.embeddings: missing (file {source})")
+    if not isinstance(spec, EmbeddingsSection):
+        spec = parse_section(EmbeddingsSection, spec, "data.embeddings", source)
+    if not spec.files:
+        raise ConfigError(f"data.embeddings.paths: missing (file {source})")
+    aliases = parse_aliases(spec.aliases, class_names, "data.embeddings.aliases", source)
     parts, named = [], False
-    for path in map(Path, paths):
-        table = load_class_embeddings(path, normalize=spec["normalize"])
-        row_names, where = embedding_row_names(path, spec.get("names"), source)
+    for path in map(Path, spec.files):
+        table = load_class_embeddings(path, spec.normalize)
+        row_names, where = embedding_row_names(path, spec.names, source)
         if row_names is None:
             if table.shape[0] != len(class_names):
                 raise ConfigError(f"{path}: has {table.shape[0]} rows but the class list has {len(class_names)} "

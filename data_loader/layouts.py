@@ -17,7 +17,7 @@ from torch.serialization import safe_globals
 
 from data_loader.dataset import LabelDict, LabelFiles, Sample
 from utils.errors import ConfigError
-from utils.schema import LAYOUT_KEYS
+from utils.schema import LAYOUT_KEYS, DataSection
 
 # Folder conventions of each layout; every entry can be overridden by the same key in ``data``.
 LAYOUTS: dict[str, dict] = {
@@ -42,25 +42,18 @@ LAYOUTS["custom"] = {"image_dir": None, "image_ext": None, "label_dir": None, "l
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 LABEL_EXTENSIONS = (".png", ".bmp", ".tif", ".tiff")  # lossless only: a JPEG label would be corrupt
 FOLDER_KEYS = ("images", "labels")
-CONTEXT_LAYOUTS = ("official", "png")
 
 
-def layout_settings(data_cfg: dict, source: str = "config") -> dict:
-    """The layout conventions for ``data.type`` (and ``data.layout``), with config overrides."""
-    kind = data_cfg.get("type")
-    if kind == "Context":
-        layout = data_cfg.get("layout", "official")
-        if layout not in CONTEXT_LAYOUTS:
-            raise ConfigError(f"data.layout: unknown {layout!r} (file {source}); valid: {', '.join(CONTEXT_LAYOUTS)}")
-        name = f"context-{layout}"
-    else:
-        name = str(kind).lower()
+def layout_settings(data: DataSection, source: str = "config") -> dict:
+    """The layout conventions for ``data.type`` (and ``data.layout``), with the config's overrides."""
+    name = f"context-{data.layout or 'official'}" if data.type == "Context" else data.type.lower()
     settings = dict(LAYOUTS[name])
     for key in LAYOUT_KEYS:
-        if key in data_cfg:
+        value = getattr(data, key)
+        if value is not None:
             if key not in settings:
                 raise ConfigError(f"data.{key}: not used by the {name} layout (file {source})")
-            settings[key] = data_cfg[key]
+            settings[key] = value
     return settings
 
 

@@ -14,6 +14,7 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from utils.schema import IGNORE_INDEX
+from utils.seeding import order_seed, sample_seed
 
 
 def pad_collate(items: Sequence[dict]) -> dict:
@@ -29,12 +30,6 @@ def pad_collate(items: Sequence[dict]) -> dict:
         labels[i, :h, :w] = item["label"]
     return {"image": images, "label": labels, "name": [item["name"] for item in items],
             "size": [tuple(item["label"].shape) for item in items]}
-
-
-def sample_seed(seed: int, epoch: int, index: int) -> int:
-    """The augmentation seed of sample ``index`` in ``epoch`` (the same whatever the order,
-    the worker or the process that loads it)."""
-    return ((seed * 1_000_003 + epoch) * 1_000_033 + index) % (2 ** 62)
 
 
 class EpochSampler(Sampler[tuple[int, int]]):
@@ -60,7 +55,7 @@ class EpochSampler(Sampler[tuple[int, int]]):
     def order(self) -> list[int]:
         """This process's indices for the current epoch, from the start position."""
         if self.shuffle:
-            generator = torch.Generator().manual_seed(self.seed * 100003 + self.epoch)
+            generator = torch.Generator().manual_seed(order_seed(self.seed, self.epoch))
             indices = torch.randperm(self.size, generator=generator).tolist()
         else:
             indices = list(range(self.size))

@@ -14,7 +14,7 @@ import json
 import os
 import shutil
 import tempfile
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -24,8 +24,9 @@ import torch.nn.functional as F
 from PIL import Image
 from tqdm import tqdm
 
-from utils.errors import ConfigError
-from utils.sections import check_types
+from utils.errors import ConfigError, StorageError
+from utils.schema import SyntheticSection
+from utils.util import make_dirs
 from utils.visualization import mask_image
 
 GENERATOR_VERSION = 1
@@ -62,79 +63,28 @@ TEXTURES: dict[str, Callable[[np.ndarray, np.ndarray, int], np.ndarray]] = {
 }
 
 
-@dataclass(frozen=True)
-class SyntheticParams:
-    """Generator parameters (``data.synthetic`` in the config). ``cache_dir`` is not hashed."""
-
-    seed: int = 0
-    num_train: int = 2000
-    num_val: int = 300
-    image_size: int = 64
-    colours: tuple[str, ...] = ("red", "green", "blue", "yellow")
-    textures: tuple[str, ...] = ("solid", "hstripe", "vstripe", "checker")
-    stripe_period: int = 6
-    objects_per_image: tuple[int, int] = (1, 3)
-    object_radius: tuple[float, float] = (0.15, 0.3)
-    colour_jitter: float = 0.12
-    noise_std: float = 8.0
-    embed_dim: int = 300
-    embed_noise: float = 0.05
-    cache_dir: str = ".cache/synthetic"
-
-    @classmethod
-    def from_config(cls, cfg: dict | None, source: str = "config") -> "SyntheticParams":
-        """Build from ``data.synthetic``; unknown keys and bad values are ConfigErrors."""
-        cfg = dict(cfg or {})
-        valid = {f.name for f in fields(cls)}
-        for key in cfg:
-            if key not in valid:
-                raise ConfigError(f"data.synthetic.{key}: unknown key (file {source}); valid: {', '.join(valid)}")
-        check_types(cls, cfg, "data.synthetic", source)   # counts are integers before they are used
-        values = {k: tuple(v) if isinstance(v, list) else v for k, v in cfg.items()}
-        params = cls(**values)
-        params.validate(source)
-        return params
-
-    def validate(self, source: str = "config") -> None:
-        def bad(key: str, why: str) -> ConfigError:
-            return ConfigError(f"data.synthetic.{key}: {getattr(self, key)!r} {why} (file {source})")
-        for key, options in (("colours", PALETTE), ("textures", TEXTURES)):
-            values = getattr(self, key)
-            if not values or len(set(values)) != len(values) or not set(values) <= set(options):
-                raise bad(key, f"must be distinct names from {', '.join(options)}")
-        if len(self.colours) * len(self.textures) > 254:
-            raise bad("colours", "x textures gives more than 254 classes")
-        low, high = self.objects_per_image
-        if not 1 <= low <= high:
-            raise bad("objects_per_image", "must be [min, max] with 1 <= min <= max")
-        if not 0 < self.object_radius[0] <= self.object_radius[1] < 1:
-            raise bad("object_radius", "must be [min, max] fractions of the image size in (0, 1)")
-        if self.image_size < 16:
-            raise bad("image_size", "must be at least 16")
-        if self.stripe_period < 2:
-            raise bad("stripe_period", "must be at least 2")
-        if self.num_train < 1 or self.num_val < 1:
-            raise bad("num_train" if self.num_train < 1 else "num_val", "must be at least 1")
-
-    def identity(self) -> dict:
-        """Everything that changes the generated data (not ``cache_dir``), with the generator version."""
-        content = {k: v for k, v in asdict(self).items() if k != "cache_dir"}
-        content["version"] = GENERATOR_VERSION
-        return content
-
-    def digest(self) -> str:
-        return hashlib.sha256(json.dumps(self.identity(), sort_keys=True).encode()).hexdigest()[:12]
-
-    def folder(self) -> Path:
-        return Path(self.cache_dir) / f"synthetic-{self.digest()}"
+def identity(params: SyntheticSection) -> dict:
+    """Everything that changes the generated data (not ``cache_dir``), with the generator version."""
+    content = {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(params).items() if k != "cache_dir"}
+    return {**content, "version": GENERATOR_VERSION}
 
 
-def class_names(params: SyntheticParams) -> list[str]:
+def cache_folder(params: SyntheticSection) -> Path:
+    """``<cache_dir>/synthetic-<digest of the parameters>``; unknown colour or texture names are refused."""
+    for key, options in (("colours", PALETTE), ("textures", TEXTURES)):
+        if not set(getattr(params, key)) <= set(options):
+            raise ConfigError(f"data.synthetic.{key}: {getattr(params, key)!r} must be distinct names from "
+                              f"{', '.join(options)}")
+    digest = hashlib.sha256(json.dumps(identity(params), sort_keys=True).encode()).hexdigest()[:12]
+    return Path(params.cache_dir) / f"synthetic-{digest}"
+
+
+def class_names(params: SyntheticSection) -> list[str]:
     """``background`` then ``"<colour> <texture>"``, colour-major."""
     return ["background"] + [f"{c} {t}" for c in params.colours for t in params.textures]
 
 
-def class_attributes(params: SyntheticParams) -> np.ndarray:
+def class_attributes(params: SyntheticSection) -> np.ndarray:
     """Rows ``[one-hot colour | one-hot texture | background flag]`` for every class."""
     n_col, n_tex = len(params.colours), len(params.textures)
     attrs = np.zeros((1 + n_col * n_tex, n_col + n_tex + 1), dtype=np.float64)
@@ -146,7 +96,7 @@ def class_attributes(params: SyntheticParams) -> np.ndarray:
     return attrs
 
 
-def attribute_projection(params: SyntheticParams) -> np.ndarray:
+def attribute_projection(params: SyntheticSection) -> np.ndarray:
     """The fixed random orthonormal ``embed_dim x num_attributes`` projection."""
     rng = np.random.default_rng([params.seed, 1])
     k = len(params.colours) + len(params.textures) + 1
@@ -154,7 +104,7 @@ def attribute_projection(params: SyntheticParams) -> np.ndarray:
     return q * np.sign(np.diag(r))
 
 
-def class_embeddings(params: SyntheticParams) -> np.ndarray:
+def class_embeddings(params: SyntheticSection) -> np.ndarray:
     """``num_classes x embed_dim`` float32: projected attributes + noise of norm ~``embed_noise``."""
     rng = np.random.default_rng([params.seed, 2])
     attrs = class_attributes(params)
@@ -192,7 +142,7 @@ def _shape_mask(rng: np.random.Generator, size: int, radius_range: tuple[float, 
     return rho <= r0 * (1.0 + harmonics)  # blob
 
 
-def render(params: SyntheticParams, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+def render(params: SyntheticSection, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
     """One image (HxWx3 uint8) and its label (HxW uint8, 0 = background)."""
     size, n_tex = params.image_size, len(params.textures)
     num_classes = 1 + len(params.colours) * n_tex
@@ -215,7 +165,7 @@ def render(params: SyntheticParams, rng: np.random.Generator) -> tuple[np.ndarra
     return np.clip(np.rint(image), 0, 255).astype(np.uint8), label
 
 
-def samples(params: SyntheticParams) -> Iterator[tuple[str, str, np.ndarray, np.ndarray]]:
+def samples(params: SyntheticSection) -> Iterator[tuple[str, str, np.ndarray, np.ndarray]]:
     """Every ``(split, name, image, label)``; sample i of a split depends only on (seed, split, i)."""
     for split_id, (split, count) in enumerate((("train", params.num_train), ("val", params.num_val))):
         for i in range(count):
@@ -224,7 +174,7 @@ def samples(params: SyntheticParams) -> Iterator[tuple[str, str, np.ndarray, np.
             yield split, f"{split}_{i:06d}", image, label
 
 
-def write_tree(params: SyntheticParams, folder: Path, progress: bool = True) -> None:
+def write_tree(params: SyntheticSection, folder: Path, progress: bool = True) -> None:
     """Write the VOC-layout tree, ``classes.txt``, ``embeddings.npy`` and ``params.json``."""
     (folder / "JPEGImages").mkdir(parents=True)
     (folder / "SegmentationClass").mkdir()
@@ -240,27 +190,31 @@ def write_tree(params: SyntheticParams, folder: Path, progress: bool = True) -> 
         (folder / "ImageSets" / "Segmentation" / f"{split}.txt").write_text("\n".join(names) + "\n")
     (folder / "classes.txt").write_text("\n".join(class_names(params)) + "\n")
     np.save(folder / "embeddings.npy", class_embeddings(params))
-    (folder / "params.json").write_text(json.dumps(params.identity(), indent=2) + "\n")
+    (folder / "params.json").write_text(json.dumps(identity(params), indent=2) + "\n")
 
 
-def ensure_synthetic(params: SyntheticParams, progress: bool = True) -> Path:
+def ensure_synthetic(params: SyntheticSection, progress: bool = True) -> Path:
     """Generate the dataset into its cache folder unless it is there; return the folder.
 
     Generation writes to a temporary folder that is renamed into place, so concurrent
     callers never see a half-written tree (the loser of the race discards its copy).
     """
-    folder = params.folder()
+    folder = cache_folder(params)
     if folder.is_dir():
         return folder
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-", dir=folder.parent))
+    tmp = None
     try:
+        tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-", dir=make_dirs(folder.parent)))
         write_tree(params, tmp / "tree", progress)
         try:
             os.rename(tmp / "tree", folder)
         except OSError:
             if not folder.is_dir():
                 raise
+    except OSError as err:
+        raise StorageError(f"cannot write the synthetic data into {folder.parent}: {err.strerror or err}; set "
+                           "data.synthetic.cache_dir to a writable folder") from None
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
     return folder

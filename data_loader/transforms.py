@@ -6,9 +6,12 @@ of the normalisation (:func:`to_model_input`, :func:`denormalize`); ``IGNORE_IND
 """
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Any, Sequence
+
+import numpy as np
 
 import torch
+from PIL import Image
 from torchvision import tv_tensors
 from torchvision.transforms import v2
 
@@ -25,14 +28,50 @@ def _to_float_normalised() -> list[v2.Transform]:
     ]
 
 
+class RandomScale(v2.RandomResize):
+    """``v2.RandomResize`` (the short side drawn uniformly from the integers ``[min_size, max_size)``,
+    the aspect kept) whose label resize is PIL's NEAREST, as the official code: PIL samples at pixel
+    centres (``floor((dst + 0.5) * in / out)``, accumulated in double precision), torch at
+    ``floor(dst * in / out)``, which moves 1-3% of the label pixels by one source pixel at edges."""
+
+    def transform(self, inpt: Any, params: dict) -> Any:
+        if not isinstance(inpt, tv_tensors.Mask):
+            return super().transform(inpt, params)
+        height, width = inpt.shape[-2:]
+        short = params["size"][0]
+        size = (short, int(short * width / height)) if height <= width else (int(short * height / width), short)
+        resized = Image.fromarray(inpt.numpy()).resize(size[::-1], Image.NEAREST)
+        return tv_tensors.wrap(torch.from_numpy(np.asarray(resized).copy()), like=inpt)
+
+
+class PadRightBottom(v2.Transform):
+    """Pad an image smaller than ``size`` on the right and at the bottom only (image 0, label 255),
+    so it sits at the top-left, as the official code pads (``v2.RandomCrop(pad_if_needed)`` pads
+    both sides)."""
+
+    def __init__(self, size: int):
+        super().__init__()
+        self.size = size
+
+    def transform(self, inpt: Any, params: dict) -> Any:
+        height, width = inpt.shape[-2:]
+        padding = [0, 0, max(0, self.size - width), max(0, self.size - height)]
+        if not any(padding):
+            return inpt
+        fill = IGNORE_INDEX if isinstance(inpt, tv_tensors.Mask) else 0
+        return self._call_kernel(v2.functional.pad, inpt, padding=padding, fill=fill)
+
+
 def train_transform(base_size: int, crop_size: int, scale_range: Sequence[float], hflip: bool = True) -> v2.Compose:
-    """Random scale (short side = ``base_size`` x U(scale_range)), pad (image 0, label 255),
-    random ``crop_size`` crop, random horizontal flip (unless ``hflip`` is false), normalisation."""
+    """The official training augmentation, in its order: horizontal flip (p 0.5 unless ``hflip`` is
+    false), random scale (short side uniform in ``[int(low * base_size), int(high * base_size)]``),
+    padding to ``crop_size`` on the right and bottom, a uniform random ``crop_size`` crop, normalisation."""
     low, high = (int(base_size * s) for s in scale_range)
     return v2.Compose([
-        v2.RandomResize(low, high + 1, antialias=True),
-        v2.RandomCrop(crop_size, pad_if_needed=True, fill={tv_tensors.Image: 0, tv_tensors.Mask: IGNORE_INDEX}),
         v2.RandomHorizontalFlip(0.5 if hflip else 0.0),
+        RandomScale(low, high + 1, antialias=True),
+        PadRightBottom(crop_size),
+        v2.RandomCrop(crop_size),
         *_to_float_normalised(),
     ])
 

@@ -8,42 +8,41 @@ of images that contain it in each split. Exits 1 when a file is bad or a count d
 """
 from __future__ import annotations
 
-import argparse
 import sys
-from typing import TextIO
+from typing import Mapping, TextIO
 
-from data_loader.build import DataSource, count, flag, resolve
+from data_loader.build import DataSource, count, resolve
 from data_loader.dataset import value_ranges
 from data_loader.layouts import split_label
 from data_loader.scan import SampleCheck, scan
-from utils.errors import ConfigError, error_exit
+from utils.cli import ArgParser, run_command
 from utils.parse_config import load_config
+from utils.schema import DataSection
 
-SPLIT_KEYS = ("train_split", "val_split")
-
-
-def verify(data_cfg: dict, source: str = "config", out: TextIO | None = None, progress: bool = True) -> list[str]:
+def verify(data: DataSection | Mapping, source: str = "config", out: TextIO | None = None,
+           progress: bool = True) -> list[str]:
     """Walk the configured splits, print the count table to ``out`` (stdout); return the problems found."""
     out = out or sys.stdout
-    ds = resolve(data_cfg, source, progress)
+    ds = resolve(data, source, progress)
+    data = ds.data
     embeddings = ds.embeddings()
-    print(f"{data_cfg['type']} at {ds.root}: {ds.split.num_classes} classes, embeddings "
+    print(f"{data.type} at {ds.root}: {ds.split.num_classes} classes, embeddings "
           f"{tuple(embeddings.shape)}, unseen: {', '.join(ds.split.unseen_names) or 'none'}", file=out)
-    expected = data_cfg.get("expected_counts", {})
-    remove = flag(ds.cfg, "remove_unseen_images", True, source)
     header = f"{'split':<12}{'listed':>8}{'bad':>6}{'with unseen':>13}{'used':>8}{'expected':>10}"
     print(header, file=out)
     problems: list[str] = []
     checked: dict[str, list[SampleCheck]] = {}
-    for key in SPLIT_KEYS:
-        if key not in ds.cfg:
+    splits = {"train_split": data.train_split, "val_split": data.val_split}
+    if data.selection_split is not None and data.holdout is None:
+        splits["selection_split"] = data.selection_split
+    for key, spec in splits.items():
+        if spec is None:
             continue
-        name, is_train = split_label(ds.cfg[key]), key == "train_split"
-        dataset = ds.dataset(key, train=False)
-        desc = f"checking {name}" if progress else None
-        checked[name] = scan(dataset, read_image=True, desc=desc)
-        counts = count(checked[name], ds.split.unseen, remove and is_train)
-        want = expected.get(name)
+        name, is_train = split_label(spec), key == "train_split"
+        dataset = ds.dataset(spec, key, train=False)
+        checked[name] = scan(dataset, read_image=True, desc=f"checking {name}" if progress else None)
+        counts = count(checked[name], ds.split.unseen, data.remove_unseen_images and is_train)
+        want = data.expected_counts.get(name)
         print(f"{name:<12}{counts.total:>8}{len(counts.bad):>6}{counts.with_unseen:>13}{len(counts.kept):>8}"
               f"{'-' if want is None else want:>10}", file=out)
         problems += counts.bad
@@ -76,21 +75,17 @@ def print_class_tables(ds: DataSource, checked: dict[str, list[SampleCheck]], ou
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = ArgParser(description=__doc__.splitlines()[0])
     parser.add_argument("-c", "--config", required=True, help="config JSON file with a 'data' section")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
-    args = parser.parse_args(argv)
-    try:
-        config = load_config(args.config)
-        if "data" not in config:
-            raise ConfigError(f"{args.config}: no 'data' section")
-        problems = verify(config["data"], args.config, progress=not args.quiet)
-    except ConfigError as err:
-        return error_exit(err)
-    for problem in problems:
-        print(f"error: {problem}", file=sys.stderr)
-    print(f"{len(problems)} problem(s) found" if problems else "data OK", file=sys.stderr if problems else sys.stdout)
-    return 1 if problems else 0
+
+    def run(args) -> int:
+        problems = verify(load_config(args.config).get("data"), args.config, progress=not args.quiet)
+        for problem in problems:
+            print(f"error: {problem}", file=sys.stderr)
+        print(f"{len(problems)} problem(s) found" if problems else "data OK", file=sys.stderr if problems else sys.stdout)
+        return 1 if problems else 0
+    return run_command(parser, run, argv)
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """Word-vector files (word2vec binary/text, GloVe, fastText ``.vec``) to class embeddings.
 
 ``read_word_vectors`` reads the vectors of some words from a word-vector file;
-``build_class_embeddings`` turns class names ("potted plant", "tvmonitor") into one row
+``resolve_class_embeddings`` turns class names ("potted plant", "tvmonitor") into one row
 each: multi-word names average their words, a phrase token ("potted_plant") is preferred
 when the vocabulary has one, case variants and the project's alias spellings
 (``data_loader.classes``: "pottedplant" -> "potted plant", "airplane" -> "aeroplane", ...)
@@ -29,8 +29,9 @@ import numpy as np
 import torch
 
 from data_loader.classes import NAME_SEPARATORS, alias_spellings
-from data_loader.embeddings import NORMALIZATIONS, classes_sidecar, normalize_embeddings
+from data_loader.embeddings import classes_sidecar, normalize_embeddings
 from utils.errors import ConfigError
+from utils.schema import NORMALIZATIONS
 from utils.util import atomic_torch_save, atomic_write, write_text
 
 FORMATS = ("auto", "word2vec-bin", "word2vec-text", "glove", "fasttext")
@@ -402,12 +403,15 @@ def _embed_source(path: Path, names: list[str], needed: set[str], fmt: str,
 def resolve_class_embeddings(vector_paths: PathLike | Sequence[PathLike], class_names: Sequence[str],
                              normalize: str | None = None, fmt: str = "auto",
                              reader: str = "auto") -> tuple[np.ndarray, list[SourceReport]]:
-    """``build_class_embeddings`` plus, per vector file, how each class name was found."""
+    """float32 ``len(class_names) x sum(dims)`` array (rows in class order) and, per vector file, how
+    each class name was found. One embedding per vector file, each normalised (``none``/``l2``/
+    ``max_norm``, as ``data_loader.embeddings.normalize_embeddings``) before they are concatenated
+    (300+300 = 600-d, as CaGNet). Raises one ``ConfigError`` listing every missing word of every file."""
     paths = [Path(vector_paths)] if isinstance(vector_paths, (str, os.PathLike)) else list(map(Path, vector_paths))
     if not paths:
         raise ConfigError("no word-vector file given")
-    if normalize not in NORMALIZATIONS:
-        raise ConfigError(f"unknown normalize {normalize!r}; valid: {', '.join(NORMALIZATIONS[1:])}")
+    if normalize not in (None, *NORMALIZATIONS):
+        raise ConfigError(f"unknown normalization {normalize!r}; valid: {', '.join(NORMALIZATIONS)}")
     _pick_reader(reader)
     names = _check_class_names(class_names)
     needed = lookup_words(names)
@@ -422,18 +426,6 @@ def resolve_class_embeddings(vector_paths: PathLike | Sequence[PathLike], class_
     if errors:
         raise ConfigError("; ".join(errors))
     return np.concatenate(parts, axis=1).astype(np.float32), reports
-
-
-def build_class_embeddings(vector_paths: PathLike | Sequence[PathLike], class_names: Sequence[str],
-                           normalize: str | None = None, fmt: str = "auto",
-                           reader: str = "auto") -> np.ndarray:
-    """float32 ``len(class_names) x sum(dims)`` array, rows in class order.
-
-    One embedding per vector file, each normalised (``none``/``l2``/``max_norm``, as
-    ``data_loader.embeddings.normalize_embeddings``) before they are concatenated (300+300 = 600-d,
-    as CaGNet). Raises one ``ConfigError`` listing every missing word of every file.
-    """
-    return resolve_class_embeddings(vector_paths, class_names, normalize, fmt, reader)[0]
 
 
 # ----------------------------------------------------------------------------- output

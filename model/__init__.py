@@ -1,5 +1,6 @@
-"""nn modules and their builder, losses and distance maths (no file I/O, nothing from data_loader):
-the encoders, calibration, the one Predictor (images -> distances -> labels) and the metrics."""
+"""The networks (visual and semantic encoders), their builder and CPU kernels, losses, distance
+maths, the one Predictor (images -> distances -> labels) and the metrics; no file I/O but the
+builder's reading of weight files, nothing from data_loader."""
 from model.semantic_encoder import SemanticEncoder
 from model.visual_encoder import DeepLabV3Plus
 

@@ -69,13 +69,6 @@ class GroupNearest:
                            torch.where(scaled > self.seen_min, self.seen_arg, self.first))
 
 
-def stacked_nearest(distances: torch.Tensor, unseen_mask: torch.Tensor, sigma: float) -> torch.Tensor:
-    """Calibrated stacking over *all* classes (Chao et al., 2016): unseen squared distances times
-    ``sigma``, then the nearest class. Its limits are the sweep's ends (sigma -> 0: every pixel
-    to an unseen class; sigma -> inf: to a seen class); used for AUSUC."""
-    return GroupNearest(distances, unseen_mask).stacked(sigma)
-
-
 def bilinear_taps(out_size: int, in_size: int, device: torch.device | None = None
                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Source index ``i0`` and weights ``w0, w1`` of 1-D bilinear resizing with
@@ -130,21 +123,6 @@ def upsampled_squared_distances(features: torch.Tensor, prototypes: torch.Tensor
                           mode="bilinear", align_corners=False)        # N x K x H x W, channels-last
     return cross.mul_(-2).add_(_upsampled_squared_norms(features, size)).add_(
         prototypes.pow(2).sum(1)[None, :, None, None])
-
-
-def calibrated_nearest_prototype(features: torch.Tensor, prototypes: torch.Tensor, unseen_mask: torch.Tensor,
-                                 sigma: float | torch.Tensor, size: tuple[int, int] | None = None,
-                                 mode: str = "top2") -> torch.Tensor:
-    """Class index per pixel by the nearest prototype, with Apollonius calibration.
-
-    Among each pixel's two nearest classes, the *squared* distances of unseen classes are
-    multiplied by ``sigma`` before choosing (official). ``features`` (N x C x h x w) are first
-    upsampled bilinearly (``align_corners=False``) to ``size`` when given. ``sigma`` may be a
-    float (returns N x H x W) or a 1-D tensor of S values (returns S x N x H x W), all from
-    one distance computation. ``mode="all"`` calibrates over every class (see :func:`calibrate`).
-    """
-    distances = upsampled_squared_distances(features, prototypes, size)
-    return calibrate(distances, unseen_mask, sigma, mode)
 
 
 def distance_bands(features: torch.Tensor, prototypes: torch.Tensor, size: tuple[int, int],

@@ -64,35 +64,42 @@ def bar_loss(features: torch.Tensor, labels: torch.Tensor, embeddings: torch.Ten
     return (diff * diff).sum() / count.clamp_min(1)
 
 
-def _euclidean(x: torch.Tensor) -> torch.Tensor:
+def pairwise_distances(x: torch.Tensor, epsilon: float = 0.0) -> torch.Tensor:
+    """Euclidean distances between the rows of ``x``: ``torch.cdist`` (official VOC trainer), or with
+    ``epsilon`` > 0 ``sqrt(sum of squared differences + epsilon)`` per pair (official Context trainer)."""
+    if epsilon > 0:
+        return ((x[:, None] - x[None]).square().sum(-1) + epsilon).sqrt()
     return torch.cdist(x[None], x[None])[0]
 
 
 def sc_loss(embeddings: torch.Tensor, semantic_encoder: nn.Module, class_ids: Sequence[int] | torch.Tensor,
-            temperature: float, divide_by_num_classes: bool = False) -> torch.Tensor:
+            temperature: float, divide_by_num_classes: bool = False, distance_epsilon: float = 0.0) -> torch.Tensor:
     """SC: KL(softmax(-temperature * d(embeddings)) || log_softmax(-d(prototypes))), batchmean.
 
-    ``d`` is the Euclidean (not squared) pairwise distance; the temperature applies only to
-    the word-embedding side; ``class_ids`` are the seen object classes (background
-    excluded), all as in the official code. ``divide_by_num_classes`` divides once more by
-    the number of classes, as the official Pascal-Context trainer does.
+    ``d`` is the Euclidean (not squared) pairwise distance (see :func:`pairwise_distances` for
+    ``distance_epsilon``); the temperature applies only to the word-embedding side; ``class_ids``
+    are the seen object classes (background excluded), all as in the official code.
+    ``divide_by_num_classes`` divides once more by the number of classes, as the official
+    Pascal-Context trainer does (one batchmean KL per class row, summed, over the class count).
     """
     ids = torch.as_tensor(class_ids, device=embeddings.device, dtype=torch.long)
     chosen = embeddings[ids].float()
     prototypes = semantic_encoder(chosen).float()
-    target = F.softmax(-temperature * _euclidean(chosen), dim=1)
-    log_source = F.log_softmax(-_euclidean(prototypes), dim=1)
+    target = F.softmax(-temperature * pairwise_distances(chosen, distance_epsilon), dim=1)
+    log_source = F.log_softmax(-pairwise_distances(prototypes, distance_epsilon), dim=1)
     loss = F.kl_div(log_source, target, reduction="batchmean")
     return loss / len(ids) if divide_by_num_classes else loss
 
 
 def joem_loss(logits: torch.Tensor, features: torch.Tensor, labels: torch.Tensor, embeddings: torch.Tensor,
               semantic_encoder: nn.Module, seen_object_ids: Sequence[int] | torch.Tensor, *, ratio: float,
-              temperature: float, alpha: float, sc_divide_by_num_classes: bool = False, ce_weight: float = 1.0,
-              bar_weight: float = 1.0, ignore_index: int = IGNORE_INDEX) -> dict[str, torch.Tensor]:
+              temperature: float, alpha: float, sc_divide_by_num_classes: bool = False, sc_distance_epsilon: float = 0.0,
+              ce_weight: float = 1.0, bar_weight: float = 1.0,
+              ignore_index: int = IGNORE_INDEX) -> dict[str, torch.Tensor]:
     """The full objective ``ce_weight`` CE + ``bar_weight`` BAR + ``alpha`` SC (official: weights
     1, 1, alpha); returns ``{"ce", "bar", "sc", "total"}``."""
     ce = ce_loss(logits, labels, ignore_index)
     bar = bar_loss(features, labels, embeddings, semantic_encoder, ratio, ignore_index)
-    sc = sc_loss(embeddings, semantic_encoder, seen_object_ids, temperature, sc_divide_by_num_classes)
+    sc = sc_loss(embeddings, semantic_encoder, seen_object_ids, temperature, sc_divide_by_num_classes,
+                 sc_distance_epsilon)
     return {"ce": ce, "bar": bar, "sc": sc, "total": ce_weight * ce + bar_weight * bar + alpha * sc}

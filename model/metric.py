@@ -90,8 +90,3 @@ class Evaluator:
         diag = cm.diag()
         per_class = torch.nan_to_num(diag / (cm.sum(0) + cm.sum(1) - diag))
         return {**self._groups(per_class, None), "by_class": per_class.tolist()}
-
-    def summary(self) -> dict:
-        """All metrics, keyed ``pixel_accuracy``, ``pixel_accuracy_class``, ``mean_iou``."""
-        return {"pixel_accuracy": self.pixel_accuracy(), "pixel_accuracy_class": self.pixel_accuracy_class(),
-                "mean_iou": self.mean_iou()}

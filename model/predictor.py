@@ -1,11 +1,17 @@
-"""The one predictor: a trained model's prototypes, unseen mask, sigma(s), calibration,
-precision, window and excluded classes, from normalised images to distances and labels.
+"""The one prediction path: a trained model's prototypes, unseen mask, sigma(s), calibration,
+precision, window and excluded classes, from normalised images to squared distances and labels.
 
-Evaluation and ``--test`` (``trainer/evaluate.py``), the Segmenter behind ``predict.py`` and
-the figures, and the benchmark harness all build a :class:`Predictor`, so one checkpoint gives
-one answer whatever the entry point. Prototypes (:func:`class_prototypes`), the unseen mask
-(:func:`class_mask`) and the turn from distances to labels (:meth:`Predictor.calibrated`) are
-computed here and nowhere else.
+``--test`` and validation (``trainer/evaluate.py``), the Segmenter behind ``predict.py`` and the
+figures, and the benchmark harness all build their :class:`Predictor` with
+:meth:`Predictor.from_settings` and read it through :meth:`Predictor.bands`, so one checkpoint
+gives one answer whatever the entry point.
+
+Whole-image mode (the default, as the official test): the image goes through the visual encoder
+at its own size (any size, no padding), the stride-4 features are upsampled bilinearly to full
+resolution and each pixel takes its calibrated nearest prototype. Sliding-window mode (images
+whose longer side exceeds ``inference.window.max_size``): the image is padded to a multiple of
+4 and encoded in overlapping tiles whose features are averaged over the overlaps; this is an
+approximation of the whole-image features (the network sees less context near tile borders).
 """
 from __future__ import annotations
 
@@ -13,10 +19,15 @@ from dataclasses import dataclass
 from typing import Iterator, Sequence
 
 import torch
+import torch.nn.functional as F
 
-from model.inference import GroupNearest, calibrate
-from model.segment import MAX_ELEMENTS, pixel_distances
+from model.inference import GroupNearest, calibrate, distance_bands
+from utils.amp import autocast_context, resolve_precision
 from utils.schema import CALIBRATIONS, SlidingWindow
+from utils.settings import Settings
+
+FEATURE_STRIDE = 4
+MAX_ELEMENTS = 1 << 26   # distance-map elements per band (256 MB in float32)
 
 
 def class_mask(num_classes: int, indices: Sequence[int], device: torch.device | str | None = None) -> torch.Tensor:
@@ -35,15 +46,95 @@ def class_prototypes(semantic_encoder: torch.nn.Module, embeddings: torch.Tensor
     return semantic_encoder(embeddings.to(device).float()).float()
 
 
+def encode(model: torch.nn.Module, images: torch.Tensor, amp: str | bool | None = None,
+           channels_last: bool = False) -> torch.Tensor:
+    """The visual encoder's stride-4 features (``model.features``) under autocast, as float32."""
+    if channels_last:
+        images = images.contiguous(memory_format=torch.channels_last)
+    with autocast_context(images.device, amp):
+        features = model.features(images)
+    return features.float()
+
+
+def tile_starts(length: int, tile: int, step: int) -> list[int]:
+    """Start offsets of tiles of size ``tile`` covering ``[0, length)`` every ``step`` pixels.
+
+    The last tile ends exactly at ``length``; a side not longer than ``tile`` is one span.
+    """
+    if length <= tile:
+        return [0]
+    starts = list(range(0, length - tile + 1, step))
+    if starts[-1] != length - tile:
+        starts.append(length - tile)
+    return starts
+
+
+def tile_boxes(height: int, width: int, tile: int, overlap: int) -> list[tuple[int, int, int, int]]:
+    """Tiles ``(top, left, tile_height, tile_width)`` covering a ``height x width`` image."""
+    step = tile - overlap
+    th, tw = min(tile, height), min(tile, width)
+    return [(top, left, th, tw) for top in tile_starts(height, tile, step) for left in tile_starts(width, tile, step)]
+
+
+def padded_size(height: int, width: int) -> tuple[int, int]:
+    """The image size the sliding window works on: sides rounded up to the feature stride."""
+    return height + -height % FEATURE_STRIDE, width + -width % FEATURE_STRIDE
+
+
+def tile_count(height: int, width: int, window: SlidingWindow | None) -> int:
+    """How many tiles an image of this size is encoded in (1: the whole image)."""
+    if window is None or not window.applies(height, width):
+        return 1
+    return len(tile_boxes(*padded_size(height, width), window.tile, window.overlap))
+
+
+def sliding_window_features(model: torch.nn.Module, images: torch.Tensor, window: SlidingWindow,
+                            amp: str | bool | None = None, channels_last: bool = False) -> torch.Tensor:
+    """Stride-4 features of N x 3 x H x W images (H, W multiples of 4) from overlapping tiles,
+    each feature cell the mean of what every covering tile computed for it (float32)."""
+    n, _, height, width = images.shape
+    s = FEATURE_STRIDE
+    if height % s or width % s:
+        raise ValueError(f"sliding window: image sides {height}x{width} must be multiples of {s} (pad first)")
+    boxes = tile_boxes(height, width, window.tile, window.overlap)
+    total = count = None
+    for start in range(0, len(boxes), window.batch):
+        group = boxes[start:start + window.batch]
+        crops = torch.cat([images[:, :, t:t + th, l:l + tw] for t, l, th, tw in group])
+        features = encode(model, crops, amp, channels_last)
+        th, tw = group[0][2], group[0][3]
+        if tuple(features.shape[-2:]) != (th // s, tw // s):
+            raise ValueError(f"sliding window: a {th}x{tw} tile gave {tuple(features.shape[-2:])} features, "
+                             f"expected {(th // s, tw // s)} (feature stride {s})")
+        if total is None:
+            total = features.new_zeros(n, features.shape[1], height // s, width // s)
+            count = features.new_zeros(1, 1, height // s, width // s)
+        for index, (top, left, th, tw) in enumerate(group):
+            rows, cols = slice(top // s, (top + th) // s), slice(left // s, (left + tw) // s)
+            total[:, :, rows, cols] += features[index * n:(index + 1) * n]
+            count[:, :, rows, cols] += 1
+    return total / count
+
+
+@dataclass
+class Band:
+    """A band of rows of the images a predictor reads: ``distances`` N x K x rows x W (squared, an
+    excluded class at infinity) and ``labels`` S x N x rows x W (int64) at each of the S sigmas."""
+
+    rows: slice
+    distances: torch.Tensor
+    labels: torch.Tensor
+
+
 @dataclass
 class Predictor:
     """Calibrated nearest-prototype inference of one model.
 
     ``model``: anything with ``features(images)`` (the visual encoder); ``prototypes`` K x C;
-    ``unseen_mask`` [K] bool; ``sigma``: one value (labels N x H x W) or several (S x N x H x W,
+    ``unseen_mask`` [K] bool; ``sigma``: one value or several (every band holds the labels at each,
     all from one distance computation); ``calibration``: "top2" (official) or "all";
-    ``amp``/``channels_last``: how the encoder runs; ``window``: the sliding window for large
-    images; ``excluded``: classes never predicted (an ignored background)."""
+    ``amp``/``channels_last``: how the encoder runs (a resolved precision); ``window``: the sliding
+    window for large images; ``excluded``: classes never predicted (an ignored background)."""
 
     model: object
     prototypes: torch.Tensor
@@ -61,31 +152,57 @@ class Predictor:
             raise ValueError(f"calibration mode must be one of {CALIBRATIONS}, got {self.calibration!r}")
         self.prototypes = self.prototypes.float()
         self.unseen_mask = self.unseen_mask.to(device=self.prototypes.device, dtype=torch.bool)
-        self.sigmas = torch.as_tensor(self.sigma, dtype=torch.float32, device=self.prototypes.device)
+        self.sigma_list = [float(s) for s in (self.sigma if isinstance(self.sigma, (list, tuple)) else [self.sigma])]
+        self.sigmas = torch.tensor(self.sigma_list, dtype=torch.float32, device=self.prototypes.device)
 
     @classmethod
-    def build(cls, model: object, semantic_encoder: torch.nn.Module, embeddings: torch.Tensor,
-              unseen: Sequence[int], sigma: float | Sequence[float], **options) -> "Predictor":
-        """The predictor of ``model`` for classes with these ``embeddings`` (K x D), ``unseen``
-        indices calibrated (options: see the class)."""
+    def from_settings(cls, model: object, semantic_encoder: torch.nn.Module, embeddings: torch.Tensor,
+                      settings: Settings, unseen: Sequence[int], excluded: Sequence[int], *,
+                      sigma: float | Sequence[float] | None = None, calibration: str | None = None,
+                      amp: str | bool | None = None, channels_last: bool | None = None,
+                      window: SlidingWindow | None = None) -> "Predictor":
+        """The one factory: the predictor of ``model`` for classes with these ``embeddings`` (K x D),
+        ``unseen`` calibrated and ``excluded`` never predicted; every option not given comes from
+        ``settings`` (``inference``: every sigma, calibration, window; ``trainer``: precision, resolved
+        for the encoders' device when it is ``"auto"``, and memory format)."""
         prototypes = class_prototypes(semantic_encoder, embeddings)
-        return cls(model, prototypes, class_mask(len(prototypes), unseen, prototypes.device), sigma, **options)
+        inference, trainer = settings.inference, settings.trainer
+        amp = resolve_precision(trainer.amp if amp is None else amp, prototypes.device).amp
+        return cls(model, prototypes, class_mask(len(prototypes), unseen, prototypes.device),
+                   inference.sigmas if sigma is None else sigma, calibration or inference.calibration, amp,
+                   trainer.channels_last if channels_last is None else channels_last, window or inference.window,
+                   tuple(excluded))
 
-    @property
-    def sigma_list(self) -> list[float]:
-        """The sigma(s) as given, a list."""
-        return [float(s) for s in (self.sigma if isinstance(self.sigma, (list, tuple)) else [self.sigma])]
+    def tiles(self, height: int, width: int) -> int:
+        """How many tiles an image of this size is encoded in (1: the whole image)."""
+        if self.window is None or not self.window.applies(height, width):
+            return 1
+        return len(tile_boxes(*padded_size(height, width), self.window.tile, self.window.overlap))
 
-    def distances(self, images: torch.Tensor) -> Iterator[tuple[slice, torch.Tensor]]:
-        """Squared distances of every pixel of ``images`` (N x 3 x H x W, normalised, one size) to
-        every prototype, in bands of rows ``(rows, N x K x len(rows) x W)``; excluded classes at
-        infinity. Call under ``torch.inference_mode()``."""
-        return pixel_distances(self.model, images, self.prototypes, amp=self.amp, channels_last=self.channels_last,
-                               window=self.window, excluded=self.excluded, max_elements=self.max_elements)
-
-    def calibrated(self, distances: torch.Tensor) -> torch.Tensor:
-        """Labels of a band of distances at every sigma (the one turn from distances to labels)."""
-        return calibrate(distances, self.unseen_mask, self.sigmas, self.calibration)
+    def bands(self, images: torch.Tensor) -> Iterator[Band]:
+        """Distances and labels of every pixel of ``images`` (N x 3 x H x W, normalised, one size),
+        band of rows by band of rows (the one turn from features to labels). Call under
+        ``torch.inference_mode()``."""
+        height, width = images.shape[-2:]
+        if self.window is not None and self.window.applies(height, width):
+            pad_h, pad_w = padded_size(height, width)
+            padded = F.pad(images, (0, pad_w - width, 0, pad_h - height))  # zeros: the mean colour
+            features = sliding_window_features(self.model, padded, self.window, self.amp, self.channels_last)
+            size = (pad_h, pad_w)
+        else:
+            features, size = encode(self.model, images, self.amp, self.channels_last), (height, width)
+        allowed = None
+        if len(self.excluded):
+            allowed = torch.ones(self.prototypes.shape[0], dtype=torch.bool, device=self.prototypes.device)
+            allowed[list(self.excluded)] = False
+        for rows, distances in distance_bands(features, self.prototypes, size, self.max_elements):
+            if rows.start >= height:
+                break
+            rows = slice(rows.start, min(rows.stop, height))
+            distances = distances[:, :, :rows.stop - rows.start, :width]
+            if allowed is not None:
+                distances = distances.masked_fill(~allowed[None, :, None, None], float("inf"))
+            yield Band(rows, distances, calibrate(distances, self.unseen_mask, self.sigmas, self.calibration))
 
     def nearest_groups(self, distances: torch.Tensor) -> GroupNearest:
         """Each pixel's nearest seen and nearest unseen class (the sweep's ends, calibrated stacking)."""
@@ -93,22 +210,9 @@ class Predictor:
 
     @torch.inference_mode()
     def labels(self, images: torch.Tensor) -> torch.Tensor:
-        """Labels (int64) of normalised images N x 3 x H x W: N x H x W for one sigma, S x N x H x W
-        for S sigmas."""
+        """Labels (int64) of normalised images N x 3 x H x W: S x N x H x W at the S sigmas."""
         n, _, height, width = images.shape
-        shape = (n, height, width) if self.sigmas.dim() == 0 else (len(self.sigmas), n, height, width)
-        labels = torch.empty(shape, dtype=torch.long, device=images.device)
-        for rows, band in self.distances(images):
-            labels[..., rows, :] = self.calibrated(band)
+        labels = torch.empty(len(self.sigma_list), n, height, width, dtype=torch.long, device=images.device)
+        for band in self.bands(images):
+            labels[..., band.rows, :] = band.labels
         return labels
-
-
-def segment(model: torch.nn.Module, images: torch.Tensor, prototypes: torch.Tensor, unseen_mask: torch.Tensor,
-            sigma: float | Sequence[float] | torch.Tensor, *, calibration: str = "top2",
-            amp: str | bool | None = None, channels_last: bool = False, window: SlidingWindow | None = None,
-            excluded: Sequence[int] = (), max_elements: int = MAX_ELEMENTS) -> torch.Tensor:
-    """Calibrated nearest-prototype labels of normalised images (see :meth:`Predictor.labels`);
-    a thin wrapper kept for the public API."""
-    sigma = sigma.tolist() if isinstance(sigma, torch.Tensor) else sigma
-    return Predictor(model, prototypes, unseen_mask, sigma, calibration, amp, channels_last, window, excluded,
-                     max_elements).labels(images)

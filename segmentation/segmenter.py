@@ -12,7 +12,7 @@ checkpoint, image, sigma, calibration and precision give the same labels.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -23,14 +23,14 @@ from data_loader.classes import canonical_name, load_class_names, match_names, r
 from data_loader.dataset import read_image
 from data_loader.embeddings import classes_sidecar, embedding_row_names, load_class_embeddings, normalize_embeddings
 from data_loader.transforms import to_model_input
-from model.predictor import Predictor, class_mask
-from model.segment import tile_count
+from model.predictor import Predictor
 from segmentation.trained import TrainedModel, load_trained_model
 from utils.amp import resolve_precision
 from utils.checkpoint import run_checkpoint
 from utils.distributed import resolve_device
 from utils.errors import ConfigError
 from utils.schema import CALIBRATIONS, InferenceSettings, SlidingWindow
+from utils.sections import parse_section
 
 ImageLike = str | Path | np.ndarray | torch.Tensor | Any   # Any: a PIL image
 
@@ -54,9 +54,6 @@ class ClassChoice:
     embeddings: torch.Tensor
     unseen: list[int]
     extra: list[int]
-
-    def unseen_mask(self) -> torch.Tensor:
-        return class_mask(len(self.names), self.unseen)
 
 
 def image_tensor(image: ImageLike) -> torch.Tensor:
@@ -109,7 +106,7 @@ def choose_classes(trained: TrainedModel, classes: Any = None, embeddings: str |
     """
     ckpt_names = list(trained.split.names)
     if normalize == "checkpoint":
-        normalize = (trained.settings.data.get("embeddings") or {}).get("normalize")
+        normalize = trained.settings.data.embeddings.normalize
     extra_names, extra_table = ([], None) if not embeddings else read_extra_embeddings(
         embeddings, embedding_classes, normalize, trained.embeddings.shape[1])
     wanted = ckpt_names if classes is None else list(load_class_names(classes, "classes", None))
@@ -177,19 +174,14 @@ class Segmenter:
             raise ConfigError(f"calibration: {self.calibration!r}; valid: {', '.join(CALIBRATIONS)}")
         # "auto" resolved for the model's device; .precision.warning says when the choice is slow here
         self.precision = resolve_precision(trained.settings.trainer.amp if amp is None else amp, trained.device)
-        self.amp = self.precision.amp
-        self.channels_last = trained.settings.trainer.channels_last if channels_last is None else bool(channels_last)
         if isinstance(window, dict):
-            window = SlidingWindow(**{**settings.window.__dict__, **window})
-        self.window = window or settings.window
-        problem = self.window.check()
-        if problem:
-            raise ConfigError(f"window.{problem}")
+            window = parse_section(SlidingWindow, {**asdict(settings.window), **window}, "window", "the window options")
         never = {canonical_name(trained.split.names[i]) for i in trained.split.never_predicted}
         excluded = [i for i, name in enumerate(self.names) if canonical_name(name) in never]
-        self.predictor = Predictor.build(trained.model, trained.semantic_encoder, self.classes.embeddings,
-                                         self.classes.unseen, self.sigma, calibration=self.calibration, amp=self.amp,
-                                         channels_last=self.channels_last, window=self.window, excluded=excluded)
+        self.predictor = Predictor.from_settings(
+            trained.model, trained.semantic_encoder, self.classes.embeddings, trained.settings, self.classes.unseen,
+            excluded, sigma=self.sigma, calibration=self.calibration, amp=self.precision.amp,
+            channels_last=channels_last, window=window)
 
     @classmethod
     def from_checkpoint(cls, checkpoint: str | Path, config: dict | str | Path | None = None,
@@ -243,8 +235,8 @@ class Segmenter:
         height, width = inputs.shape[-2:]
         labels = torch.empty(height, width, dtype=torch.long)
         table = torch.empty(len(self.names), height, width) if distances else None
-        for rows, band in self.predictor.distances(inputs):
-            labels[rows] = self.predictor.calibrated(band)[0].cpu()
+        for band in self.predictor.bands(inputs):
+            labels[band.rows] = band.labels[0, 0].cpu()
             if table is not None:
-                table[:, rows] = band[0].cpu()
-        return Prediction(labels, table, tile_count(height, width, self.window))
+                table[:, band.rows] = band.distances[0].cpu()
+        return Prediction(labels, table, self.predictor.tiles(height, width))

@@ -10,7 +10,6 @@ import torch
 from data_loader import load_split_and_embeddings
 from data_loader.classes import ClassSplit
 from model.builder import build_encoders, load_encoder_weights, place
-from model.predictor import class_prototypes
 from segmentation.official import convert_official, is_official
 from utils.checkpoint import FORMAT, load_checkpoint
 from utils.errors import ConfigError
@@ -52,10 +51,6 @@ class TrainedModel:
     @property
     def device(self) -> torch.device:
         return next(self.semantic_encoder.parameters()).device
-
-    def prototypes(self, embeddings: torch.Tensor | None = None) -> torch.Tensor:
-        """Prototypes (K x 256) of the given embeddings (default: the checkpoint's classes)."""
-        return class_prototypes(self.semantic_encoder, self.embeddings if embeddings is None else embeddings)
 
 
 def load_trained_model(path: str | Path, device: torch.device | str = "cpu", config: Settings | Mapping | None = None,

@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from model.inference import GroupNearest, stacked_nearest
+from model.inference import GroupNearest
 from model.metric import ausuc
 from trainer.sweep import summarize
 from utils.errors import ConfigError
@@ -39,9 +39,9 @@ def test_stacking_limits_are_the_sweep_ends():
     nearest = GroupNearest(distances, unseen)
     assert torch.equal(nearest.unseen_arg, _masked_argmin(distances, unseen))
     assert torch.equal(nearest.seen_arg, _masked_argmin(distances, ~unseen))
-    assert torch.equal(stacked_nearest(distances, unseen, 1e-9), nearest.unseen_arg)
-    assert torch.equal(stacked_nearest(distances, unseen, 1e9), nearest.seen_arg)
-    assert torch.equal(stacked_nearest(distances, unseen, 1.0), distances.argmin(1))
+    assert torch.equal(nearest.stacked(1e-9), nearest.unseen_arg)
+    assert torch.equal(nearest.stacked(1e9), nearest.seen_arg)
+    assert torch.equal(nearest.stacked(1.0), distances.argmin(1))
 
 
 def test_stacking_from_group_minima_equals_argmin_of_scaled_distances():

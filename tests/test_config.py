@@ -85,7 +85,7 @@ def test_command_line_overrides_and_help(tmp_path, capsys):
     assert overrides_of(args) == {"data.root": "/data/VOC2012", "trainer.epochs": 5, "optimizer.args.lr": 0.5}
     settings = Settings.from_config(load_config(ROOT / "configs" / "config_pascal_zs3setting.json"),
                                     overrides=overrides_of(args))
-    assert settings.data["root"] == "/data/VOC2012" and settings.trainer.epochs == 5
+    assert settings.data.root == "/data/VOC2012" and settings.trainer.epochs == 5
     run_dir = run_path(settings.trainer.save_dir, settings.name, "r1")
     assert run_dir == Path("saved") / "pascal_zs3_unseen2" / "r1" and not run_dir.exists()
     code = main(argv=["-c", str(ROOT / "configs" / "config_synthetic_zs3setting.json"), "-o", "trainer.epcohs=1",

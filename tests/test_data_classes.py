@@ -12,7 +12,7 @@ from model.predictor import class_mask
 from tests.test_data_helpers import standard_voc, voc_cfg, write_embeddings
 from utils.errors import ConfigError
 from utils.parse_config import load_config
-from utils.schema import DATA_KEYS, EMBEDDING_KEYS
+from utils.settings import Settings
 
 
 def split_of(unseen, classes="voc", **extra):
@@ -140,19 +140,18 @@ SHIPPED = sorted((Path(__file__).resolve().parents[1] / "configs").rglob("*.json
 
 @pytest.mark.parametrize("path", SHIPPED, ids=lambda p: p.name)
 def test_shipped_configs(path):
-    data = load_config(path)["data"]
-    assert set(data) <= set(DATA_KEYS) and set(data["embeddings"]) <= set(EMBEDDING_KEYS)
-    if data["type"] == "Synthetic":
-        assert len(data["unseen_classes"]) == 3
+    data = Settings.from_config(load_config(path), str(path)).data   # every section checked
+    if data.type == "Synthetic":
+        assert len(data.unseen_classes) == 3
         return
     split = parse_class_split(data, str(path))
-    if data["type"] == "Custom":  # CamVid: 10 of the 11 classes (pole has no word vector), no background
+    if data.type == "Custom":  # CamVid: 10 of the 11 classes (pole has no word vector), no background
         assert split.num_classes == 10 and split.unseen_names == ("pavement", "bicyclist")
         assert not split.has_background and split.seen_object == split.seen
         return
     number = re.search(r"unseen(\d+)", path.stem)
     assert len(split.unseen) == (5 if path.stem == "spnet" else int(number.group(1)) if number else 2)
-    assert split.num_classes == (60 if data["type"] == "Context" else 21)
+    assert split.num_classes == (60 if data.type == "Context" else 21)
     assert split.ignore_bg == (path.stem == "spnet")
 
 

@@ -81,7 +81,7 @@ def test_layout_errors(tmp_path):
     emb = write_embeddings(tmp_path / "emb.npy", 60)
     tmp_path.joinpath("ctx").mkdir()
     tmp_path.joinpath("ctx", "pascal_context_train.txt").write_text("2008_000001\n")
-    with pytest.raises(ConfigError, match=r"data.layout: unknown 'coco' \(file config\); valid: official, png"):
+    with pytest.raises(ConfigError, match=r"data.layout: unknown 'coco'; valid: official, png \(file config\)"):
         prepare_data(context_cfg(tmp_path / "ctx", emb, layout="coco"))
     with pytest.raises(ConfigError, match=r"59_labels.pth: label file not found"):
         prepare_data(context_cfg(tmp_path / "ctx", emb), val=False)

@@ -7,16 +7,18 @@ import pytest
 from PIL import Image
 
 from data_loader import prepare_data
-from data_loader.synthetic import (PALETTE, SyntheticParams, attribute_projection, class_attributes,
-                                   class_embeddings, class_names, ensure_synthetic, render)
+from data_loader.synthetic import (PALETTE, attribute_projection, cache_folder, class_attributes, class_embeddings,
+                                   class_names, ensure_synthetic, render)
 from utils.errors import ConfigError
+from utils.schema import SyntheticSection
+from utils.sections import parse_section
 from utils.util import read_json
 
 SMALL = {"num_train": 12, "num_val": 4, "image_size": 32}
 
 
-def params(tmp_path, **extra) -> SyntheticParams:
-    return SyntheticParams.from_config({**SMALL, "cache_dir": str(tmp_path / "cache"), **extra})
+def params(tmp_path, **extra) -> SyntheticSection:
+    return parse_section(SyntheticSection, {**SMALL, "cache_dir": str(tmp_path / "cache"), **extra}, "data.synthetic")
 
 
 def tree_bytes(folder):
@@ -29,8 +31,8 @@ def test_deterministic_and_hashed(tmp_path):
     assert a.name == b.name and a.name.startswith("synthetic-")
     files = tree_bytes(a)
     assert files == tree_bytes(b) and len(files) == 2 * 16 + 2 + 3  # images, labels, lists, classes/emb/params
-    assert params(tmp_path, seed=1).folder() != params(tmp_path).folder()
-    assert params(tmp_path, cache_dir="elsewhere").digest() == params(tmp_path).digest()
+    assert cache_folder(params(tmp_path, seed=1)) != cache_folder(params(tmp_path))
+    assert cache_folder(params(tmp_path, cache_dir="elsewhere")).name == cache_folder(params(tmp_path)).name
     other = ensure_synthetic(params(tmp_path, seed=1), progress=False)
     assert tree_bytes(other)["JPEGImages/train_000000.png"] != files["JPEGImages/train_000000.png"]
     assert (a / "classes.txt").read_text().splitlines()[:3] == ["background", "red solid", "red hstripe"]
@@ -45,13 +47,13 @@ def test_concurrent_generation(tmp_path):
         t.start()
     for t in threads:
         t.join()
-    assert results == [p.folder()] * 3
-    assert sorted(q.name for q in p.folder().parent.iterdir()) == [p.folder().name]  # no temp folders left
-    assert len(list((p.folder() / "JPEGImages").iterdir())) == 16
+    assert results == [cache_folder(p)] * 3
+    assert sorted(q.name for q in cache_folder(p).parent.iterdir()) == [cache_folder(p).name]  # no temp folders left
+    assert len(list((cache_folder(p) / "JPEGImages").iterdir())) == 16
 
 
 def test_rendered_attributes():
-    p = SyntheticParams(image_size=64)
+    p = SyntheticSection(image_size=64)
     n_tex = len(p.textures)
     checked = set()
     for i in range(30):
@@ -110,7 +112,7 @@ def test_prepare_synthetic_config(tmp_path):
     assert bundle.split.unseen == (6, 11, 16) and bundle.split.num_classes == 17
     norms = bundle.embeddings.norm(dim=1)  # max_norm: the largest row has norm 1 (official scaling)
     assert abs(norms.max().item() - 1) < 1e-6 and norms.min() < 0.9
-    folder = params(tmp_path).folder()
+    folder = cache_folder(params(tmp_path))
     with_unseen = sum(bool(np.isin(np.array(Image.open(f)), [6, 11, 16]).any())
                       for f in sorted((folder / "SegmentationClass").glob("train_*.png")))
     assert 0 < with_unseen < 12 and len(bundle.train_set) == 12 - with_unseen and len(bundle.val_set) == 4
@@ -125,8 +127,9 @@ def test_prepare_synthetic_config(tmp_path):
     ({"colour": ["red"]}, "data.synthetic.colour: unknown key"),
     ({"textures": ["solid", "dots"]}, r"data.synthetic.textures: \('solid', 'dots'\) must be distinct names from"),
     ({"objects_per_image": [2, 1]}, "objects_per_image"),
+    ({"num_train": 1e12}, "data.synthetic.num_train: invalid value"),
 ])
 def test_param_errors(cfg, message):
     with pytest.raises(ConfigError, match=message):
-        SyntheticParams.from_config(cfg)
-    assert replace(SyntheticParams(), seed=3).digest() != SyntheticParams().digest()
+        cache_folder(parse_section(SyntheticSection, cfg, "data.synthetic"))
+    assert cache_folder(replace(SyntheticSection(), seed=3)) != cache_folder(SyntheticSection())

@@ -128,7 +128,7 @@ def test_bad_label_values_and_sizes(tmp_path, caplog):
     (root / "JPEGImages" / "v2.jpg").write_bytes(b"not a jpeg")
     with pytest.raises(DataError, match=r"v0.png: label size 32x20 differs .* \(and 2 more; list them with "):
         prepare_data(voc_cfg(root, emb), train=False)   # the val split is read in full at start
-    val = resolve(voc_cfg(root, emb)).dataset("val_split", train=False)
+    val = resolve(voc_cfg(root, emb)).dataset("val", "val_split", train=False)
     with pytest.raises(DataError, match=r"v0.png: label size 32x20 differs from image .*v0.jpg size 32x24"):
         val[0]
     with pytest.raises(DataError, match=r"v1.png: label size 32x24 differs from image .*v1.jpg size 30x24"):

@@ -56,7 +56,7 @@ def test_refuses_non_numeric_content_and_bad_files(tmp_path):
     np.save(tmp_path / "ok.npy", np.zeros((3, 2)))
     with pytest.raises(ConfigError, match=r"ok\.npy: has 3 rows but the class list has 21"):
         class_embeddings({"paths": [str(tmp_path / "ok.npy")], "normalize": "none"}, [f"c{i}" for i in range(21)])
-    with pytest.raises(ConfigError, match="unknown value"):
+    with pytest.raises(ConfigError, match="unknown normalization"):
         load_class_embeddings(tmp_path / "ok.npy", normalize="zscore")
 
 

@@ -3,7 +3,7 @@ import torch
 import torch.nn.functional as F
 
 from model import SemanticEncoder
-from model.inference import calibrated_nearest_prototype, squared_distances
+from model.inference import calibrate, squared_distances, upsampled_squared_distances
 from model.loss import bar_loss, bar_target, sc_loss
 
 
@@ -74,6 +74,10 @@ def test_sc_loss_zero_when_prototypes_reproduce_distances_and_grad_finite():
     assert loss2 > 0 and torch.isfinite(encoder.model.weight.grad).all()
     halved = sc_loss(embeddings, encoder, [1, 2, 3, 4], temperature=1.0, divide_by_num_classes=True)
     assert torch.isclose(halved, loss2 / 4)
+
+
+def calibrated_nearest_prototype(features, prototypes, unseen, sigma, size=None):
+    return calibrate(upsampled_squared_distances(features, prototypes, size), unseen, sigma)
 
 
 def test_calibration_only_reorders_the_two_nearest_classes():

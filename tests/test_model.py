@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from model import DeepLabV3Plus, SemanticEncoder
+from model.builder import load_pretrained_backbone
 from utils.errors import ConfigError
 
 
@@ -107,24 +108,58 @@ def test_global_avg_pool_without_bn():
         assert model(torch.randn(1, 3, 64, 64))[0].shape == (1, 5, 64, 64)
 
 
-def test_pretrained_backbone_loading(tmp_path, caplog):
-    import logging
+def test_pretrained_backbone_loading(tmp_path):
+    """A torchvision ResNet state_dict or a whole-model release file (``state_dict`` with
+    ``backbone.*`` keys, ``module.`` prefixes) loads; anything else is one line naming the keys."""
     import torchvision
     reference = torchvision.models.resnet18(weights=None)
     path = tmp_path / "resnet18.pth"
     torch.save(reference.state_dict(), path)
-    with caplog.at_level(logging.INFO):
-        model = DeepLabV3Plus(5, backbone=18, pretrained_backbone=str(path))
+    model = DeepLabV3Plus(5, backbone=18)
+    load_pretrained_backbone(model.backbone, path)
     assert torch.equal(model.backbone.layer3[1].conv2.weight, reference.layer3[1].conv2.weight)
-    assert "missing keys: none" in caplog.text
-    with pytest.raises(ConfigError, match="not found"):
-        DeepLabV3Plus(5, backbone=18, pretrained_backbone=str(tmp_path / "nope.pth"))
-    caplog.clear()
-    with caplog.at_level(logging.INFO):
-        DeepLabV3Plus(5, backbone=34, pretrained_backbone=str(path))
-    assert "missing keys: ['layer1.2.conv1.weight'" in caplog.text
-    with pytest.raises(ConfigError, match="does not match"):
-        DeepLabV3Plus(5, backbone=50, pretrained_backbone=str(path))
+    release = DeepLabV3Plus(5, backbone=18)
+    torch.save({"arch": "DeepLab", "epoch": 50, "state_dict": {f"module.{k}": v for k, v in release.state_dict().items()}},
+               tmp_path / "fe.pth")
+    load_pretrained_backbone(model.backbone, tmp_path / "fe.pth")
+    assert torch.equal(model.backbone.conv1.weight, release.backbone.conv1.weight)
+    with pytest.raises(ConfigError, match=r"model.args.pretrained_backbone: .*nope.pth: file not found"):
+        load_pretrained_backbone(model.backbone, tmp_path / "nope.pth")
+    with pytest.raises(ConfigError, match=r"does not match the backbone: missing keys: layer1.2.bn1.bias, "
+                                          r"layer1.2.bn1.num_batches_tracked, layer1.2.bn1.running_mean and \d+ more; "
+                                          r"unexpected keys: none; other shapes: none") as err:
+        load_pretrained_backbone(DeepLabV3Plus(5, backbone=34).backbone, path)
+    assert "\n" not in str(err.value)
+    torch.save(torchvision.models.resnet50(weights=None).state_dict(), tmp_path / "r50.pth")
+    with pytest.raises(ConfigError, match=r"missing keys: none; unexpected keys: layer1.0.bn3.bias, .* and 195 more; "
+                                          r"other shapes: layer1.0.conv1.weight"):
+        load_pretrained_backbone(model.backbone, tmp_path / "r50.pth")
+    (tmp_path / "junk.pth").write_bytes(b"junk")
+    with pytest.raises(ConfigError, match="cannot read it"):
+        load_pretrained_backbone(model.backbone, tmp_path / "junk.pth")
+
+
+def test_official_head_init():
+    """ASPP: PyTorch's default convolution init (kaiming-uniform a=sqrt(5): std 1/sqrt(3 fan_in));
+    decoder: kaiming-normal fan_out with the ReLU gain (std sqrt(2 / fan_out)), each within 10%."""
+    torch.manual_seed(0)
+    model = DeepLabV3Plus(21, backbone=101)
+    aspp = [m for m in model.aspp.modules() if isinstance(m, torch.nn.Conv2d)]
+    decoder = [m for m in model.decoder.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert len(aspp) == 6 and len(decoder) == 4
+    for conv in aspp:
+        fan_in = conv.weight[0].numel()
+        assert abs(conv.weight.std().item() / (1 / (3 * fan_in)) ** 0.5 - 1) < 0.1, conv
+    for conv in decoder:
+        fan_out = conv.weight.shape[0] * conv.weight[0, 0].numel()
+        assert abs(conv.weight.std().item() / (2 / fan_out) ** 0.5 - 1) < 0.1, conv
+    bns = [m for m in (*model.aspp.modules(), *model.decoder.modules()) if isinstance(m, torch.nn.BatchNorm2d)]
+    assert all(torch.all(bn.weight == 1) and torch.all(bn.bias == 0) for bn in bns)
+    fan_in_init = DeepLabV3Plus(21, backbone=18, head_init="kaiming_fan_in")
+    conv = fan_in_init.aspp.convs[1][0]
+    assert abs(conv.weight.std().item() / (2 / conv.weight[0].numel()) ** 0.5 - 1) < 0.1
+    with pytest.raises(ConfigError, match="model.args.head_init: unknown 'xavier'"):
+        DeepLabV3Plus(5, backbone=18, head_init="xavier")
 
 
 def test_bad_architecture_options():
@@ -145,18 +180,3 @@ def test_semantic_encoder_init_and_mlp():
     assert [type(m).__name__ for m in mlp.model] == ["Linear", "LeakyReLU", "Dropout", "Linear"]
     assert mlp.model[1].negative_slope == 0.2 and mlp.model[2].p == 0.2
     assert mlp(torch.randn(4, 5, 300)).shape == (4, 5, 256)
-
-
-def test_dropout_masks_do_not_depend_on_memory_format_or_dtype():
-    from model.visual_encoder import Dropout
-    dropout = Dropout(0.5).train()
-    x = torch.randn(2, 8, 5, 5)
-    torch.manual_seed(0)
-    plain = dropout(x)
-    torch.manual_seed(0)
-    fast = dropout(x.contiguous(memory_format=torch.channels_last).bfloat16())
-    assert torch.equal(plain != 0, fast != 0)
-    assert torch.allclose(plain, fast.float(), atol=0.05)
-    assert torch.equal(dropout.eval()(x), x)
-    model = DeepLabV3Plus(5, backbone=18, dropout=False)
-    assert all(m.p == 0 for m in model.modules() if isinstance(m, torch.nn.Dropout))

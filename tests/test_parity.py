@@ -2,10 +2,12 @@
 import pytest
 import torch
 
-from model.inference import calibrated_nearest_prototype
+from model.predictor import Predictor
 from model.loss import bar_loss, ce_loss, joem_loss, sc_loss
 from model.metric import Evaluator
 from model.semantic_encoder import SemanticEncoder
+from utils.parse_config import load_config
+from utils.settings import Settings
 
 
 @pytest.fixture
@@ -37,14 +39,24 @@ def test_training_losses_match_official(ref, encoder):
     assert _rel(sc_loss(ref["embeddings"], encoder, seen_objects, 5.0), ref["train.loss_sc"]) < 1e-5
 
 
+class RecordedFeatures:
+    """A visual encoder that returns the features the official test computed."""
+
+    def __init__(self, features):
+        self.recorded = features
+
+    def features(self, images):
+        return self.recorded
+
+
 def test_calibrated_prediction_and_metrics_match_official(ref, encoder):
-    unseen_mask = torch.zeros(21, dtype=torch.bool)
-    unseen_mask[ref["unseen"]] = True
-    with torch.no_grad():
-        prototypes = encoder(ref["embeddings"])
+    """The production path (the VOC config's predictor, as --test builds it) on the official features."""
+    settings = Settings.from_config(load_config("configs/config_pascal_zs3setting.json"), "voc")
+    assert settings.inference.sigmas == [float(ref["sigma"])] and settings.inference.calibration == "top2"
     label = ref["test.label"].long()
-    pred = calibrated_nearest_prototype(ref["test.feature"], prototypes, unseen_mask, float(ref["sigma"]),
-                                        size=label.shape[-2:])
+    predictor = Predictor.from_settings(RecordedFeatures(ref["test.feature"]), encoder, ref["embeddings"], settings,
+                                        ref["unseen"].tolist(), (), amp=False)
+    pred = predictor.labels(torch.zeros(label.shape[0], 3, *label.shape[-2:]))[0]
     assert torch.equal(pred, ref["test.pred"])
     evaluator = Evaluator(21, ref["seen"].tolist(), ref["unseen"].tolist())
     evaluator.add_batch(label, pred)

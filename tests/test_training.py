@@ -38,8 +38,12 @@ def test_training_writes_run_directory_and_loss_decreases(trained):
     losses = [float(x) for x in re.findall(r"epoch \d+/3  loss ([0-9.]+)", log)]
     assert len(losses) == 3 and losses[-1] < losses[0]
     assert "unseen: red checker, green vstripe" in log and "effective batch size: 4" in log
+    assert "model selection: 6 images carved from 'train' (seed 0; not trained on) by max mIoU_harmonic; " \
+           "reported split: 'val'" in log
+    assert len((run / "selection.txt").read_text().split()) == 6
+    assert json.loads((run / "config.json").read_text())["resolved"]["protocol"]["reported"] == "val"
     records = read_metrics(run)
-    assert [r["split"] for r in records] == ["val", "val", "val", "test"]
+    assert [r["split"] for r in records] == ["selection", "selection", "selection", "test"]
     last = records[-1]
     for key in ("mIoU_seen", "mIoU_unseen", "mIoU_harmonic", "pixel_acc_overall", "class_acc_seen"):
         assert 0.0 <= last[key] <= 100.0
@@ -72,7 +76,7 @@ def test_resume_equals_straight_training(tmp_path, cache):
             assert torch.equal(a[part][key], b[part][key]), key
     assert a["optimizer"]["param_groups"][0]["lr"] == b["optimizer"]["param_groups"][0]["lr"]
     straight, resumed = read_metrics(runs / "straight"), read_metrics(runs / "resumed")
-    assert resumed[0]["epoch"] == 2 and resumed[0]["split"] == "val"
+    assert resumed[0]["epoch"] == 2 and resumed[0]["split"] == "selection"
     # the final test evaluates the best checkpoint, also when it was saved by the resumed run
     assert straight[1] == resumed[0] and straight[-1] == resumed[-1]
 
@@ -165,15 +169,44 @@ def test_figure_of_predictions(trained, tmp_path):
     assert width > 500 and height > 300
 
 
-def test_test_of_a_run_folder_without_best_uses_its_final_checkpoint_and_says_so(tmp_path, cache, capsys):
-    config = write_tiny_config(tmp_path, cache, trainer__epochs=1, trainer__monitor="off",
-                               trainer__test_after_train=False)
+def test_the_official_protocol_tests_the_final_weights_without_selection(tmp_path, cache, capsys):
+    """No selection split, ``monitor: off`` (the paper configs): nothing is evaluated during
+    training, the final weights are saved whatever save_period says, tested once, and ``-r RUN
+    --test`` evaluates them again."""
+    config = write_tiny_config(tmp_path, cache, trainer__epochs=3, trainer__save_period=2, trainer__monitor="off",
+                               data__selection_split=None)
     assert _run("-c", config, "--run_id", "off") == 0
     run = tmp_path / "saved" / "tiny" / "off"
-    assert not (run / "model_best.pth").exists() and (run / "checkpoint-epoch1.pth").is_file()
-    capsys.readouterr()
+    assert sorted(p.name for p in run.glob("*.pth")) == ["checkpoint-epoch2.pth", "checkpoint-epoch3.pth"]
+    assert [(r["split"], r["epoch"]) for r in read_metrics(run)] == [("test", 3)]
+    out = capsys.readouterr().out
+    assert "model selection: none (the final weights are tested); reported split: 'val'" in out
+    assert "final test with the weights of epoch 3 (no checkpoint selection)" in out
     assert _run("-r", run, "--test", "--run_id", "again") == 0
     out = capsys.readouterr()
-    assert f"evaluating {run / 'checkpoint-epoch1.pth'} (the run's newest checkpoint: it has no model_best.pth)" \
+    assert f"evaluating {run / 'checkpoint-epoch3.pth'} (the run's final weights (epoch 3))" in out.out + out.err
+    assert read_metrics(tmp_path / "saved" / "tiny" / "test_again")[-1] == read_metrics(run)[-1]
+
+
+def test_a_run_chose_its_checkpoint_on_its_own_selection_split(trained, capsys):
+    tmp, run = trained
+    assert _run("-r", run, "--test", "--run_id", "again") == 0
+    out = capsys.readouterr()
+    assert f"evaluating {run / 'model_best.pth'} (the run's checkpoint chosen on its selection split)" \
         in out.out + out.err
-    assert read_metrics(tmp_path / "saved" / "tiny" / "test_again")[-1]["split"] == "test"
+
+
+@pytest.mark.parametrize("override,message", [
+    ({"trainer__monitor": "max mIoU_harmonic", "data__selection_split": None},
+     "trainer.monitor: 'max mIoU_harmonic' chooses a checkpoint, which needs data.selection_split"),
+    ({"data__selection_split": "val"}, "data.selection_split: 'val' is the reported split (data.val_split)"),
+    ({"data__selection_split": "ImageSets/Segmentation/val.txt"},
+     "data.selection_split: 'ImageSets/Segmentation/val.txt' lists the same images as the reported split 'val'"),
+    ({"data__selection_split": {"holdout": 0}}, "data.selection_split: expected {\"holdout\": N, \"seed\": S}"),
+    ({"data__selection_split": {"holdout": 40}}, "data.selection_split: holdout 40 leaves no training image of 40"),
+])
+def test_selection_never_uses_the_reported_split(tmp_path, cache, capsys, override, message):
+    config = write_tiny_config(tmp_path, cache, **override)
+    assert _run("-c", config, "--run_id", "bad") == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "saved" / "tiny" / "bad").exists()

@@ -14,7 +14,8 @@ import sys
 from pathlib import Path
 from typing import Any, Sequence
 
-from utils.errors import ArgParser, ConfigError, error_exit
+from utils.cli import ArgParser, error_exit
+from utils.errors import ConfigError
 from utils.run_dir import (AGGREGATE_NAME, CONFIG_NAME, FINISHED, GROUP_LOCK_NAME, METRICS_NAME, RunLock, read_status,
                            sweep_name)
 from utils.schema import InferenceSettings

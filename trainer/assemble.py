@@ -12,11 +12,11 @@ from data_loader import DataBundle, build_dataloader, prepare_data
 from model.builder import build_encoders, load_encoder_weights, place
 from trainer.parallel import to_sync_bn
 from trainer.resume import check_resume_changes
-from trainer.trainer import seed_everything
 from utils.amp import Precision, resolve_precision
 from utils.checkpoint import check_compatible
 from utils.distributed import DistContext
 from utils.errors import ConfigError
+from utils.seeding import seed_everything
 from utils.settings import Settings
 from utils.signals import StopSignals
 
@@ -48,7 +48,8 @@ class RunParts:
     model: torch.nn.Module
     semantic_encoder: torch.nn.Module
     train_loader: object | None
-    val_loader: object
+    selection_loader: object | None
+    test_loader: object
     changes: dict
 
 
@@ -56,7 +57,7 @@ def assemble(request: RunRequest, ctx: DistContext, stop: StopSignals) -> RunPar
     """Check and build everything the run needs (a run that fails here leaves no folder)."""
     settings, checkpoint, test_only = request.settings, request.checkpoint, request.test_only
     seed_everything(settings.seed)
-    bundle = prepare_data(settings.data, train=not test_only, val=True, source=settings.source, logger=logger)
+    bundle = prepare_data(settings.data, train=not test_only, source=settings.source, logger=logger)
     split = bundle.split
     if settings.loader.batch_size % ctx.world_size:
         raise ConfigError(f"data_loader.batch_size {settings.loader.batch_size} is not divisible by the "
@@ -81,10 +82,13 @@ def assemble(request: RunRequest, ctx: DistContext, stop: StopSignals) -> RunPar
     loader = settings.loader
     loader_args = {"num_workers": loader.num_workers, "pin_memory": loader.pin_memory,
                    "persistent_workers": loader.persistent_workers, "seed": settings.seed}
-    val_loader = build_dataloader(bundle.val_set, batch_size=loader.val_batch_size, train=False,
-                                  distributed=ctx.distributed, **loader_args)
+
+    def evaluation(dataset) -> object | None:
+        return None if dataset is None else build_dataloader(dataset, batch_size=loader.val_batch_size, train=False,
+                                                             distributed=ctx.distributed, **loader_args)
     train_loader = None if test_only else build_dataloader(
         bundle.train_set, batch_size=loader.batch_size // ctx.world_size, train=True, distributed=ctx.distributed,
         shuffle=loader.shuffle, **loader_args)
     stop.check()
-    return RunParts(settings, precision, bundle, model, semantic_encoder, train_loader, val_loader, changes)
+    return RunParts(settings, precision, bundle, model, semantic_encoder, train_loader,
+                    evaluation(bundle.selection_set), evaluation(bundle.val_set), changes)

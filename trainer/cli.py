@@ -9,9 +9,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from trainer.options import build_arg_parser, overrides_of
-from utils.errors import ConfigError, NothingToDo, error_exit
+from utils.cli import error_exit
+from utils.errors import ConfigError, NothingToDo
 from utils.parse_config import load_config
-from utils.run_dir import new_run_id
+from utils.run_dir import check_folder_name, new_run_id, test_run_id
 
 if TYPE_CHECKING:
     from trainer.assemble import RunRequest
@@ -50,6 +51,24 @@ def _run_config(config_path: str | None, raw: dict | None, resume) -> tuple[dict
     return raw["config"], str(resume), True
 
 
+def _note_edited_config(run_dir: Path, config: dict) -> None:
+    """Say so when a run folder's ``config.json`` was edited by hand: ``-r RUN_DIR`` continues with
+    the checkpoint's config (the edit is kept as ``config.previous-N.json``)."""
+    from trainer.resume import config_changes
+    from utils.run_dir import CONFIG_NAME
+    from utils.schema import RESOLVED_KEY
+    from utils.util import read_json
+    path = run_dir / CONFIG_NAME
+    if not path.is_file():
+        return
+    edited = {k: v for k, v in read_json(path).items() if k != RESOLVED_KEY}
+    changed = sorted(config_changes(config, edited))
+    if changed:
+        logger.warning("%s differs from the checkpoint's config (%s): the run continues with the checkpoint's "
+                       "config; to apply the edit, pass it: -r %s -c %s", path, ", ".join(changed[:5]) +
+                       (f" and {len(changed) - 5} more" if len(changed) > 5 else ""), run_dir, path)
+
+
 def resolve_run(args: argparse.Namespace, default_config: str | None, run_id: str) -> RunRequest:
     """The run the command line asks for: the config (``-c``, the default config, or the ``-r``
     checkpoint's own) checked once with the overrides into the run's settings, the ``-r``
@@ -83,15 +102,11 @@ def resolve_run(args: argparse.Namespace, default_config: str | None, run_id: st
     if settings is None:
         config, source, recorded = _run_config(args.config or (default_config if raw is None else None), raw, resume)
         settings = Settings.from_config(config, source, overrides_of(args), recorded=recorded)
+        if in_place and recorded:
+            _note_edited_config(run_dir, config)
     checkpoint = None if raw is None else as_project_checkpoint(raw, resume, settings)
     return RunRequest(settings, run_dir or run_path(settings.trainer.save_dir, settings.name, run_id),
                       None if resume is None else Path(resume), checkpoint, in_place, args.test)
-
-
-def test_run_id(run_id: str) -> str:
-    """``a/b`` -> ``a/test_b``: a --test run's folder name."""
-    head, _, last = run_id.rpartition("/")
-    return f"{head}/test_{last}" if head else f"test_{last}"
 
 
 def main(default_config: str | None = None, argv: list[str] | None = None) -> int:
@@ -100,12 +115,14 @@ def main(default_config: str | None = None, argv: list[str] | None = None) -> in
     process = argv is None
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_arg_parser(default_config)
-    known = parser.parse_known_args(argv)[0]
-    if known.seeds is not None or known.source is not None:   # multi-seed: its own options (--group ...) included
-        from trainer.multiseed import main as multiseed_main
-        return multiseed_main(argv, default_config)
-    args = parser.parse_args(argv)
     try:
+        known = parser.parse_known_args(argv)[0]
+        if known.seeds is not None or known.source is not None:   # multi-seed: its own options (--group ...) included
+            from trainer.multiseed import main as multiseed_main
+            return multiseed_main(argv, default_config)
+        args = parser.parse_args(argv)
+        if args.run_id is not None:
+            check_folder_name(args.run_id, "--run_id")
         if args.group is not None or args.name is not None:
             raise ConfigError("--group names a group of --seeds runs, --name an evaluation of a --from group: "
                               "add --seeds or --from")

@@ -12,7 +12,6 @@ from data_loader.classes import ClassSplit
 from model.inference import AUSUC_GRID
 from model.metric import Evaluator
 from model.predictor import Predictor
-from model.segment import same_size_groups
 from trainer.reporting import Reporter
 from trainer.sweep import summarize
 from utils.distributed import all_reduce_sum
@@ -68,14 +67,13 @@ def evaluate(predictor: Predictor, loader, num_classes: int, seen: Sequence[int]
             group = images[indices, :, :height, :width] if len(indices) < len(images) or (
                 (height, width) != tuple(images.shape[-2:])) else images
             truth = labels[indices, :height, :width]
-            for rows, distances in predictor.distances(group):
-                band_truth = truth[:, rows]
-                band_preds = predictor.calibrated(distances)
-                preds[:, indices, rows.start:rows.stop, :width] = band_preds
-                for ev, pred in zip(evaluators, band_preds):
+            for band in predictor.bands(group):
+                band_truth = truth[:, band.rows]
+                preds[:, indices, band.rows.start:band.rows.stop, :width] = band.labels
+                for ev, pred in zip(evaluators, band.labels):
                     ev.add_batch(band_truth, pred)
                 if extremes:   # excluded classes are at infinite distance already
-                    nearest = predictor.nearest_groups(distances)
+                    nearest = predictor.nearest_groups(band.distances)
                     ends["seen_only"].add_batch(band_truth, nearest.seen_arg)
                     ends["unseen_only"].add_batch(band_truth, nearest.unseen_arg)
                     for ev, sigma in zip(stacking, AUSUC_GRID):
@@ -91,6 +89,15 @@ def evaluate(predictor: Predictor, loader, num_classes: int, seen: Sequence[int]
     for ev in [*evaluators, *ends.values(), *stacking]:
         all_reduce_sum(ev.confusion_matrix)
     return EvalResult(sigmas, evaluators, samples, ends, stacking)
+
+
+def same_size_groups(sizes: Sequence[tuple[int, int]]) -> list[tuple[list[int], tuple[int, int]]]:
+    """Indices of a padded batch grouped by the images' own sizes (in order of appearance), so
+    each image is segmented at its own size whatever else shares its batch."""
+    groups: dict[tuple[int, int], list[int]] = {}
+    for index, size in enumerate(sizes):
+        groups.setdefault((int(size[0]), int(size[1])), []).append(index)
+    return [(indices, size) for size, indices in groups.items()]
 
 
 def _pct(value: float) -> float | None:
@@ -124,11 +131,8 @@ class Validation:
     def predictor(self) -> Predictor:
         """The predictor of the current weights (prototypes recomputed: the semantic encoder trains)."""
         self.model.eval()
-        inference, trainer = self.settings.inference, self.settings.trainer
-        return Predictor.build(self.model, self.semantic_encoder, self.embeddings, self.split.unseen,
-                               inference.sigmas, calibration=inference.calibration, amp=trainer.amp,
-                               channels_last=trainer.channels_last, window=inference.window,
-                               excluded=self.split.never_predicted)
+        return Predictor.from_settings(self.model, self.semantic_encoder, self.embeddings, self.settings,
+                                       self.split.unseen, self.split.never_predicted)
 
 
 def validate(run: Validation, loader, *, epoch: int, split_name: str, stop: StopSignals | None = None) -> dict:

@@ -21,7 +21,7 @@ import torch
 from data_loader import prepare_data
 from data_loader.transforms import denormalize
 from segmentation.segmenter import Segmenter
-from utils.errors import ConfigError, error_exit
+from utils.cli import ArgParser, run_command
 from utils.parse_config import load_config
 from utils.settings import Settings
 from utils.visualization import colorize, palette
@@ -63,31 +63,32 @@ def draw(rows: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]], names: lis
     plt.close(figure)
 
 
+def make_figure(args: argparse.Namespace) -> int:
+    segmenter = Segmenter.from_checkpoint(args.checkpoint, config=args.config)
+    settings = Settings.from_config(load_config(args.config), args.config) if args.config \
+        else segmenter.trained.settings
+    val_set = prepare_data(settings.data, train=False, val=True, source=settings.source).val_set
+    unseen = list(segmenter.trained.split.unseen)
+    rows = []
+    for index in pick_samples(val_set, set(unseen), max(1, args.count)):
+        item = val_set[index]
+        rows.append((denormalize(item["image"]), item["label"], segmenter.predict_input(item["image"]).labels))
+    title = args.title or f"{Path(args.checkpoint).parent.name}: sigma {segmenter.sigma:g}, " \
+                          f"{segmenter.calibration} calibration (* = unseen)"
+    draw(rows, segmenter.names, unseen, title, Path(args.out))
+    print(f"wrote {args.out}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("-r", "--checkpoint", required=True, help="checkpoint (model_best.pth, checkpoint-epochN.pth)")
-    parser.add_argument("-c", "--config", help="config whose val split to show (default: the checkpoint's)")
+    parser = ArgParser(description=__doc__.splitlines()[0])
+    parser.add_argument("-r", "--checkpoint", required=True,
+                        help="checkpoint (checkpoint-epochN.pth, model_best.pth) or a run folder")
+    parser.add_argument("-c", "--config", help="config whose reported split to show (default: the checkpoint's)")
     parser.add_argument("--count", type=int, default=4, help="images (rows), default 4")
     parser.add_argument("--title", default="", help="figure title")
     parser.add_argument("--out", required=True, help="PNG to write")
-    args = parser.parse_args(argv)
-    try:
-        segmenter = Segmenter.from_checkpoint(args.checkpoint, config=args.config)
-        settings = Settings.from_config(load_config(args.config), args.config) if args.config \
-            else segmenter.trained.settings
-        val_set = prepare_data(settings.data, train=False, val=True, source=settings.source).val_set
-        unseen = list(segmenter.trained.split.unseen)
-        rows = []
-        for index in pick_samples(val_set, set(unseen), max(1, args.count)):
-            item = val_set[index]
-            rows.append((denormalize(item["image"]), item["label"], segmenter.predict_input(item["image"]).labels))
-        title = args.title or f"{Path(args.checkpoint).parent.name}: sigma {segmenter.sigma:g}, " \
-                              f"{segmenter.calibration} calibration (* = unseen)"
-        draw(rows, segmenter.names, unseen, title, Path(args.out))
-    except ConfigError as err:
-        return error_exit(err)
-    print(f"wrote {args.out}")
-    return 0
+    return run_command(parser, make_figure, argv)
 
 
 if __name__ == "__main__":

@@ -29,7 +29,8 @@ from trainer.aggregate import aggregate_folder, aggregate_markdown, write_aggreg
 from trainer.options import build_arg_parser, option_strings
 from utils.checkpoint import run_checkpoint
 from utils.distributed import device_ids
-from utils.errors import ArgParser, ConfigError, error_exit
+from utils.cli import ArgParser, error_exit
+from utils.errors import ConfigError
 from utils.parse_config import load_config, parse_assignment
 from utils.run_dir import GROUP_LOCK_NAME, GROUP_LOGS_NAME, RunLock, new_run_id, run_path
 from utils.settings import Settings

@@ -5,8 +5,10 @@ from __future__ import annotations
 import argparse
 
 from utils.amp import parse_amp
+from utils.cli import ArgParser
 from utils.errors import ConfigError
 from utils.parse_config import CustomArgs, parse_assignment
+from utils.schema import UNSEEN_KEY, sigma_values
 
 
 def _n_unseen(value: str) -> str:
@@ -15,7 +17,6 @@ def _n_unseen(value: str) -> str:
 
 def _sigma(value: str) -> float | list[float]:
     """``0.5`` -> 0.5; ``0.3,0.5,0.7`` -> a sweep list (parsed by the one sigma parser)."""
-    from utils.schema import sigma_values
     try:
         values = sigma_values(value, "--sigma")
     except ConfigError as err:
@@ -34,7 +35,7 @@ def _sweep(value: str) -> dict:
 
 # Shortcuts for the most used keys; -o KEY=VALUE sets any other.
 OVERRIDES = [
-    CustomArgs(["--n_unseen"], _n_unseen, "data.unseen_classes", "number of unseen classes: the ZS3 split 2/4/6/8/10"),
+    CustomArgs(["--n_unseen"], _n_unseen, UNSEEN_KEY, "number of unseen classes: the ZS3 split 2/4/6/8/10"),
     CustomArgs(["--ratio"], float, "loss.ratio", "BAR downsampling ratio"),
     CustomArgs(["--temp"], float, "loss.temperature", "SC temperature"),
     CustomArgs(["--alpha"], float, "loss.alpha", "SC weight"),
@@ -52,20 +53,23 @@ OVERRIDES = [
 ]
 
 
-def build_arg_parser(default_config: str | None) -> argparse.ArgumentParser:
+def build_arg_parser(default_config: str | None) -> ArgParser:
     """Every option, the overrides included (so ``-h`` lists them all)."""
-    parser = argparse.ArgumentParser(
+    parser = ArgParser(
         description="Train or evaluate JoEm (generalized zero-shot semantic segmentation).",
-        epilog="Exit status: 0 ok, 2 bad config/input (one 'error:' line), 3 training diverged, 130 interrupted.")
+        epilog="Exit status: 0 ok, 2 bad config/input (one 'error:' line), 3 training diverged, 130/143 stopped by "
+               "SIGINT/SIGTERM (a resumable checkpoint is written).")
     parser.add_argument("-c", "--config", default=None,
                         help=f"config JSON (default: {default_config}; with -r alone, the checkpoint's config)")
     parser.add_argument("-r", "--resume", default=None,
                         help="a checkpoint to resume training from (into a new run folder) or to evaluate with --test; "
                              "a run folder: continue that run in place from its newest loadable checkpoint "
-                             "(--test: its model_best.pth, else its newest checkpoint, and says which); 'auto': the run folder named by --run_id, continued "
-                             "when it has a checkpoint, else started (a requeued job reruns its own command)")
+                             "(--test: its final weights, or the checkpoint it chose on its own selection split, "
+                             "and says which); 'auto': the run folder named by --run_id, continued when it has a "
+                             "checkpoint, else started (a requeued job reruns its own command)")
     parser.add_argument("-d", "--device", default=None, help="GPU ids, e.g. 0,1,2,3 (several = DDP), or cpu")
-    parser.add_argument("--test", action="store_true", help="evaluate the -r checkpoint on the validation split")
+    parser.add_argument("--test", action="store_true",
+                        help="evaluate the -r checkpoint on the reported split (data.val_split)")
     parser.add_argument("--run_id", default=None,
                         help="name of the run folder under <save_dir>/<name> (default: time and a random suffix; may "
                              "contain '/'; an absolute path is the run folder itself)")
@@ -79,7 +83,8 @@ def build_arg_parser(default_config: str | None) -> argparse.ArgumentParser:
                             "docs/experiments.md)")
     seeds.add_argument("--group", default=None, help="with --seeds: the group folder's name (default: a timestamp)")
     seeds.add_argument("--from", dest="source", default=None,
-                       help="with --test: a group folder of a multi-seed training, every seed evaluated again")
+                       help="with --test: a group folder of a multi-seed training, every seed's final weights "
+                            "evaluated again")
     seeds.add_argument("--name", default=None, help="with --from: name of this evaluation (a folder in the group)")
     group = parser.add_argument_group("config overrides")
     group.add_argument("-o", "--override", action="append", default=[], metavar="KEY=VALUE",

@@ -6,7 +6,8 @@ import logging
 from pathlib import Path
 from typing import Any, Iterator, Mapping
 
-from utils.checkpoint import checkpoint_files, load_checkpoint
+from utils.checkpoint import load_checkpoint
+from utils.run_dir import checkpoint_files
 from utils.errors import ConfigError
 
 logger = logging.getLogger("joem")

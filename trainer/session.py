@@ -5,42 +5,54 @@ from __future__ import annotations
 
 import logging
 
-import torch
-
-from model.builder import load_encoder_weights
+from data_loader.layouts import split_label
 from trainer.assemble import RunParts, RunRequest, assemble
 from trainer.evaluate import Validation, validate
-from trainer.optim import build_optimizers, build_scheduler
 from trainer.reporting import Reporter
-from trainer.trainer import Trainer
+from trainer.trainer import TEST, Trainer
 from utils.amp import Precision
-from utils.checkpoint import load_checkpoint
-from utils.distributed import DistContext, broadcast_object
+from utils.distributed import DistContext
 from utils.environment import banner
 from utils.errors import ConfigError, Interrupted, TrainingDiverged
 from utils.logger import log_to_file
 from utils.run_dir import RunFolder
 from utils.schema import RESOLVED_KEY
-from utils.settings import Settings
 from utils.signals import StopSignals
 
 logger = logging.getLogger("joem")
 
 
+def protocol(request: RunRequest, parts: RunParts) -> dict:
+    """Which split chooses the checkpoint and which split is reported (banner and config.json)."""
+    data, bundle = parts.settings.data, parts.bundle
+    if request.test_only:
+        selection = "none (the -r checkpoint is tested)"
+    elif bundle.selection_set is not None and parts.settings.trainer.monitor != "off":
+        selection = f"{bundle.selection} by {parts.settings.trainer.monitor}"
+    else:
+        selection = bundle.selection if bundle.selection_set is None else \
+            f"none (the final weights are tested; {bundle.selection} is only evaluated)"
+    return {"selection": selection, "reported": split_label(data.val_split)}
+
+
 def _banner(request: RunRequest, parts: RunParts, ctx: DistContext) -> str:
     settings, bundle = parts.settings, parts.bundle
     data, split, batch = settings.data, bundle.split, settings.loader.batch_size
+    chosen = protocol(request, parts)
+
+    def count(dataset) -> str:
+        return "-" if dataset is None else str(len(dataset))
     lines = [f"run: {request.run_dir}",
-             f"mode: {'test' if request.test_only else 'train'}; dataset: {data.get('type')} at {data.get('root')}",
+             f"mode: {'test' if request.test_only else 'train'}; dataset: {data.type} at {data.root}",
              f"classes: {split.num_classes} ({len(split.seen)} seen"
              f"{' incl. background' if split.has_background else ', no background class'}, {len(split.unseen)} unseen)",
              f"unseen: {', '.join(split.unseen_names) or 'none'}",
              f"seen: {', '.join(split.seen_names)}",
-             f"training images with unseen pixels removed: {data.get('remove_unseen_images', True)}; "
-             f"ignore_bg: {data.get('ignore_bg', False)}; ignore_unseen: {data.get('ignore_unseen', False)}",
-             f"embeddings: {tuple(bundle.embeddings.shape)}; "
-             f"train images: {len(bundle.train_set) if bundle.train_set is not None else '-'}; "
-             f"val images: {len(bundle.val_set) if bundle.val_set is not None else '-'}",
+             f"training images with unseen pixels removed: {data.remove_unseen_images}; "
+             f"background ignored: {data.ignore_bg}; unseen pixels ignored in training: {data.ignore_unseen}",
+             f"model selection: {chosen['selection']}; reported split: {chosen['reported']!r}",
+             f"embeddings: {tuple(bundle.embeddings.shape)}; train images: {count(bundle.train_set)}; "
+             f"selection images: {count(bundle.selection_set)}; test images: {count(bundle.val_set)}",
              f"effective batch size: {batch} ({ctx.world_size} process(es) x {batch // ctx.world_size}); "
              f"{parts.precision.describe()}; channels_last: {settings.trainer.channels_last}",
              banner(ctx.device, ctx.world_size)]
@@ -75,7 +87,10 @@ def run(request: RunRequest, ctx: DistContext, stop: StopSignals | None = None) 
     try:
         if ctx.is_main:
             folder.open()
-            folder.write_config({**settings.record(), RESOLVED_KEY: parts.precision.record()})
+            folder.write_config({**settings.record(), RESOLVED_KEY: {**parts.precision.record(),
+                                                                     "protocol": protocol(request, parts)}})
+            if parts.bundle.selection_set is not None and not request.test_only:
+                folder.write_selection(parts.bundle.selection_names)
             log_to_file(request.run_dir)
             folder.set_status("running")
             logger.info(_banner(request, parts, ctx))
@@ -91,7 +106,7 @@ def run(request: RunRequest, ctx: DistContext, stop: StopSignals | None = None) 
             started = True
             validation = Validation(parts.model, parts.semantic_encoder, split, parts.bundle.embeddings, settings,
                                     reporter, ctx.device)
-            record = validate(validation, parts.val_loader, epoch=int(checkpoint.get("epoch", 0)), split_name="test",
+            record = validate(validation, parts.test_loader, epoch=int(checkpoint.get("epoch", 0)), split_name=TEST,
                               stop=stop)
         else:
             record = _train(request, parts, ctx, reporter, stop)
@@ -129,39 +144,18 @@ def _record_status(folder: RunFolder, ctx: DistContext, status: str, message: st
 
 
 def _train(request: RunRequest, parts: RunParts, ctx: DistContext, reporter: Reporter, stop: StopSignals) -> dict:
-    settings: Settings = parts.settings
     checkpoint = request.checkpoint
-    optimizer, optimizer_gen = build_optimizers(settings, parts.model, parts.semantic_encoder)
-    scheduler, interval = build_scheduler(settings, optimizer, parts.train_loader)
-    trainer = Trainer(settings, request.run_dir, ctx, parts.model, parts.semantic_encoder, parts.bundle.split,
-                      parts.bundle.embeddings, parts.train_loader, parts.val_loader, optimizer, optimizer_gen,
-                      scheduler, interval, reporter, stop)
+    trainer = Trainer(parts, request.run_dir, ctx, reporter, stop)
     if checkpoint is not None and "optimizer" in checkpoint:
         trainer.resume(checkpoint, request.resume, parts.changes)
     elif checkpoint is not None:
         logger.info("training starts at epoch 1 from the weights of %s (it holds no optimizer state)", request.resume)
     with stop.deferred():
         trainer.train()
-        if not settings.trainer.test_after_train:
+        if not parts.settings.trainer.test_after_train:
             return {}
         try:
-            return _final_test(trainer, ctx)
+            return trainer.test()
         except Interrupted as err:
             raise Interrupted(err.signum, f"stopped during the final test (training is complete); run it again "
                                           f"with -r {request.run_dir}") from None
-
-
-def _final_test(trainer: Trainer, ctx: DistContext) -> dict:
-    """Evaluate the best checkpoint (this run's, or the resumed run's when this one saved none;
-    else the final weights) as split 'test'."""
-    best = trainer.best_path
-    if ctx.distributed:
-        torch.distributed.barrier()
-        best = broadcast_object(best)
-    epoch = trainer.completed_epoch
-    if best is not None and best.is_file():
-        checkpoint = load_checkpoint(best)
-        load_encoder_weights(trainer.model, trainer.semantic_encoder, checkpoint, best)
-        epoch = int(checkpoint["epoch"])
-        logger.info("final test with %s (epoch %d)", best, epoch)
-    return trainer.validate(epoch, "test")

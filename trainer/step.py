@@ -26,7 +26,8 @@ class StepSettings:
         """The step of a run's settings (its ``loss`` section, precision and memory format)."""
         loss = settings.loss
         args = {"ratio": loss.ratio, "temperature": loss.temperature, "alpha": loss.alpha,
-                "sc_divide_by_num_classes": loss.sc_divide_by_num_classes, "ce_weight": loss.ce_weight,
+                "sc_divide_by_num_classes": loss.sc_divide_by_num_classes,
+                "sc_distance_epsilon": loss.sc_distance_epsilon, "ce_weight": loss.ce_weight,
                 "bar_weight": loss.bar_weight}
         return cls(args, loss.bar_detach_features, settings.trainer.amp, settings.trainer.channels_last)
 

@@ -1,83 +1,71 @@
-"""The one JoEm Trainer: the training loop (epochs of steps, per-epoch seeding, validation), its
+"""The one JoEm Trainer: the training loop (epochs of steps, per-epoch seeding, validation on the
+model-selection split), its checkpoints (what they hold, how a run continues from one) and its
 stops (a signal: a resumable checkpoint at the next safe point; divergence: nothing saved)."""
 from __future__ import annotations
 
+import json
 import logging
-import random
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
-import torch.nn as nn
 from tqdm import tqdm
 
 from base.base_trainer import BaseTrainer
 from data_loader.loader import steps_per_epoch
-from trainer.checkpointing import (discard_interrupted, rank_state, restore_training,
-                                  training_checkpoint)
+from trainer.assemble import RunParts
 from trainer.evaluate import Validation, validate
+from trainer.optim import build_optimizers, build_scheduler, param_groups
 from trainer.parallel import gradient_average, training_forward
 from trainer.reporting import Reporter
-from trainer.resume import checkpoint_files
 from trainer.step import StepSettings, norms_finite, train_step
 from utils.amp import amp_dtype
-from utils.checkpoint import save_checkpoint, set_rng_state
+from utils.checkpoint import architecture, rng_state, save_checkpoint, set_rng_state
 from utils.distributed import (AgreedBatches, DistContext, agreed_signal, all_gather_object, all_reduce_sum,
                                broadcast_object)
 from utils.errors import ConfigError, Interrupted, NonFiniteLoss, TrainingDiverged
 from utils.logger import progress_enabled
-from utils.run_dir import INTERRUPTED_NAME
-from utils.settings import Settings
+from utils.run_dir import INTERRUPTED_NAME, checkpoint_files
+from utils.seeding import epoch_seed, seed_everything
 from utils.signals import StopSignals
 
 logger = logging.getLogger("joem")
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2 ** 32)
-    torch.manual_seed(seed)
+SELECTION, TEST = "selection", "test"   # the evaluations' split names (metrics.jsonl, TensorBoard)
 
 
 class Trainer(BaseTrainer):
-    """CE + BAR + alpha * SC training of both encoders, with validation and checkpoints.
+    """CE + BAR + alpha * SC training of both encoders of ``parts`` (a built run), with validation
+    on the selection split (when there is one) and checkpoints in ``run_dir``; ``stop``: the run's
+    signal handlers (polled after every step and evaluation batch)."""
 
-    Args:
-        settings: the run's checked settings (precision resolved); run_dir: its folder; ctx: process/device;
-        model / semantic_encoder: the encoders (on ``ctx.device``); split: the ClassSplit;
-        embeddings: class embeddings (num_classes x D); train_loader / val_loader;
-        optimizer, optimizer_gen, scheduler (+ its ``interval``); reporter: where results go;
-        stop: the run's signal handlers (polled after every step and evaluation batch).
-    """
-
-    def __init__(self, settings: Settings, run_dir: Path, ctx: DistContext, model: nn.Module,
-                 semantic_encoder: nn.Module, split, embeddings: torch.Tensor, train_loader, val_loader,
-                 optimizer, optimizer_gen, scheduler, interval: str, reporter: Reporter,
+    def __init__(self, parts: RunParts, run_dir: Path, ctx: DistContext, reporter: Reporter,
                  stop: StopSignals | None = None):
+        settings = parts.settings
         super().__init__(settings.trainer, run_dir, ctx.is_main)
-        self.settings, self.ctx, self.split = settings, ctx, split
+        self.settings, self.ctx, self.split, self.device = settings, ctx, parts.bundle.split, ctx.device
+        self.model, self.semantic_encoder = parts.model, parts.semantic_encoder
         self.step_settings = StepSettings.of(settings)
-        self.device = ctx.device
-        self.model, self.semantic_encoder = model, semantic_encoder
-        self.forward = training_forward(model, ctx, settings.trainer.compile)
-        self.after_backward = gradient_average(semantic_encoder, ctx)
-        self.embeddings = embeddings.to(self.device)
-        self.seen_object = torch.tensor(split.seen_object, device=self.device)
-        self.train_loader, self.val_loader = train_loader, val_loader
-        self.optimizer, self.optimizer_gen = optimizer, optimizer_gen
-        self.scheduler, self.interval = scheduler, interval
+        self.forward = training_forward(self.model, ctx, settings.trainer.compile)
+        self.after_backward = gradient_average(self.semantic_encoder, ctx)
+        self.embeddings = parts.bundle.embeddings.to(self.device)
+        self.seen_object = torch.tensor(self.split.seen_object, device=self.device)
+        self.train_loader, self.selection_loader, self.test_loader = (parts.train_loader, parts.selection_loader,
+                                                                      parts.test_loader)
+        self.optimizer, self.optimizer_gen = build_optimizers(settings, self.model, self.semantic_encoder)
+        self.scheduler, self.interval = build_scheduler(settings, self.optimizer, self.train_loader)
         self.reporter = reporter
-        self.validation = Validation(model, semantic_encoder, split, self.embeddings, settings, reporter, self.device)
+        self.validation = Validation(self.model, self.semantic_encoder, self.split, self.embeddings, settings,
+                                     reporter, self.device)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=amp_dtype(settings.trainer.amp) == torch.float16)
         self.stop = stop or StopSignals()
-        self.steps_per_epoch = steps_per_epoch(train_loader)
+        self.steps_per_epoch = steps_per_epoch(self.train_loader)
         self.global_step = 0
         self.best_sigma: float | None = None   # the best sigma of the last validation (sweeps)
         self.progress: dict | None = None      # where a resumed run stopped inside an epoch
         self.resume_rng: dict | None = None
         self.resumed_from: Path | None = None
 
+    # --- the loop -------------------------------------------------------------------------------
     def _train_step(self, batch: dict) -> dict[str, torch.Tensor]:
         images = batch["image"].to(self.device, non_blocking=True)
         labels = batch["label"].to(self.device, non_blocking=True)
@@ -96,9 +84,10 @@ class Trainer(BaseTrainer):
     def _begin_epoch(self, epoch: int, start_step: int = 0) -> None:
         """Per-epoch seeding: the same epoch sees the same data order, augmentation and dropout
         whether the run was resumed or not; a resumed epoch starts at ``start_step``."""
-        seed_everything(self.settings.seed * 100003 + epoch * 1009 + self.ctx.rank)
+        seed = epoch_seed(self.settings.seed, epoch, self.ctx.rank)
+        seed_everything(seed)
         if self.train_loader.generator is not None:   # the loader's own draws (worker seeds)
-            self.train_loader.generator.manual_seed(self.settings.seed * 100003 + epoch * 1009 + self.ctx.rank)
+            self.train_loader.generator.manual_seed(seed)
         # the position counts the samples of every process (an epoch resumed with another number continues there)
         self.train_loader.sampler.set_epoch(epoch, start_step * self.train_loader.batch_size * self.ctx.world_size)
 
@@ -113,9 +102,10 @@ class Trainer(BaseTrainer):
         else:
             means = self._train_steps(epoch, progress)
         log = dict(means)
-        if self.val_loader is not None and (epoch % self.settings.trainer.val_period == 0 or epoch == self.epochs):
+        period = self.settings.trainer.val_period
+        if self.selection_loader is not None and (epoch % period == 0 or epoch == self.epochs):
             try:
-                log.update(self.validate(epoch, "val"))
+                log.update(self.validate(epoch, SELECTION))
             except Interrupted:
                 self._interrupt(epoch, {"phase": "validate", "step": self.steps_per_epoch, "means": means})
         return log
@@ -151,7 +141,8 @@ class Trainer(BaseTrainer):
                                    "one batch (lower data_loader.batch_size or check the split)")
         means = {f"loss_{k}": float(all_reduce_sum(v.clone()) / (steps * self.ctx.world_size))
                  for k, v in sums.items()}
-        lrs = self._learning_rates()
+        lrs = {group.get("name", str(i)): group["lr"] for i, group in enumerate(self.optimizer.param_groups)}
+        lrs["semantic"] = self.optimizer_gen.param_groups[0]["lr"]
         if self.scheduler is not None and self.interval == "epoch":
             self.scheduler.step()
         self.reporter.epoch(epoch, self.epochs, means, lrs, time.perf_counter() - start, steps - start_step)
@@ -161,6 +152,38 @@ class Trainer(BaseTrainer):
         if self._stop_requested():
             self._interrupt(epoch, None)
 
+    def validate(self, epoch: int, split_name: str) -> dict:
+        """Evaluate the current weights on the selection split (or, for ``"test"``, the reported one)
+        and report (see :func:`trainer.evaluate.validate`); the encoders return to training mode."""
+        loader, stop = (self.test_loader if split_name == TEST else self.selection_loader), self.stop
+        if self.ctx.distributed:   # the processes agree before every batch whether to stop
+            loader, stop = AgreedBatches(loader, self.stop, self.device), None
+        record = validate(self.validation, loader, epoch=epoch, split_name=split_name, stop=stop)
+        self.best_sigma = record.get("best_sigma", self.best_sigma)
+        self.model.train()
+        self.semantic_encoder.train()
+        return record
+
+    def test(self) -> dict:
+        """The final test on the reported split: the checkpoint chosen on the selection split (this
+        run's, or the resumed run's when this one saved none), else the final weights."""
+        from model.builder import load_encoder_weights
+        from utils.checkpoint import load_checkpoint
+        best = self.best_path
+        if self.ctx.distributed:
+            torch.distributed.barrier()
+            best = broadcast_object(best)
+        epoch = self.completed_epoch
+        if best is not None and best.is_file():
+            checkpoint = load_checkpoint(best)
+            load_encoder_weights(self.model, self.semantic_encoder, checkpoint, best)
+            epoch = int(checkpoint["epoch"])
+            logger.info("final test with %s (epoch %d, chosen on the selection split)", best, epoch)
+        else:
+            logger.info("final test with the weights of epoch %d (no checkpoint selection)", epoch)
+        return self.validate(epoch, TEST)
+
+    # --- stops ------------------------------------------------------------------------------------
     def _interrupt(self, epoch: int, progress: dict | None) -> None:
         """Save ``checkpoint-interrupted.pth`` (the position inside ``epoch``, or its end when
         ``progress`` is None; every process's own state in it) and stop with :class:`Interrupted`
@@ -168,7 +191,7 @@ class Trainer(BaseTrainer):
         if progress is not None:
             progress = {"epoch": epoch, "steps_per_epoch": self.steps_per_epoch, **progress}
         path = self.run_dir / INTERRUPTED_NAME
-        ranks = all_gather_object(rank_state(self, (progress or {}).get("sums")))
+        ranks = all_gather_object(self._rank_state((progress or {}).get("sums")))
         failure = None
         if self.is_main:
             try:
@@ -197,35 +220,130 @@ class Trainer(BaseTrainer):
             return "no checkpoint was written yet (nothing to resume from)"
         return f"the last good checkpoint is {newest}"
 
-    def _learning_rates(self) -> dict[str, float]:
-        rates = {group.get("name", str(i)): group["lr"] for i, group in enumerate(self.optimizer.param_groups)}
-        rates["semantic"] = self.optimizer_gen.param_groups[0]["lr"]
-        return rates
+    # --- checkpoints --------------------------------------------------------------------------------
+    def _rank_state(self, sums: dict | None = None) -> dict:
+        """What differs between the processes of a run: its RNG states (CPU and CUDA: dropout), the
+        loss sums of the epoch so far, and its encoders' buffers (batch-norm statistics are per process
+        on CPU; validation uses them)."""
+        return {"rng": rng_state(), "sums": dict(sums or {}),
+                "buffers": {part: {name: buffer.detach().cpu() for name, buffer in module.named_buffers()}
+                            for part, module in self._encoders().items()}}
 
-    def validate(self, epoch: int, split_name: str) -> dict:
-        """Evaluate the current weights on the validation loader and report (see
-        :func:`trainer.evaluate.validate`); the encoders return to training mode."""
-        loader, stop = self.val_loader, self.stop
-        if self.ctx.distributed:   # the processes agree before every batch whether to stop
-            loader, stop = AgreedBatches(self.val_loader, self.stop, self.device), None
-        record = validate(self.validation, loader, epoch=epoch, split_name=split_name, stop=stop)
-        self.best_sigma = record.get("best_sigma", self.best_sigma)
-        self.model.train()
-        self.semantic_encoder.train()
-        return record
+    def _encoders(self) -> dict[str, torch.nn.Module]:
+        return {"visual_encoder": self.model, "semantic_encoder": self.semantic_encoder}
 
     def _save_checkpoint(self, path: Path, epoch: int, progress: dict | None = None, ranks: list | None = None) -> None:
-        """Write a checkpoint, never one whose weights are not finite (or overflow float32); a
-        newer one supersedes (removes) an interrupted checkpoint this run resumed from."""
+        """Write a checkpoint, never one whose weights are not finite (or overflow float32): both
+        encoders and optimizers, the LR schedule, the scaler, the last completed ``epoch`` (and
+        ``progress``: where in an unfinished epoch the run stopped; ``ranks``: every process's own
+        state), the monitored best, config, class split and embeddings. A newer checkpoint
+        supersedes (removes) an interrupted checkpoint this run resumed from."""
         if not norms_finite([*self.model.parameters(), *self.semantic_encoder.parameters()]):
             raise TrainingDiverged(f"the weights are not finite after epoch {self.epoch}, step {self.global_step}: "
                                    f"{path.name} was not written; {self._last_good()}")
-        save_checkpoint(path, **training_checkpoint(self, epoch, progress, ranks))
+        save_checkpoint(
+            path, epoch=epoch, progress=progress, world_size=self.ctx.world_size, ranks=ranks,
+            **{part: module.state_dict() for part, module in self._encoders().items()},
+            optimizer=self.optimizer.state_dict(), optimizer_gen=self.optimizer_gen.state_dict(),
+            lr_scheduler=self.scheduler.state_dict() if self.scheduler is not None else None,
+            scaler=self.scaler.state_dict(), monitor_best=self.mnt_best, not_improved=self.not_improved,
+            global_step=self.global_step, best_sigma=self.best_sigma,
+            best_checkpoint=str(self.best_path) if self.best_path is not None else None,
+            config=json.loads(json.dumps(self.settings.config)), class_split=self.split.to_dict(),
+            embeddings=self.embeddings.detach().cpu(), architecture=architecture(self.settings),
+            precision=self.settings.precision)
         logger.debug("saved %s", path)
         if path.name != INTERRUPTED_NAME:
-            discard_interrupted(self.run_dir, path)
+            self._discard_interrupted(path)
+
+    def _discard_interrupted(self, newer: Path) -> None:
+        """Remove the interrupted checkpoint once ``newer`` (written later in the run) supersedes it."""
+        path = self.run_dir / INTERRUPTED_NAME
+        try:
+            path.unlink()
+        except FileNotFoundError:
+            return
+        except OSError as err:
+            logger.warning("could not remove %s (superseded by %s): %s", path, newer.name, err.strerror or err)
+            return
+        logger.info("removed %s (superseded by %s)", path, newer.name)
 
     def resume(self, checkpoint: dict, path: Path, changes: dict | None = None) -> None:
-        """Continue from a full training checkpoint (weights already loaded) read from ``path``."""
-        restore_training(self, checkpoint, changes)
+        """Continue from a full training checkpoint read from ``path`` whose weights are loaded:
+        optimizers, LR schedule (re-based when the run's length changed), scaler, position (epoch, or
+        the step of an interrupted epoch), best metric, RNG; then the config ``changes`` to the optimizers."""
         self.resumed_from = Path(path)
+        self.optimizer.load_state_dict(checkpoint["optimizer"])
+        self.optimizer_gen.load_state_dict(checkpoint["optimizer_gen"])
+        if self.scheduler is not None and checkpoint.get("lr_scheduler") is not None:
+            old_total = self.scheduler.load_state_dict(checkpoint["lr_scheduler"])
+            if old_total is not None:
+                logger.info("schedule length changed from %d to %d: poly LR recomputed", old_total, self.scheduler.total)
+        if checkpoint.get("scaler"):
+            self.scaler.load_state_dict(checkpoint["scaler"])
+        self._apply_optimizer_changes(changes or {})
+        self.completed_epoch = int(checkpoint["epoch"])
+        progress = checkpoint.get("progress")
+        if progress is not None and progress.get("steps_per_epoch") not in (None, self.steps_per_epoch):
+            raise ConfigError(f"the interrupted epoch had {progress['steps_per_epoch']} steps, this run has "
+                              f"{self.steps_per_epoch} (dataset or batch size changed): resume from an epoch "
+                              "checkpoint instead")
+        self.start_epoch = int(progress["epoch"]) if progress else self.completed_epoch + 1
+        self.mnt_best = float(checkpoint.get("monitor_best", self.mnt_best))
+        self.not_improved = int(checkpoint.get("not_improved", 0))
+        self.best_sigma = checkpoint.get("best_sigma")
+        best = checkpoint.get("best_checkpoint")   # the best checkpoint so far may live in the resumed run
+        self.best_path = Path(best) if best and Path(best).is_file() else None
+        self.global_step = int(checkpoint.get("global_step", 0))
+        if "rng" in checkpoint:
+            set_rng_state(checkpoint["rng"])
+            self.resume_rng = checkpoint["rng"]
+        self.progress = self._restore_rank(checkpoint, progress)
+        where = (f"epoch {progress['epoch']}, step {progress['step']}/{progress['steps_per_epoch']}"
+                 f"{' (validation)' if progress['phase'] == 'validate' else ''}" if progress
+                 else f"the end of epoch {checkpoint['epoch']}")
+        logger.info("resumed at %s (best %s = %s)", where, self.mnt_metric, self.mnt_best)
+
+    def _apply_optimizer_changes(self, changes: dict) -> None:
+        """Config changes of the optimizers' arguments on top of their restored state."""
+        settings = self.settings
+        if any(key.startswith("optimizer.") for key in changes):
+            fresh = param_groups(self.model, settings.optimizer)
+            for group, new in zip(self.optimizer.param_groups, fresh):
+                group.update({k: v for k, v in settings.optimizer.args.items() if k in group and k != "lr"})
+                group["initial_lr"] = group["lr"] = new["lr"]
+            if self.scheduler is not None:
+                self.scheduler.scheduler.base_lrs = [group["lr"] for group in fresh]
+                self.scheduler.rebase()
+        if any(key.startswith("optimizer_gen.") for key in changes):
+            for group in self.optimizer_gen.param_groups:
+                group.update({k: v for k, v in settings.optimizer_gen.args.items() if k in group})
+
+    def _restore_rank(self, checkpoint: dict, progress: dict | None) -> dict | None:
+        """This process's own state from the checkpoint's per-process entries (same number of
+        processes: exact); with another number of processes, the run continues from the same sample
+        position, with a warning that it is not bit-exact. Returns the progress to continue from."""
+        ranks, world = checkpoint.get("ranks"), self.ctx.world_size
+        saved_world = int(checkpoint.get("world_size") or (len(ranks) if ranks else world))
+        if saved_world == world:
+            if ranks:
+                mine = ranks[self.ctx.rank]
+                self.resume_rng = mine["rng"]
+                for part, module in self._encoders().items():
+                    for name, value in mine["buffers"][part].items():
+                        module.get_buffer(name).copy_(value)
+                if progress is not None:
+                    progress = {**progress, "sums": mine["sums"]}
+            return progress
+        self.resume_rng = None   # each process's streams start from the epoch's seeds
+        where = f"the start of epoch {self.start_epoch}"
+        if progress is not None:
+            position = progress["step"] * self.train_loader.batch_size * world
+            where = f"sample {position} of epoch {progress['epoch']} (step {progress['step']})"
+            if ranks and progress["phase"] == "train":   # each new process carries an equal share of the sums
+                keys = ranks[0]["sums"]
+                progress = {**progress, "sums": {k: sum(r["sums"][k] for r in ranks) / len(ranks) for k in keys}}
+        logger.warning("resuming with %d process(es) a run saved with %d: it continues from %s, but is not bit-exact "
+                       "with an uninterrupted run (the batches are split over the processes differently)",
+                       world, saved_world, where)
+        return progress

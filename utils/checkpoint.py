@@ -15,9 +15,9 @@ import numpy as np
 import torch
 
 from utils.errors import ConfigError, first_line
-from utils.run_dir import BEST_NAME
+from utils.run_dir import BEST_NAME, CONFIG_NAME, epoch_checkpoints
 from utils.settings import Settings
-from utils.util import atomic_torch_save
+from utils.util import atomic_torch_save, read_json
 
 FORMAT = "joem-checkpoint"
 VERSION = 1
@@ -63,24 +63,25 @@ def architecture(settings: Settings) -> dict:
     return arch
 
 
-def checkpoint_files(folder: str | Path) -> list[Path]:
-    """The folder's checkpoints, newest first (by modification time); temporaries excluded."""
-    files = [p for p in Path(folder).glob("*.pth") if not p.name.startswith(".")]
-    return sorted(files, key=lambda p: p.stat().st_mtime, reverse=True)
-
-
 def run_checkpoint(folder: str | Path) -> tuple[Path, str]:
     """The checkpoint a run folder stands for (inference, ``-r RUN_DIR --test``, ``multiseed
-    --test``): its ``model_best.pth``, else its newest checkpoint (the final weights of a run
-    that kept no best, ``monitor: off``); with a note saying which, for the user."""
+    --test``), with a note saying which: its ``model_best.pth`` when the run chose it on a
+    model-selection split of its own (``data.selection_split``, never the reported split); else
+    its final weights, the checkpoint of its last epoch, as the official protocol tests."""
     folder = Path(folder)
     best = folder / BEST_NAME
-    if best.is_file():
-        return best, "the run's best checkpoint"
-    files = checkpoint_files(folder)
-    if not files:
-        raise ConfigError(f"{folder}: no checkpoint (*.pth) in this run folder")
-    return files[0], f"the run's newest checkpoint: it has no {BEST_NAME}"
+    if best.is_file() and (folder / CONFIG_NAME).is_file():
+        try:
+            settings = Settings.of_trained(read_json(folder / CONFIG_NAME), str(folder / CONFIG_NAME))
+        except ConfigError:
+            settings = None
+        if settings is not None and settings.data.selection_split is not None and settings.trainer.monitor != "off":
+            return best, "the run's checkpoint chosen on its selection split"
+    epochs = epoch_checkpoints(folder)
+    if not epochs:
+        raise ConfigError(f"{folder}: no checkpoint-epochN.pth (the final weights) in this run folder")
+    last = max(epochs)
+    return epochs[last], f"the run's final weights (epoch {last})"
 
 
 def save_checkpoint(path: str | Path, **content: Any) -> None:

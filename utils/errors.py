@@ -1,13 +1,11 @@
-"""Every error class of the project, the one-line form of an exception and the exit on a user error.
+"""Every error class of the project and the one-line form of an exception (exit codes: utils.cli).
 
 A :class:`ConfigError` (and its subclasses) is a user-facing problem printed as one ``error:``
 line with exit status 2; :class:`TrainingDiverged` exits 3; :class:`Interrupted` 128 + signal.
 """
 from __future__ import annotations
 
-import argparse
 import signal
-import sys
 
 
 class ConfigError(ValueError):
@@ -62,16 +60,3 @@ def first_line(err: BaseException, limit: int | None = None) -> str:
         return type(err).__name__
     text = lines[0] if limit is None else lines[0][:limit]
     return f"{type(err).__name__}: {text}"
-
-
-class ArgParser(argparse.ArgumentParser):
-    """Argument errors raise ConfigError (one line on stderr, exit 2) instead of printing usage."""
-
-    def error(self, message: str):
-        raise ConfigError(message)
-
-
-def error_exit(err: ConfigError, code: int = 2) -> int:
-    """A command line's answer to a user error: one ``error: ...`` line on stderr, status 2."""
-    print(f"error: {err}", file=sys.stderr)
-    return code

@@ -11,6 +11,7 @@ from __future__ import annotations
 import errno
 import fcntl
 import os
+import re
 import secrets
 import socket
 import sys
@@ -19,7 +20,7 @@ from datetime import datetime
 from pathlib import Path
 
 from utils.errors import ConfigError, RunFolderBusy
-from utils.util import make_dirs, read_json, remove_stale_temporaries, storage_error, write_json
+from utils.util import make_dirs, read_json, remove_stale_temporaries, storage_error, write_json, write_text
 
 # Every file name of a run folder (and of a multi-seed group folder), spelled here only.
 LOCK_NAME = "run.lock"
@@ -31,14 +32,56 @@ METRICS_NAME = "metrics.jsonl"
 BEST_NAME = "model_best.pth"
 INTERRUPTED_NAME = "checkpoint-interrupted.pth"
 TENSORBOARD_NAME = "tensorboard"
+SELECTION_NAME = "selection.txt"   # the images of a carved model-selection split, one name a line
 AGGREGATE_NAME = "aggregate"   # a multi-seed group's aggregate.md and aggregate.json
 GROUP_LOGS_NAME = "logs"       # a multi-seed group's logs/seedN.log
 FINISHED = "finished"
+CHECKPOINT_GLOB = "*.pth"
+_EPOCH_CHECKPOINT = re.compile(r"checkpoint-epoch(\d+)\.pth")
+SEED_FOLDER = re.compile(r"(?:test_)?seed(-?\d+)")   # a group's seedN run folders, and their test_seedN
 
 
 def epoch_checkpoint_name(epoch: int) -> str:
-    """The checkpoint saved after ``epoch`` (every ``trainer.save_period``)."""
+    """The checkpoint saved after ``epoch`` (every ``trainer.save_period``, and after the last epoch)."""
     return f"checkpoint-epoch{epoch}.pth"
+
+
+def epoch_checkpoints(folder: str | Path) -> dict[int, Path]:
+    """A run folder's epoch checkpoints by epoch."""
+    found = {}
+    for path in Path(folder).glob("checkpoint-epoch*.pth"):
+        match = _EPOCH_CHECKPOINT.fullmatch(path.name)
+        if match:
+            found[int(match.group(1))] = path
+    return found
+
+
+def checkpoint_files(folder: str | Path) -> list[Path]:
+    """The folder's checkpoints, newest first (by modification time); temporaries excluded."""
+    files = [p for p in Path(folder).glob(CHECKPOINT_GLOB) if not p.name.startswith(".")]
+    return sorted(files, key=lambda p: p.stat().st_mtime, reverse=True)
+
+
+def seed_name(seed: int) -> str:
+    """A multi-seed group's run folder of ``seed``."""
+    return f"seed{seed}"
+
+
+def test_run_id(run_id: str) -> str:
+    """``a/b`` -> ``a/test_b``: the folder of a ``--test`` evaluation of run id ``run_id``."""
+    head, _, last = run_id.rpartition("/")
+    return f"{head}/test_{last}" if head else f"test_{last}"
+
+
+def check_folder_name(value: str, option: str) -> str:
+    """A ``--run_id``/``--group``/``--name`` value that stays inside its parent folder: relative,
+    with no ``.`` or ``..`` part (``--run_id`` may also be an absolute path, the folder itself)."""
+    path = Path(value)
+    if not value.strip() or (not path.is_absolute() and (any(part in (".", "..") for part in value.split("/"))
+                                                         or not path.parts)):
+        raise ConfigError(f"{option}: expected a folder name inside the experiment folder (no '.' or '..' parts), "
+                          f"got {value!r}")
+    return value
 
 
 def sweep_name(split: str) -> str:
@@ -82,7 +125,7 @@ def read_status(folder: Path) -> dict:
 def has_results(folder: Path) -> bool:
     """Whether a folder holds an earlier run's work (checkpoints, metrics or a config)."""
     folder = Path(folder)
-    return folder.is_dir() and (any(folder.glob("*.pth")) or (folder / METRICS_NAME).is_file()
+    return folder.is_dir() and (any(folder.glob(CHECKPOINT_GLOB)) or (folder / METRICS_NAME).is_file()
                                 or (folder / CONFIG_NAME).is_file())
 
 
@@ -167,6 +210,10 @@ class RunFolder:
     @property
     def interrupted_checkpoint(self) -> Path:
         return self.path / INTERRUPTED_NAME
+
+    def write_selection(self, names: list[str]) -> None:
+        """``selection.txt``: the images the model-selection split holds (one name a line)."""
+        write_text("".join(f"{name}\n" for name in names), self.path / SELECTION_NAME)
 
     def write_config(self, content: dict) -> None:
         """``config.json``; a resumed run that changed it keeps the earlier one as ``config.previous-N.json``."""

@@ -7,8 +7,8 @@ the free-form ``data`` section, and :data:`CONFIG_SCHEMA`, what ``-o KEY=VALUE``
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass, field, replace
+from typing import Any, Mapping
 
 from utils.amp import check_amp
 from utils.errors import ConfigError
@@ -124,19 +124,202 @@ class InferenceSettings:
 
 # ----------------------------------------------------------------------------- data
 DATASET_TYPES = ("VOC", "Context", "Synthetic", "Custom")
-# Layout keys a config may set over its layout's conventions (data_loader.layouts).
-LAYOUT_KEYS = ("image_dir", "image_ext", "label_dir", "label_ext", "label_file", "label_classes")
-# The ``data`` section's keys; their values are checked by data_loader.build.resolve (they need the files).
-DATA_KEYS = (
-    "type", "root", "classes", "unseen_classes", "background", "embeddings", "train_split", "val_split",
-    "base_size", "crop_size", "scale_range", "hflip", "remove_unseen_images", "ignore_bg", "ignore_unseen",
-    "skip_bad_samples", "layout", "synthetic", "expected_counts", "ignore_labels", *LAYOUT_KEYS,
-)
-EMBEDDING_KEYS = ("paths", "normalize", "names", "aliases")
+CONTEXT_LAYOUTS = ("official", "png")
+NORMALIZATIONS = ("none", "l2", "max_norm")
 IGNORE_INDEX = 255   # the label value never learned nor scored (void, data.ignore_labels, ignored classes)
+UNSEEN_KEY = "data.unseen_classes"   # named by the class-split errors (data_loader.classes)
+# Layout conventions a config may override (data_loader.layouts).
+LAYOUT_KEYS = ("image_dir", "image_ext", "label_dir", "label_ext", "label_file", "label_classes")
+
+
+@dataclass(frozen=True)
+class EmbeddingsSection:
+    """``data.embeddings``: embedding files (concatenated along the feature axis), the
+    normalisation of each whole file, the names of their rows and ``{class: row name}`` aliases."""
+
+    normalize: str | None
+    paths: Any = None
+    names: Any = None
+    aliases: dict | None = None
+
+    @property
+    def files(self) -> tuple[str, ...]:
+        """``paths`` as a tuple (one path or a list)."""
+        return () if self.paths is None else (self.paths,) if isinstance(self.paths, str) else tuple(self.paths)
+
+    def check(self) -> str | None:
+        if self.normalize not in (None, *NORMALIZATIONS):
+            return f"normalize: unknown {self.normalize!r}; valid: {', '.join(NORMALIZATIONS)}"
+        if self.paths is not None and (not self.files or not all(isinstance(p, str) and p for p in self.files)):
+            return f"paths: expected a file or a list of files, got {self.paths!r}"
+        return None
+
+
+@dataclass(frozen=True)
+class SyntheticSection:
+    """``data.synthetic``: the built-in colour x texture benchmark's generator (data_loader.synthetic).
+    Everything but ``cache_dir`` decides the generated data."""
+
+    seed: int = 0
+    num_train: int = 2000
+    num_val: int = 300
+    image_size: int = 64
+    colours: tuple[str, ...] = ("red", "green", "blue", "yellow")
+    textures: tuple[str, ...] = ("solid", "hstripe", "vstripe", "checker")
+    stripe_period: int = 6
+    objects_per_image: tuple[int, int] = (1, 3)
+    object_radius: tuple[float, float] = (0.15, 0.3)
+    colour_jitter: float = 0.12
+    noise_std: float = 8.0
+    embed_dim: int = 300
+    embed_noise: float = 0.05
+    cache_dir: str = ".cache/synthetic"
+
+    def __post_init__(self) -> None:
+        for key in ("colours", "textures", "objects_per_image", "object_radius"):
+            object.__setattr__(self, key, tuple(getattr(self, key)))
+
+    def check(self) -> str | None:
+        for key in ("colours", "textures"):
+            values = getattr(self, key)
+            if not values or len(set(values)) != len(values) or not all(isinstance(v, str) for v in values):
+                return f"{key}: {values!r} must be distinct names"
+        if len(self.colours) * len(self.textures) > 254:
+            return "colours: x textures gives more than 254 classes"
+        if len(self.objects_per_image) != 2 or not 1 <= self.objects_per_image[0] <= self.objects_per_image[1]:
+            return f"objects_per_image: {self.objects_per_image!r} must be [min, max] with 1 <= min <= max"
+        if len(self.object_radius) != 2 or not 0 < self.object_radius[0] <= self.object_radius[1] < 1:
+            return f"object_radius: {self.object_radius!r} must be [min, max] fractions of the image size in (0, 1)"
+        for key, least in (("image_size", 16), ("stripe_period", 2), ("num_train", 1), ("num_val", 1)):
+            if getattr(self, key) < least:
+                return f"{key}: {getattr(self, key)!r} must be at least {least}"
+        return None
+
+
+@dataclass(frozen=True)
+class DataSection:
+    """The ``data`` section: dataset type and place, class list and unseen classes, embeddings,
+    the training split (``train_split``), the reported split (``val_split``, tested with the final
+    weights) and the optional model-selection split (``selection_split``: a named split that is
+    not the reported one, or ``{"holdout": N, "seed": S}`` images carved from the training list),
+    training augmentation and the data-side options (see docs/datasets.md)."""
+
+    type: str
+    embeddings: EmbeddingsSection | None = None
+    classes: Any = None
+    unseen_classes: Any = ()
+    root: str | None = None
+    train_split: Any = None
+    val_split: Any = None
+    selection_split: Any = None
+    background: bool | None = None
+    base_size: int | None = None
+    crop_size: int | None = None
+    scale_range: tuple[float, float] | None = None
+    hflip: bool = True
+    remove_unseen_images: bool = True
+    ignore_bg: bool = False
+    ignore_unseen: bool = False
+    skip_bad_samples: bool = False
+    ignore_labels: Any = ()
+    layout: str | None = None
+    synthetic: SyntheticSection | None = None
+    expected_counts: dict = field(default_factory=dict)
+    image_dir: str | None = None
+    image_ext: str | None = None
+    label_dir: str | None = None
+    label_ext: str | None = None
+    label_file: str | None = None
+    label_classes: Any = None
+
+    @classmethod
+    def parse(cls, values: Any, source: str = "config") -> "DataSection":
+        """The checked section from its config object (nested ``embeddings`` and ``synthetic`` too)."""
+        if not isinstance(values, Mapping):
+            raise ConfigError(f"data: expected an object, got {values!r} (file {source})")
+        values = dict(values)
+        for key, kind in (("embeddings", EmbeddingsSection), ("synthetic", SyntheticSection)):
+            if values.get(key) is not None:
+                values[key] = parse_section(kind, values[key], f"data.{key}", source)
+        return parse_section(cls, values, "data", source)
+
+    @property
+    def holdout(self) -> dict | None:
+        """``selection_split`` when it carves images from the training list (``{"holdout", "seed"}``)."""
+        spec = self.selection_split
+        return {"seed": 0, **spec} if isinstance(spec, Mapping) and "holdout" in spec else None
+
+    def check(self) -> str | None:
+        if self.type not in DATASET_TYPES:
+            return f"type: unknown {self.type!r}; valid: {', '.join(DATASET_TYPES)}"
+        synthetic = self.type == "Synthetic"
+        if synthetic and self.root is not None:
+            return "root: not used by Synthetic, set data.synthetic.cache_dir"
+        if not synthetic:
+            for key, value in (("synthetic", self.synthetic), ("layout", None if self.type == "Context" else
+                                                                 self.layout)):
+                if value is not None:
+                    return f"{key}: not used by type {self.type}"
+        if self.layout is not None and self.layout not in CONTEXT_LAYOUTS:
+            return f"layout: unknown {self.layout!r}; valid: {', '.join(CONTEXT_LAYOUTS)}"
+        if self.scale_range is not None and (len(self.scale_range) != 2 or not all(
+                isinstance(v, (int, float)) for v in self.scale_range) or not 0 < self.scale_range[0]
+                                              <= self.scale_range[1]):
+            return f"scale_range: expected [low, high] with 0 < low <= high, got {list(self.scale_range)}"
+        for key in ("base_size", "crop_size"):
+            if getattr(self, key) is not None and getattr(self, key) < 1:
+                return f"{key}: must be positive, got {getattr(self, key)}"
+        if not isinstance(self.unseen_classes, (str, list, tuple)):
+            return f"unseen_classes: expected a preset name or a list, got {self.unseen_classes!r}"
+        return self._check_selection()
+
+    def _check_selection(self) -> str | None:
+        spec = self.selection_split
+        if isinstance(spec, Mapping) and "holdout" in spec:
+            count, seed = spec["holdout"], spec.get("seed", 0)
+            if set(spec) - {"holdout", "seed"} or not all(isinstance(v, int) and not isinstance(v, bool)
+                                                          for v in (count, seed)) or count < 1 or seed < 0:
+                return (f"selection_split: expected {{\"holdout\": N, \"seed\": S}} (N >= 1 images carved from the "
+                        f"training list), got {dict(spec)!r}")
+        elif spec is not None and spec == self.val_split:
+            return (f"selection_split: {spec!r} is the reported split (data.val_split); a checkpoint is never "
+                    "chosen on the split that is reported")
+        return None
+
+    def background_problem(self, first_class: str) -> str | None:
+        """The error of an ignored background when the class list has none (class 0 is ``first_class``)."""
+        return (f"data.ignore_bg: true needs a background class, but data.background is false (class 0 is "
+                f"{first_class!r})") if self.ignore_bg else None
+
+    def missing(self, training: bool = False) -> str | None:
+        """The first key a dataset (and, with ``training``, a training run) needs and this section
+        lacks, as ``data.<key>: missing``; None when nothing is missing."""
+        synthetic = self.type == "Synthetic"
+        needed = {"embeddings": self.embeddings, "root": self.root if not synthetic else "",
+                  "classes": self.classes if not synthetic else "",
+                  "embeddings.paths": "" if synthetic or self.embeddings is None else self.embeddings.paths}
+        if training:
+            needed.update(train_split=self.train_split, base_size=self.base_size, crop_size=self.crop_size,
+                          scale_range=self.scale_range)
+        key = next((key for key, value in needed.items() if value is None), None)
+        return None if key is None else f"data.{key}: missing{' (needed for training)' if training else ''}"
+
+    def resolved(self, root: Any) -> "DataSection":
+        """A Synthetic section completed by its generated folder ``root`` (its class list and embeddings)."""
+        return replace(self, classes=self.classes or str(root / "classes.txt"),
+                       embeddings=replace(self.embeddings, paths=self.embeddings.paths or
+                                          [str(root / "embeddings.npy")]))
+
+
+def as_data_section(data: "DataSection | Mapping", source: str = "config") -> DataSection:
+    """``data`` itself when it is a checked section, else a ``data`` config object checked into one."""
+    return data if isinstance(data, DataSection) else DataSection.parse(data, source)
 
 
 # ----------------------------------------------------------------------------- training
+CPU_KERNELS = ("taps", "bn_fold", "dropout", "layout")   # model.kernels; all on by default
+
+
 @dataclass(frozen=True)
 class TrainerSection:
     """The ``trainer`` section."""
@@ -150,6 +333,7 @@ class TrainerSection:
     amp: str | bool | None = "auto"
     channels_last: bool = False
     compile: bool = False
+    cpu_kernels: tuple[str, ...] = CPU_KERNELS
     tensorboard: bool = False
     tensorboard_images: int = 4
     log_step: int = 50
@@ -165,6 +349,9 @@ class TrainerSection:
         parts = self.monitor.split()
         if self.monitor != "off" and (len(parts) != 2 or parts[0] not in ("min", "max")):
             return f"monitor: expected 'max <metric>', 'min <metric>' or 'off', got {self.monitor!r}"
+        unknown = [k for k in self.cpu_kernels if k not in CPU_KERNELS]
+        if unknown:
+            return f"cpu_kernels: unknown {unknown[0]!r}; valid: {', '.join(CPU_KERNELS)}"
         try:
             check_amp(self.amp)
         except ConfigError as err:
@@ -239,6 +426,7 @@ class LossSection:
     temperature: float
     alpha: float
     sc_divide_by_num_classes: bool = False
+    sc_distance_epsilon: float = 0.0   # > 0: sqrt(sum of squares + eps), the official Context trainer's
     ce_weight: float = 1.0
     bar_weight: float = 1.0
     bar_detach_features: bool = False  # ablation: BAR trains only the semantic encoder
@@ -246,6 +434,8 @@ class LossSection:
     def check(self) -> str | None:
         if not 0 < self.ratio <= 1:
             return f"ratio: must be in (0, 1], got {self.ratio}"
+        if self.sc_distance_epsilon < 0:
+            return f"sc_distance_epsilon: must be >= 0, got {self.sc_distance_epsilon}"
         return None
 
 
@@ -253,12 +443,12 @@ TOP_LEVEL = ("name", "seed", "data", "data_loader", "model", "semantic_encoder",
              "lr_scheduler", "loss", "inference", "trainer")
 # Written by a run into its config.json (what ``auto`` resolved to on that machine); ignored when read.
 RESOLVED_KEY = "resolved"
-_FREE_DATA = ("synthetic", "embeddings", "expected_counts")
 
 # What ``-o`` may set: {section: {key: None (a value) | FREE (anything below) | nested schema}}.
 CONFIG_SCHEMA: dict[str, Any] = {
     "name": None, "seed": None,
-    "data": {key: FREE if key in _FREE_DATA else None for key in DATA_KEYS},
+    "data": {**section_keys(DataSection), "embeddings": section_keys(EmbeddingsSection),
+             "synthetic": section_keys(SyntheticSection), "expected_counts": FREE, "selection_split": FREE},
     "data_loader": section_keys(LoaderSection),
     "model": {"type": None, "args": FREE},
     "semantic_encoder": {"type": None, "args": FREE},

@@ -55,9 +55,9 @@ def check_types(cls: type, values: Mapping, name: str, source: str = "config") -
 def parse_section(cls: type[T], values: Mapping | None, name: str, source: str = "config") -> T:
     """Build the dataclass ``cls`` from config section ``name``; fields without a default are
     required. Values are type-checked against the annotations (ints are accepted as floats)."""
-    values = dict(values or {})
-    if not isinstance(values, dict):
+    if values is not None and not isinstance(values, Mapping):
         raise ConfigError(f"{name}: expected an object, got {values!r} (file {source})")
+    values = dict(values or {})
     fields = {field.name: field for field in dataclasses.fields(cls)}
     unknown = [key for key in values if key not in fields]
     if unknown:

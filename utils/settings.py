@@ -13,8 +13,8 @@ from typing import Any, Mapping
 from utils.amp import Precision
 from utils.errors import ConfigError
 from utils.parse_config import BASE_KEY, set_by_path
-from utils.schema import (CONFIG_SCHEMA, RESOLVED_KEY, TOP_LEVEL, EncoderSection, InferenceSettings, LoaderSection,
-                          LossSection, OptimizerSection, SchedulerSection, TrainerSection)
+from utils.schema import (CONFIG_SCHEMA, RESOLVED_KEY, TOP_LEVEL, DataSection, EncoderSection, InferenceSettings,
+                          LoaderSection, LossSection, OptimizerSection, SchedulerSection, TrainerSection)
 from utils.sections import parse_section
 
 
@@ -22,8 +22,8 @@ from utils.sections import parse_section
 class Settings:
     """A config's sections, parsed and checked (see :mod:`utils.schema`).
 
-    ``data`` is the ``data`` section (its keys and values are checked by
-    :func:`data_loader.prepare_data`, which needs the files); the training-only sections
+    ``data`` is the checked ``data`` section (what needs the files, such as class names, is
+    checked by :func:`data_loader.prepare_data` before it reads any); the training-only sections
     (``loader``, ``optimizer``, ``optimizer_gen``, ``scheduler``, ``loss``) are None for a
     trained model's settings (:meth:`of_trained`) whose config left them out."""
 
@@ -31,7 +31,7 @@ class Settings:
     source: str
     name: str
     seed: int
-    data: dict
+    data: DataSection
     model: EncoderSection
     semantic_encoder: EncoderSection
     inference: InferenceSettings
@@ -87,11 +87,19 @@ class Settings:
             sections["scheduler"] = parse_section(SchedulerSection, config.get("lr_scheduler"), "lr_scheduler",
                                                   source)
             sections["loss"] = parse_section(LossSection, config.get("loss"), "loss", source)
-        return cls(config=config, source=source, name=str(config.get("name", "run")), seed=seed,
-                   data=dict(config.get("data") or {}),
+        data = DataSection.parse(config.get("data"), source)
+        problem = data.missing(training)
+        if problem:
+            raise ConfigError(f"{problem} (file {source})")
+        trainer_section = parse_section(TrainerSection, trainer, "trainer", source)
+        if training and trainer_section.monitor != "off" and data.selection_split is None:
+            raise ConfigError(f"trainer.monitor: {trainer_section.monitor!r} chooses a checkpoint, which needs "
+                              "data.selection_split (a split other than the reported data.val_split); use \"off\" "
+                              f"to test the last epoch's weights, as the official code (file {source})")
+        return cls(config=config, source=source, name=str(config.get("name", "run")), seed=seed, data=data,
                    model=_encoder(config, "model", source), semantic_encoder=_encoder(config, "semantic_encoder", source),
                    inference=InferenceSettings.from_config(config.get("inference"), source),
-                   trainer=parse_section(TrainerSection, trainer, "trainer", source), **sections)
+                   trainer=trainer_section, **sections)
 
     def with_precision(self, precision: Precision) -> "Settings":
         """These settings with ``trainer.amp`` resolved for the run's device."""

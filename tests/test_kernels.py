@@ -1,5 +1,7 @@
-"""The fast paths equal the plain computations: tap-by-tap atrous convolution, distances at
-feature resolution, and the allocator tuning (speed itself is measured by ``benchmarks/``)."""
+"""The fast paths equal the plain computations: the CPU kernels (tap-by-tap atrous convolution, BN
+folding, dropout masks, layout hooks), distances at feature resolution, and the allocator tuning
+(speed itself is measured by ``benchmarks/``)."""
+import copy
 import os
 import subprocess
 import sys
@@ -9,7 +11,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from model.atrous import AtrousConv2d, tap_convolution, valid_taps
+from model.kernels import AtrousConv2d, MaskDropout, apply_kernels, tap_convolution, valid_taps
 from model.inference import calibrate, squared_distances, upsampled_squared_distances
 from model.visual_encoder import DeepLabV3Plus
 
@@ -72,7 +74,7 @@ def test_atrous_conv_keeps_weights_layout_and_follows_autocast():
 
 
 def test_aspp_uses_atrous_convs_with_the_official_rates():
-    model = DeepLabV3Plus(5, backbone=18)
+    model = apply_kernels(DeepLabV3Plus(5, backbone=18), ["taps"])
     convs = [branch[0] for branch in model.aspp.convs[1:4]]
     assert all(isinstance(c, AtrousConv2d) for c in convs)
     assert [c.dilation[0] for c in convs] == [6, 12, 18] and [c.padding[0] for c in convs] == [6, 12, 18]
@@ -120,7 +122,7 @@ def test_allocator_tuning_is_idempotent_and_can_be_turned_off():
 
 def test_image_pool_branch_runs_in_float32_and_gradients_stay_channels_last():
     torch.manual_seed(0)
-    model = DeepLabV3Plus(5, backbone=18).to(memory_format=torch.channels_last).train()
+    model = apply_kernels(DeepLabV3Plus(5, backbone=18)).to(memory_format=torch.channels_last).train()
     seen = {}
     model.aspp.convs[4][2].register_forward_hook(lambda m, args, out: seen.update(bn_input=args[0].dtype))
 
@@ -152,7 +154,7 @@ def test_backbone_with_folded_bn_and_sparse_taps_equals_torchvision_modules(dept
     use the taps inside the image: the values equal torchvision's module-by-module computation;
     in training (BN as its own step) the gradients do too."""
     torch.manual_seed(0)
-    model = DeepLabV3Plus(10, backbone=depth, freeze_backbone_bn=True)
+    model = apply_kernels(DeepLabV3Plus(10, backbone=depth, freeze_backbone_bn=True), ["taps", "bn_fold"])
     dilated = [m for m in model.backbone.layer4.modules() if isinstance(m, AtrousConv2d)]
     assert dilated and all(m.sparse_only for m in dilated)
     assert set(model.state_dict()) == set(DeepLabV3Plus(10, backbone=depth).state_dict())
@@ -177,3 +179,47 @@ def test_backbone_with_folded_bn_and_sparse_taps_equals_torchvision_modules(dept
     ref_grads = torch.autograd.grad(ref_high.square().mean() + ref_low.mean(), params)
     for g, r in zip(grads, ref_grads):
         assert torch.allclose(g, r, rtol=1e-3, atol=1e-4 * float(r.abs().max()))
+
+
+def test_dropout_masks_do_not_depend_on_memory_format_or_dtype():
+    dropout = MaskDropout(0.5).train()
+    x = torch.randn(2, 8, 5, 5)
+    torch.manual_seed(0)
+    plain = dropout(x)
+    torch.manual_seed(0)
+    fast = dropout(x.contiguous(memory_format=torch.channels_last).bfloat16())
+    assert torch.equal(plain != 0, fast != 0)
+    assert torch.allclose(plain, fast.float(), atol=0.05)
+    assert torch.equal(dropout.eval()(x), x)
+    model = apply_kernels(DeepLabV3Plus(5, backbone=18, dropout=False))
+    assert all(m.p == 0 for m in model.modules() if isinstance(m, torch.nn.Dropout))
+    assert sum(isinstance(m, MaskDropout) for m in model.modules()) == 3
+
+
+@pytest.mark.parametrize("depth", [18, 50])
+def test_all_kernels_off_gives_the_same_numbers_within_fp32_rounding(depth):
+    """The plain network and the one with every kernel give the same features and logits in
+    inference and the same gradients in training (dropout off: its masks are drawn differently;
+    BN statistics frozen: batch statistics of a 2-image batch amplify rounding), channels_last
+    inputs as the shipped configs run."""
+    torch.manual_seed(0)
+    plain = DeepLabV3Plus(6, backbone=depth, dropout=False, freeze_bn=True).to(memory_format=torch.channels_last)
+    fast = copy.deepcopy(plain)
+    apply_kernels(fast)
+    assert set(plain.state_dict()) == set(fast.state_dict())
+    for bn in plain.backbone.modules():
+        if isinstance(bn, nn.BatchNorm2d):
+            bn.running_mean.uniform_(-0.5, 0.5)
+            bn.running_var.uniform_(0.5, 2.0)
+    fast.load_state_dict(plain.state_dict())
+    x = torch.randn(2, 3, 64, 64).contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        for a, b in zip(plain.eval()(x), fast.eval()(x)):
+            assert torch.allclose(a, b, rtol=1e-4, atol=1e-4 * float(a.abs().max()))
+    grads = []
+    for model in (plain.train(), fast.train()):
+        logits, features = model(x)
+        (logits.square().mean() + features.mean()).backward()
+        grads.append([p.grad for p in model.parameters()])
+    for a, b in zip(*grads):
+        assert torch.allclose(a, b, rtol=1e-4, atol=1e-5 * float(a.abs().max()) + 1e-10)
