@@ -15,8 +15,14 @@ import sys
 from typing import Sequence
 
 from data_loader.classes import load_class_names
-from data_loader.word_vectors import (FORMATS, READERS, SourceReport, check_output_path, resolve_class_embeddings,
-                                      save_class_embeddings)
+from data_loader.word_vectors import (
+    FORMATS,
+    READERS,
+    SourceReport,
+    check_output_path,
+    resolve_class_embeddings,
+    save_class_embeddings,
+)
 from utils.cli import ArgParser, run_command
 
 
@@ -58,7 +64,7 @@ def build(args: argparse.Namespace) -> int:
     names = load_class_names(args.classes, "--classes", None)
     array, reports = resolve_class_embeddings(args.vectors, names, args.normalize, args.fmt, args.reader)
     sidecar = save_class_embeddings(array, names, out)
-    print(f"wrote {out}: {array.shape[0]} classes x {array.shape[1]} dims (float32, normalize "
+    print(f"wrote {out}: {array.shape[0]} classes x {array.shape[1]} dims (float32, normalization "
           f"{args.normalize}), row names in {sidecar}")
     print("\n".join(summary(reports)))
     return 0

@@ -29,12 +29,16 @@ def convert(args: argparse.Namespace) -> int:
     return 0
 
 
-def main(argv=None) -> int:
+def build_parser() -> ArgParser:
     parser = ArgParser(description=__doc__.splitlines()[0])
     parser.add_argument("-c", "--config", required=True, help="the config naming the classes, split and embeddings")
     parser.add_argument("-r", "--resume", required=True, help="official fe_checkpoint-epochN.pth or model_best_fe.pth")
     parser.add_argument("--out", required=True, help="output checkpoint (refuses to overwrite an existing file)")
-    return run_command(parser, convert, argv)
+    return parser
+
+
+def main(argv=None) -> int:
+    return run_command(build_parser(), convert, argv)
 
 
 if __name__ == "__main__":

@@ -50,7 +50,8 @@ def build_parser() -> ArgParser:
     parser.add_argument("-c", "--config", default=None,
                         help="config naming classes, split and embeddings (only for official JoEm checkpoints)")
     parser.add_argument("--images", nargs="+", required=True,
-                        help="image files and/or folders (folders: *.jpg/jpeg/png/bmp/webp, sorted, not recursive)")
+                        help="image files and/or folders (folders: their "
+                             f"{'/'.join(e[1:] for e in IMAGE_EXTENSIONS)} files, sorted, not recursive)")
     parser.add_argument("--out", required=True, help="output folder (created; same-name outputs are overwritten)")
     parser.add_argument("--classes", help="class list: comma-separated names or a file with one name a line "
                                           "(default: the checkpoint's classes)")
@@ -60,8 +61,8 @@ def build_parser() -> ArgParser:
                         help="names of the rows of --embeddings: comma list or file (default: the sidecar "
                              "<stem>.classes.txt beside the embedding file)")
     parser.add_argument("--normalize", nargs="?", const="checkpoint", choices=("checkpoint", "none", "l2", "max_norm"),
-                        help="normalise --embeddings rows; alone: the checkpoint config's "
-                             "data.embeddings.normalize mode (default: no normalisation)")
+                        help="normalise --embeddings rows; alone: as the checkpoint's config normalises its "
+                             "embeddings (default: no normalisation)")
     parser.add_argument("--unseen", help="classes to calibrate, comma list or file ('none' for no calibration); "
                                          "default: the checkpoint's unseen classes plus every extra class")
     parser.add_argument("--sigma", type=str, help="Apollonius calibration factor for unseen classes "
@@ -71,11 +72,12 @@ def build_parser() -> ArgParser:
     parser.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when available, else cpu)")
     parser.add_argument("--amp", help="auto, bf16, fp16 or false (default: the checkpoint config's trainer.amp, "
                                       "as --test; auto: what this device runs natively)")
-    parser.add_argument("--max-size", type=int,
-                        help="longer image side above which the sliding window is used (default 1024; 0 = never)")
-    parser.add_argument("--tile", type=int, help="sliding-window tile side, multiple of 16 (default 512)")
-    parser.add_argument("--overlap", type=int, help="sliding-window overlap, multiple of 4 and < --tile (default 128)")
-    parser.add_argument("--tile-batch", type=int, help="tiles per forward pass (default 4)")
+    parser.add_argument("--max-size", type=int, help="longer image side above which the sliding window is used, 0 = "
+                                                     "never (default: the checkpoint config's inference.window)")
+    parser.add_argument("--tile", type=int, help="sliding-window tile side, multiple of 16 (default: the config's)")
+    parser.add_argument("--overlap", type=int, help="sliding-window overlap, multiple of 4 and < --tile (default: the "
+                                                    "config's)")
+    parser.add_argument("--tile-batch", type=int, help="tiles per forward pass (default: the config's)")
     parser.add_argument("--alpha", type=float, default=0.5, help="colour weight in the overlays (default 0.5)")
     return parser
 

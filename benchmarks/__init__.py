@@ -1,3 +1,1 @@
-"""Benchmark harness (not tests): training / evaluation / data-loader throughput, peak memory,
-FLOP utilisation and bf16 parity of the JoEm DeepLabV3+ pipeline. Run ``python -m benchmarks.run -h``;
-see ``docs/benchmarks.md``."""
+"""Benchmark harness (not tests): ``python -m benchmarks.run -h``, ``python -m benchmarks.gpu_acceptance -h``."""

@@ -1,16 +1,7 @@
-"""GPU acceptance in one command (about 8 minutes on one GPU): ``python -m benchmarks.gpu_acceptance``.
-
-1. what ``"amp": "auto"`` resolves to on this GPU (utils.amp's rule);
-2. the R-101 training benchmark at crop 512, batch 16 (images/s and MFU, ``benchmarks.run``);
-3. one short DDP run with NCCL (torchrun, one process per visible GPU, at least one);
-4. SIGTERM in the middle of a training run, ``-r RUN`` resume, and a comparison of the final
-   weights with an uninterrupted run of the same config (every tensor of both encoders).
-
-Everything is written under ``--out`` (default ``saved/gpu_acceptance``); the last line says
-PASS or FAIL per part. See docs/benchmarks.md.
-"""
-from __future__ import annotations
-
+"""GPU acceptance in one command (about 8 minutes on one GPU), one PASS/FAIL line per part: 1. what
+"amp": "auto" resolves to; 2. benchmarks.run, ResNet-101, crop 512, batch 16 (images/s, MFU); 3. one
+demo epoch under torchrun (NCCL, one process per GPU); 4. SIGTERM in a demo run, -r RUN to the end, and
+every tensor of both encoders compared with an uninterrupted run's. Logs and runs go under --out."""
 import argparse
 import json
 import os
@@ -22,110 +13,84 @@ from pathlib import Path
 
 import torch
 
+from utils.amp import resolve_precision
+from utils.cli import ArgParser, run_command
+from utils.errors import ConfigError
+
 ROOT = Path(__file__).resolve().parents[1]
-DEMO = ROOT / "configs" / "config_synthetic_zs3setting.json"
+TRAIN = str(ROOT / "train_pascal_zs3setting.py")
 
-
-def _env() -> dict:
-    return {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
-
-
-def _train_cmd(out: Path, run_id: str, epochs: int, extra: list[str] | None = None) -> list[str]:
-    return [sys.executable, str(ROOT / "train_pascal_zs3setting.py"), "-c", str(DEMO), "-d", "0",
-            "--run_id", run_id, "--save_dir", str(out), "--epochs", str(epochs),
-            "-o", "trainer.test_after_train=false", "-o", "trainer.val_period=100", "-o", "trainer.save_period=1",
-            *(extra or [])]
-
-
-def _run(cmd: list[str], log: Path, timeout: float) -> int:
+def start(args: list[str], log: Path) -> subprocess.Popen:
+    """``python ARGS`` in the repository, its output into ``log``."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
     with log.open("w") as handle:
-        return subprocess.run(cmd, cwd=ROOT, env=_env(), stdout=handle, stderr=subprocess.STDOUT,
-                              timeout=timeout).returncode
+        return subprocess.Popen([sys.executable, *args], cwd=ROOT, env=env, stdout=handle, stderr=subprocess.STDOUT)
 
+def demo(out: Path, run_id: str, epochs: int = 2, devices: str = "0") -> list[str]:
+    return [TRAIN, "-c", str(ROOT / "configs" / "config_synthetic_zs3setting.json"), "-d", devices, "--run_id",
+            run_id, "--save_dir", str(out), "--epochs", str(epochs), "-o", "trainer.test_after_train=false",
+            "-o", "trainer.val_period=100", "-o", "trainer.save_period=1"]
 
-def part_auto() -> dict:
-    from utils.amp import resolve_precision
-    precision = resolve_precision("auto", torch.device("cuda", 0))
-    return {"ok": True, "text": precision.describe()}
-
-
-def part_benchmark(out: Path) -> dict:
+def benchmark(out: Path) -> tuple[bool, str]:
     result = out / "benchmark.json"
-    cmd = [sys.executable, "-m", "benchmarks.run", "--device", "cuda", "--backbone", "101", "--crop", "512",
-           "--batch", "16", "--modes", "fp32,auto", "--steps", "10", "--warmup", "3", "--skip", "data,parity",
-           "--eval-images", "8", "--json", str(result)]
-    code = _run(cmd, out / "benchmark.log", 300)
-    if code != 0 or not result.is_file():
-        return {"ok": False, "text": f"benchmarks.run exited {code} (see {out / 'benchmark.log'})"}
-    modes = json.loads(result.read_text())["modes"]
-    parts = []
-    for name, row in modes.items():
-        train = row.get("train") or {}
-        rate, mfu = (train.get("images_per_s") or {}).get("median"), train.get("mfu")
-        parts.append(f"{name}: {rate:.1f} img/s" + (f", MFU {100 * mfu:.1f}%" if mfu is not None else "")
-                     if rate else f"{name}: {row.get('status')}")
-    return {"ok": True, "text": "; ".join(parts)}
+    code = start(["-m", "benchmarks.run", "--device", "cuda", "--backbone", "101", "--crop", "512", "--batch", "16",
+                  "--modes", "fp32,auto", "--steps", "10", "--warmup", "3", "--eval-images", "8", "--skip",
+                  "data,parity", "--json", str(result)], out / "benchmark.log").wait(timeout=600)
+    rows = json.loads(result.read_text())["modes"] if code == 0 and result.is_file() else {}
+    mfu = {name: (row.get("train") or {}).get("mfu") for name, row in rows.items()}
+    text = "; ".join(f"{name}: {row['train']['images_per_s']['median']:.1f} img/s, MFU "
+                     f"{'n/a' if mfu[name] is None else format(mfu[name], '.1%')}" if row.get("train") else
+                     f"{name}: {row['status']}" for name, row in rows.items())
+    return bool(rows) and all(row.get("train") for row in rows.values()), text or f"exit {code}, see benchmark.log"
 
-
-def part_ddp(out: Path) -> dict:
+def ddp(out: Path) -> tuple[bool, str]:
     gpus = max(1, torch.cuda.device_count())
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={gpus}",
-           *(_train_cmd(out, "ddp", 1)[1:])]
-    cmd[cmd.index("-d") + 1] = ",".join(map(str, range(gpus)))
-    code = _run(cmd, out / "ddp.log", 240)
-    return {"ok": code == 0, "text": f"torchrun with {gpus} NCCL process(es): exit {code}"}
+    code = start(["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={gpus}",
+                  *demo(out, "ddp", 1, ",".join(map(str, range(gpus))))], out / "ddp.log").wait(timeout=300)
+    return code == 0, f"torchrun with {gpus} NCCL process(es): exit {code}"
 
-
-def part_resume(out: Path) -> dict:
-    epochs = 2
-    code = _run(_train_cmd(out, "straight", epochs), out / "straight.log", 240)
-    if code != 0:
-        return {"ok": False, "text": f"uninterrupted run exited {code}"}
-    log = out / "interrupted.log"
-    with log.open("w") as handle:
-        proc = subprocess.Popen(_train_cmd(out, "resumed", epochs), cwd=ROOT, env=_env(), stdout=handle,
-                                stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + 240
-        while "epoch 1/" not in log.read_text() and proc.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.5)
-        proc.send_signal(signal.SIGTERM)
-        first = proc.wait(timeout=240)
-    second = _run(_train_cmd(out, "resumed", epochs)[:2] + ["-r", str(out / "synthetic_zs3" / "resumed"), "-d", "0"],
-                  out / "resumed.log", 240)
-    a = torch.load(out / "synthetic_zs3" / "straight" / f"checkpoint-epoch{epochs}.pth", weights_only=True)
-    b = torch.load(out / "synthetic_zs3" / "resumed" / f"checkpoint-epoch{epochs}.pth", weights_only=True)
+def resume(out: Path) -> tuple[bool, str]:
+    if start(demo(out, "straight"), out / "straight.log").wait(timeout=300) != 0:
+        return False, "the uninterrupted run failed (see straight.log)"
+    log, deadline = out / "interrupted.log", time.time() + 300
+    proc = start(demo(out, "resumed"), log)
+    while "epoch 1/" not in log.read_text() and proc.poll() is None and time.time() < deadline:   # then epoch 2
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    stopped, run = proc.wait(timeout=300), out / "synthetic_zs3"
+    resumed = start([TRAIN, "-r", str(run / "resumed"), "-d", "0"], out / "resumed.log").wait(timeout=300)
+    a, b = (torch.load(run / name / "checkpoint-epoch2.pth", map_location="cpu", weights_only=True)
+            for name in ("straight", "resumed"))
     differ = [f"{part}.{key}" for part in ("visual_encoder", "semantic_encoder")
               for key, value in a[part].items() if not torch.equal(value, b[part][key])]
-    return {"ok": first == 143 and second == 0 and not differ,
-            "text": f"SIGTERM exit {first}, resume exit {second}, tensors differing from the uninterrupted run: "
-                    f"{len(differ)}" + (f" (first: {differ[0]}; cuDNN kernels are not deterministic unless "
-                                         "torch.use_deterministic_algorithms is on)" if differ else "")}
+    return stopped == 143 and resumed == 0 and not differ, (f"SIGTERM exit {stopped}, resume exit {resumed}, "
+                                                            f"{len(differ)} tensors differ (first: {differ[:1]})")
 
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.gpu_acceptance", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+def build_parser() -> ArgParser:
+    parser = ArgParser(prog="python -m benchmarks.gpu_acceptance", description=__doc__,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="saved/gpu_acceptance", help="folder for logs, runs and the JSON report")
-    args = parser.parse_args(argv)
+    return parser
+
+def run(args: argparse.Namespace) -> int:
     if not torch.cuda.is_available():
-        print("error: no CUDA device is available; this script is for a GPU machine", file=sys.stderr)
-        return 2
-    out = Path(args.out).resolve()
+        raise ConfigError("no CUDA device is available; this acceptance check is for a GPU machine")
+    out, report = Path(args.out).resolve(), {}
     out.mkdir(parents=True, exist_ok=True)
-    report = {}
-    for name, part in (("auto", part_auto), ("benchmark", lambda: part_benchmark(out)),
-                       ("ddp", lambda: part_ddp(out)), ("resume", lambda: part_resume(out))):
-        start = time.perf_counter()
+    auto = lambda out: (True, resolve_precision("auto", torch.device("cuda", 0)).describe())  # noqa: E731
+    for name, part in (("auto", auto), ("benchmark", benchmark), ("ddp", ddp), ("resume", resume)):
+        started = time.perf_counter()
         try:
-            report[name] = part()
-        except Exception as err:  # noqa: BLE001 - report every part, whatever fails
-            report[name] = {"ok": False, "text": f"{type(err).__name__}: {err}"}
-        report[name]["seconds"] = round(time.perf_counter() - start, 1)
-        print(f"{name}: {'PASS' if report[name]['ok'] else 'FAIL'}  {report[name]['text']} "
-              f"({report[name]['seconds']} s)", flush=True)
+            ok, text = part(out)
+        except Exception as err:  # noqa: BLE001 - every part is reported, whatever fails
+            ok, text = False, f"{type(err).__name__}: {err}"
+        report[name] = {"ok": ok, "text": text, "seconds": round(time.perf_counter() - started, 1)}
+        print(f"{name}: {'PASS' if ok else 'FAIL'}  {text} ({report[name]['seconds']} s)", flush=True)
     (out / "gpu_acceptance.json").write_text(json.dumps(report, indent=2))
     return 0 if all(r["ok"] for r in report.values()) else 1
 
+def main(argv: list[str] | None = None) -> int:
+    return run_command(build_parser(), run, argv)
 
 if __name__ == "__main__":
     raise SystemExit(main())

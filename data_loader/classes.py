@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
 from utils.errors import ConfigError
-from utils.schema import UNSEEN_KEY, DataSection, as_data_section
+from utils.schema import SPLIT_IGNORE_BG, UNSEEN_KEY, DataSection, as_data_section
 
 VOC_CLASSES: tuple[str, ...] = (
     "background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
@@ -196,7 +196,8 @@ def _resolve_unseen(values: Iterable[Any], names: Sequence[str], key: str, sourc
         return (f"{key}: class {value!r} is the background (index 0) and cannot be unseen{_where(source)}"
                 if idx == 0 and has_background else None)
     return tuple(sorted(resolve_indices(
-        values, names, out_of_range=lambda v: f"{key}: class index {v} out of range 0..{len(names) - 1}{_where(source)}",
+        values, names,
+        out_of_range=lambda v: f"{key}: class index {v} out of range 0..{len(names) - 1}{_where(source)}",
         unknown=lambda v: f"{key}: unknown class {v!r}{_where(source)}; valid: {', '.join(names)}",
         duplicate=lambda v, i: f"{key}: duplicate class {v!r} ({names[i]}){_where(source)}", check=background)))
 
@@ -226,8 +227,6 @@ class ClassSplit:
     def __post_init__(self) -> None:
         object.__setattr__(self, "names", tuple(self.names))
         object.__setattr__(self, "unseen", tuple(sorted(int(i) for i in self.unseen)))
-        object.__setattr__(self, "ignore_bg", bool(self.ignore_bg))
-        object.__setattr__(self, "has_background", bool(self.has_background))
         first = 1 if self.has_background else 0
         bad = [i for i in self.unseen if not first <= i < len(self.names)]
         if bad or len(set(self.unseen)) != len(self.unseen):
@@ -266,13 +265,13 @@ class ClassSplit:
 
     def to_dict(self) -> dict:
         """JSON-able form (stored in checkpoints)."""
-        return {"names": list(self.names), "unseen": list(self.unseen), "ignore_bg": self.ignore_bg,
+        return {"names": list(self.names), "unseen": list(self.unseen), SPLIT_IGNORE_BG: self.ignore_bg,
                 "has_background": self.has_background}
 
     @classmethod
     def from_dict(cls, data: dict) -> "ClassSplit":
         """Inverse of :meth:`to_dict`; dicts written before ``has_background`` existed have one."""
-        return cls(tuple(data["names"]), tuple(data["unseen"]), bool(data.get("ignore_bg", False)),
+        return cls(tuple(data["names"]), tuple(data["unseen"]), bool(data.get(SPLIT_IGNORE_BG, False)),
                    bool(data.get("has_background", True)))
 
 

@@ -8,10 +8,9 @@ from dataclasses import dataclass
 import numpy as np
 from tqdm import tqdm
 
-from utils.logger import progress_enabled
-
 from data_loader.dataset import SegmentationDataset
 from utils.errors import DataError
+from utils.logger import progress_enabled
 from utils.schema import IGNORE_INDEX
 
 
@@ -61,4 +60,5 @@ def scan(dataset: SegmentationDataset, read_image: bool = False, desc: str | Non
     """Check every sample in a thread pool (decoding releases the GIL); a tqdm bar when ``desc``."""
     with ThreadPoolExecutor(_threads()) as pool:
         results = pool.map(lambda i: check_sample(dataset, i, read_image), range(len(dataset)))
-        return list(tqdm(results, total=len(dataset), desc=desc, disable=desc is None or not progress_enabled(), leave=False))
+        return list(tqdm(results, total=len(dataset), desc=desc, disable=desc is None or not progress_enabled(),
+                         leave=False))

@@ -9,7 +9,6 @@ from __future__ import annotations
 from typing import Any, Sequence
 
 import numpy as np
-
 import torch
 from PIL import Image
 from torchvision import tv_tensors

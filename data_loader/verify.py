@@ -8,6 +8,7 @@ of images that contain it in each split. Exits 1 when a file is bad or a count d
 """
 from __future__ import annotations
 
+import argparse
 import sys
 from typing import Mapping, TextIO
 
@@ -18,6 +19,7 @@ from data_loader.scan import SampleCheck, scan
 from utils.cli import ArgParser, run_command
 from utils.parse_config import load_config
 from utils.schema import DataSection
+
 
 def verify(data: DataSection | Mapping, source: str = "config", out: TextIO | None = None,
            progress: bool = True) -> list[str]:
@@ -74,18 +76,23 @@ def print_class_tables(ds: DataSource, checked: dict[str, list[SampleCheck]], ou
         print(f"{label:<{first}}" + "".join(f"{n:>{w}}" for n, w in zip(cells, columns)), file=out)
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> ArgParser:
     parser = ArgParser(description=__doc__.splitlines()[0])
     parser.add_argument("-c", "--config", required=True, help="config JSON file with a 'data' section")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    return parser
 
-    def run(args) -> int:
-        problems = verify(load_config(args.config).get("data"), args.config, progress=not args.quiet)
-        for problem in problems:
-            print(f"error: {problem}", file=sys.stderr)
-        print(f"{len(problems)} problem(s) found" if problems else "data OK", file=sys.stderr if problems else sys.stdout)
-        return 1 if problems else 0
-    return run_command(parser, run, argv)
+
+def run(args: argparse.Namespace) -> int:
+    problems = verify(load_config(args.config).get("data"), args.config, progress=not args.quiet)
+    for problem in problems:
+        print(f"error: {problem}", file=sys.stderr)
+    print(f"{len(problems)} problem(s) found" if problems else "data OK", file=sys.stderr if problems else sys.stdout)
+    return 1 if problems else 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_command(build_parser(), run, argv)
 
 
 if __name__ == "__main__":

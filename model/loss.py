@@ -93,8 +93,8 @@ def sc_loss(embeddings: torch.Tensor, semantic_encoder: nn.Module, class_ids: Se
 
 def joem_loss(logits: torch.Tensor, features: torch.Tensor, labels: torch.Tensor, embeddings: torch.Tensor,
               semantic_encoder: nn.Module, seen_object_ids: Sequence[int] | torch.Tensor, *, ratio: float,
-              temperature: float, alpha: float, sc_divide_by_num_classes: bool = False, sc_distance_epsilon: float = 0.0,
-              ce_weight: float = 1.0, bar_weight: float = 1.0,
+              temperature: float, alpha: float, sc_divide_by_num_classes: bool = False,
+              sc_distance_epsilon: float = 0.0, ce_weight: float = 1.0, bar_weight: float = 1.0,
               ignore_index: int = IGNORE_INDEX) -> dict[str, torch.Tensor]:
     """The full objective ``ce_weight`` CE + ``bar_weight`` BAR + ``alpha`` SC (official: weights
     1, 1, alpha); returns ``{"ce", "bar", "sc", "total"}``."""

@@ -81,13 +81,6 @@ def padded_size(height: int, width: int) -> tuple[int, int]:
     return height + -height % FEATURE_STRIDE, width + -width % FEATURE_STRIDE
 
 
-def tile_count(height: int, width: int, window: SlidingWindow | None) -> int:
-    """How many tiles an image of this size is encoded in (1: the whole image)."""
-    if window is None or not window.applies(height, width):
-        return 1
-    return len(tile_boxes(*padded_size(height, width), window.tile, window.overlap))
-
-
 def sliding_window_features(model: torch.nn.Module, images: torch.Tensor, window: SlidingWindow,
                             amp: str | bool | None = None, channels_last: bool = False) -> torch.Tensor:
     """Stride-4 features of N x 3 x H x W images (H, W multiples of 4) from overlapping tiles,
@@ -100,7 +93,7 @@ def sliding_window_features(model: torch.nn.Module, images: torch.Tensor, window
     total = count = None
     for start in range(0, len(boxes), window.batch):
         group = boxes[start:start + window.batch]
-        crops = torch.cat([images[:, :, t:t + th, l:l + tw] for t, l, th, tw in group])
+        crops = torch.cat([images[:, :, top:top + th, left:left + tw] for top, left, th, tw in group])
         features = encode(model, crops, amp, channels_last)
         th, tw = group[0][2], group[0][3]
         if tuple(features.shape[-2:]) != (th // s, tw // s):

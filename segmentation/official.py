@@ -50,7 +50,8 @@ def convert_official(visual_path: str | Path, settings: Settings, visual: dict |
     visual_path = Path(visual_path)
     semantic_path = semantic_encoder_path(visual_path)
     if not semantic_path.is_file():
-        raise ConfigError(f"{visual_path}: the official semantic-encoder file {semantic_path.name} is missing beside it")
+        raise ConfigError(f"{visual_path}: the official semantic-encoder file {semantic_path.name} is missing "
+                          "beside it")
     visual = load_checkpoint(visual_path) if visual is None else visual
     semantic = load_checkpoint(semantic_path)
     for path, checkpoint in ((visual_path, visual), (semantic_path, semantic)):

@@ -10,7 +10,8 @@ writes a marker file when it reaches a pause, so the test knows when to send its
 - ``{"pause_in_validation": K}``: at the first batch of the K-th validation.
 - ``{"pause_after_validation": K}``: when the K-th validation has been reported.
 - ``{"file_size_limit_after_saves": [N, BYTES]}``: after N checkpoints, ``RLIMIT_FSIZE`` = BYTES
-  (a real kernel limit: writes beyond it fail with EFBIG, as on a full disk).
+  (a real kernel limit: writes beyond it fail with EFBIG, as on a full disk); BYTES
+  ``"events"``: one byte more than the largest TensorBoard event file so far (its next write fails).
 - ``{"deny_writes": [N, "EROFS" | "EACCES", FOLDER]}``: after N checkpoints, every file or
   folder creation under FOLDER fails with that error (a read-only or forbidden folder).
 - ``{"pause_at_end": true}``: once the run has returned (finished, ``metrics:`` printed).
@@ -24,6 +25,7 @@ from __future__ import annotations
 
 import builtins
 import errno
+import io
 import json
 import os
 import resource
@@ -78,7 +80,7 @@ def deny(code: str, folder: str) -> None:
         if isinstance(file, (str, bytes, os.PathLike)) and any(c in mode for c in "wax+") and blocked(file):
             refuse(file)
         return real_builtin_open(file, mode, *args, **kwargs)
-    os.open, os.mkdir, builtins.open = os_open, mkdir, builtin_open
+    os.open, os.mkdir, builtins.open, io.open = os_open, mkdir, builtin_open, builtin_open
 
 
 def install() -> None:
@@ -106,8 +108,10 @@ def install() -> None:
         done = state["saves"]
         limit = FAULTS.get("file_size_limit_after_saves")
         if limit and done == limit[0]:
+            size = limit[1] if limit[1] != "events" else 1 + max(p.stat().st_size for p in Path.cwd().rglob(
+                "events.out.tfevents.*"))
             signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
-            resource.setrlimit(resource.RLIMIT_FSIZE, (limit[1], limit[1]))
+            resource.setrlimit(resource.RLIMIT_FSIZE, (size, size))
         denied = FAULTS.get("deny_writes")
         if denied and done == denied[0]:
             deny(denied[1], denied[2])
@@ -125,7 +129,7 @@ def install() -> None:
     utils.util._WriteRecorder.write = write
 
     real_validate = trainer.trainer.validate
-    real_distances = model.predictor.pixel_distances
+    real_encode = model.predictor.encode
 
     def validate(*args, **kwargs):
         state["validations"] += 1
@@ -135,12 +139,12 @@ def install() -> None:
             pause("paused")
         return record
 
-    def distances(*args, **kwargs):
+    def encode(*args, **kwargs):
         if state.pop("pause_eval", False):
             pause("paused")
-        return real_distances(*args, **kwargs)
+        return real_encode(*args, **kwargs)
     trainer.trainer.validate = validate
-    model.predictor.pixel_distances = distances
+    model.predictor.encode = encode
 
     denied = FAULTS.get("deny_writes")
     if denied and denied[0] == 0:

@@ -4,8 +4,17 @@ import math
 
 import pytest
 
-from trainer.aggregate import (aggregate, aggregate_markdown, compare, compare_markdown, headline_test_record,
-                               main, mean_std, read_run, write_aggregate)
+from trainer.aggregate import (
+    aggregate,
+    aggregate_markdown,
+    compare,
+    compare_markdown,
+    headline_test_record,
+    main,
+    mean_std,
+    read_run,
+    update_aggregate,
+)
 from utils.errors import ConfigError
 
 
@@ -58,7 +67,7 @@ def test_read_run_names_a_broken_metrics_line(tmp_path):
     run = _run_dir(tmp_path, "run", 1, [_record("test", 0.5, 1, 2, 3)])
     with (run / "metrics.jsonl").open("a") as handle:
         handle.write('{"epoch": 2, "spl')
-    with pytest.raises(ConfigError, match="metrics.jsonl: invalid JSON on line 2"):
+    with pytest.raises(ConfigError, match="metrics.jsonl: invalid JSON line"):
         read_run(run)
 
 
@@ -123,11 +132,46 @@ def test_failed_seeds_are_reported():
     assert doc["note"] in aggregate_markdown(doc)
 
 
-def test_write_aggregate_files(tmp_path):
-    doc = aggregate([_row(1, 60.0, 20.0, 30.0), _row(2, 62.0, 40.0, 48.0)])
-    md, js = write_aggregate(doc, tmp_path / "group")
-    assert json.loads(js.read_text()) == json.loads(json.dumps(doc))
-    assert md.read_text() == aggregate_markdown(doc)
+def _finished_seed(folder, name, seed, seen, unseen, harmonic, status="finished"):
+    run = _run_dir(folder, name, seed, [_record("test", 0.5, seen, unseen, harmonic)])
+    (run / "run.json").write_text(json.dumps({"status": status}))
+    return run
+
+
+def test_update_aggregate_covers_the_finished_seed_folders_on_disk(tmp_path, capsys):
+    group = tmp_path / "group"
+    _finished_seed(group, "seed1", 1, 60.0, 20.0, 30.0)
+    _finished_seed(group, "seed2", 2, 62.0, 40.0, 48.0)
+    _finished_seed(group, "seed3", 3, 99.0, 99.0, 99.0, status="interrupted")
+    (group / "notes").mkdir()
+    outcomes = [{"seed": 2, "exit_code": 0, "run_dir": str(group / "seed2"), "wall_s": 7.5},
+                {"seed": 4, "exit_code": 3, "run_dir": str(group / "seed4"), "wall_s": 1.0}]
+    doc = update_aggregate(group, outcomes, command=["cmd"], mode="train", title="g: training")
+    assert doc["seeds"] == [1, 2] and doc["means"]["mIoU_seen"] == pytest.approx(61.0)
+    assert doc["stds"]["mIoU_unseen"] == pytest.approx(math.sqrt(200.0))   # (20, 40): ddof=1
+    assert [row["wall_s"] for row in doc["rows"]] == [None, 7.5]
+    assert doc["failed"] == [{"seed": 3, "exit_code": None, "reason": "run.json status interrupted"},
+                             {"seed": 4, "exit_code": 3}]
+    assert json.loads((group / "aggregate.json").read_text()) == json.loads(json.dumps(doc))
+    assert (group / "aggregate.md").read_text() == aggregate_markdown(doc)
+    assert capsys.readouterr().out == f"{aggregate_markdown(doc)}aggregate: {group / 'aggregate.json'}\n"
+    # recomputed from disk: the earlier wall times, command and title are kept
+    (group / "seed3" / "run.json").write_text(json.dumps({"status": "finished"}))
+    assert main([str(group)]) == 0
+    again = json.loads((group / "aggregate.json").read_text())
+    assert again["seeds"] == [1, 2, 3] and again["failed"] == [] and again["command"] == ["cmd"]
+    assert [row["wall_s"] for row in again["rows"]] == [None, 7.5, None] and again["title"] == "g: training"
+    assert again["means"]["mIoU_seen"] == pytest.approx((60 + 62 + 99) / 3)
+
+
+def test_recompute_errors(tmp_path, capsys):
+    assert main([str(tmp_path / "missing")]) == 2
+    _finished_seed(tmp_path, "seed1", 1, 60.0, 20.0, 30.0, status="running")
+    assert main(["recompute", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.splitlines() == [f"error: {tmp_path / 'missing'}: not a folder",
+                                f"error: {tmp_path}: no seed folder (seedN or test_seedN) whose run.json says finished"]
+    assert not (tmp_path / "aggregate.json").exists()
 
 
 def test_compare_differences():
@@ -146,9 +190,14 @@ def test_compare_differences():
     assert "| AUSUC | 0.4000 ± 0.1414 | n/a | n/a |" in table
 
 
+def _write(doc, path):
+    path.write_text(json.dumps(doc))
+    return path
+
+
 def test_compare_command_writes_markdown_and_json(tmp_path, capsys):
-    _, a = write_aggregate(aggregate([_row(1, 60.0, 20.0, 30.0), _row(2, 62.0, 40.0, 48.0)]), tmp_path / "a")
-    _, b = write_aggregate(aggregate([_row(1, 50.0, 30.0, 40.0)]), tmp_path / "b")
+    a = _write(aggregate([_row(1, 60.0, 20.0, 30.0), _row(2, 62.0, 40.0, 48.0)]), tmp_path / "a.json")
+    b = _write(aggregate([_row(1, 50.0, 30.0, 40.0)]), tmp_path / "b.json")
     out = tmp_path / "cmp" / "joem_vs_ce.md"
     assert main(["compare", str(a), str(b), "--labels", "JoEm,CE-only", "--out", str(out)]) == 0
     printed = capsys.readouterr().out
@@ -161,7 +210,7 @@ def test_compare_command_writes_markdown_and_json(tmp_path, capsys):
 def test_compare_command_errors(tmp_path, capsys, argv):
     config = tmp_path / "config.json"
     config.write_text("{}")
-    _, good = write_aggregate(aggregate([_row(1, 60.0, 20.0, 30.0)]), tmp_path)
+    good = _write(aggregate([_row(1, 60.0, 20.0, 30.0)]), tmp_path / "aggregate.json")
     argv = [{"A": str(good), "B": str(good), "CFG": str(config)}.get(arg, arg) for arg in argv]
     assert main(argv) == 2
     err = capsys.readouterr().err

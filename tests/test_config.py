@@ -1,5 +1,6 @@
 """Configs: inheritance (_base_), overrides (-o and the shortcuts), schema errors, object factory."""
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -146,6 +147,33 @@ def test_null_overrides_and_counts_that_are_not_integers_are_one_line_errors(tmp
     assert not (tmp_path / "saved").exists() and not (tmp_path / "cache").exists()   # before any work
 
 
+@pytest.mark.parametrize("argv, file_change, message", [
+    (["-o", "data=5"], {}, "data: expected an object, got 5"),
+    (["-o", 'trainer="x"'], {}, "trainer: expected an object, got 'x'"),
+    (["-o", "data.embeddings=3"], {}, "data.embeddings: expected an object, got 3"),
+    ([], {"optimizer": "Adam"}, "optimizer: expected an object, got 'Adam'"),
+    ([], {"loss": [1, 2]}, "loss: expected an object, got [1, 2]"),
+    ([], {"model": 18}, "model: expected an object, got 18"),
+])
+def test_a_section_that_is_not_an_object_is_a_one_line_error(tmp_path, capsys, argv, file_change, message):
+    from tests.tiny import write_tiny_config
+    config = write_tiny_config(tmp_path, tmp_path / "cache", **file_change)
+    assert main(argv=["-c", str(config), "-d", "cpu", *argv]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1 and message in err, err
+    assert not (tmp_path / "saved").exists() and not (tmp_path / "cache").exists()   # before any work
+
+
+@pytest.mark.parametrize("run_id", ["../escape", "a/../../x", ".", "..", "a/./b", ""])
+def test_a_run_id_that_leaves_the_experiment_folder_is_refused(tmp_path, capsys, run_id):
+    from tests.tiny import write_tiny_config
+    config = write_tiny_config(tmp_path, tmp_path / "cache")
+    assert main(argv=["-c", str(config), "-d", "cpu", "--run_id", run_id]) == 2
+    assert capsys.readouterr().err == ("error: --run_id: expected a folder name inside the experiment folder (no '.' "
+                                       f"or '..' parts), got {run_id!r}\n")
+    assert not (tmp_path / "saved").exists()
+
+
 def test_null_is_allowed_where_the_schema_says_a_key_may_be_null():
     config = {"trainer": {"epochs": 1, "amp": "bf16"}, "model": {"type": "M", "args": {"dropout": 0.1}}}
     set_by_path(config, "trainer.amp", None, CONFIG_SCHEMA)        # TrainerSection.amp: str | bool | None
@@ -181,3 +209,28 @@ def test_semantic_dropout_without_a_hidden_layer_is_refused(tmp_path):
     assert "dropout" not in recorded.semantic_encoder.args
     config["semantic_encoder"]["args"]["hidden_size"] = 64   # an MLP: dropout acts
     assert Settings.from_config(config).semantic_encoder.args["dropout"] == 0.5
+
+
+DATA_KEYS_READ_ONLY_BY_SETTINGS = ("remove_unseen_images", "ignore_unseen", "ignore_bg", "scale_range", "crop_size",
+                                   "base_size", "normalize", "skip_bad_samples", "hflip", "unseen_classes")
+
+
+def test_data_keys_are_spelled_only_in_the_schema_and_the_settings():
+    """The data section is read once, typed: no other module names its keys in a string (docstrings,
+    which document them, aside)."""
+    import ast
+    import subprocess
+    files = subprocess.run(["git", "ls-files", "*.py"], cwd=ROOT, capture_output=True, text=True, check=True).stdout
+    found = []
+    for name in files.split():
+        if name.startswith("tests/") or name in ("utils/schema.py", "utils/settings.py"):
+            continue
+        tree = ast.parse((ROOT / name).read_text())
+        docstrings = {id(node.body[0].value) for node in ast.walk(tree)
+                      if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef)) and node.body
+                      and isinstance(node.body[0], ast.Expr) and isinstance(node.body[0].value, ast.Constant)}
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Constant) and isinstance(node.value, str) and id(node) not in docstrings:
+                found += [f"{name}:{node.lineno}: {key}" for key in DATA_KEYS_READ_ONLY_BY_SETTINGS
+                          if re.search(rf"(?<![\w-]){key}(?!\w)", node.value)]
+    assert not found, "\n".join(found)

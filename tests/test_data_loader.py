@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
+
 from data_loader import build_dataloader, prepare_data
 from data_loader.loader import EpochSampler, ShardSampler, pad_collate, sample_seed, steps_per_epoch
 from tests.test_data_helpers import standard_voc, voc_cfg

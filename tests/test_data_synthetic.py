@@ -7,8 +7,16 @@ import pytest
 from PIL import Image
 
 from data_loader import prepare_data
-from data_loader.synthetic import (PALETTE, attribute_projection, cache_folder, class_attributes, class_embeddings,
-                                   class_names, ensure_synthetic, render)
+from data_loader.synthetic import (
+    PALETTE,
+    attribute_projection,
+    cache_folder,
+    class_attributes,
+    class_embeddings,
+    class_names,
+    ensure_synthetic,
+    render,
+)
 from utils.errors import ConfigError
 from utils.schema import SyntheticSection
 from utils.sections import parse_section

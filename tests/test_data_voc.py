@@ -9,8 +9,17 @@ import torch
 from data_loader import prepare_data
 from data_loader.build import resolve
 from data_loader.transforms import IMAGENET_MEAN, IMAGENET_STD
-from tests.test_data_helpers import (CLASS_COLOURS, COW, SHEEP, blank_label, make_voc, standard_voc, voc_cfg,
-                                     write_image, write_label)
+from tests.test_data_helpers import (
+    CLASS_COLOURS,
+    COW,
+    SHEEP,
+    blank_label,
+    make_voc,
+    standard_voc,
+    voc_cfg,
+    write_image,
+    write_label,
+)
 from utils.errors import ConfigError, DataError
 
 

@@ -1,113 +1,159 @@
-"""Docs that cannot drift: every flag a command of the README or docs/ uses is listed by that
-command's ``-h``; every config path, script and ``python -m`` module they name exists."""
+"""Docs that cannot drift: every command of the README and docs/ (``python SCRIPT``, ``python -m
+MODULE``, ``torchrun ... SCRIPT``) uses only option strings of that command's parser; every Python
+block runs (on a tiny demo run) and shows what it prints; every config, module, file and link
+named exists."""
 from __future__ import annotations
 
-import contextlib
+import doctest
 import importlib
 import importlib.util
-import io
 import re
 import shlex
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").rglob("*.md"))]
-
-# command (script or module) -> (module whose main(argv) prints the help, arguments before -h)
-ENTRY_POINTS = {
-    "train_pascal_zs3setting.py": "trainer.cli", "train_context_zs3setting.py": "trainer.cli",
-    "trainer.cli": "trainer.cli", "trainer.multiseed": "trainer.multiseed", "trainer.aggregate": "trainer.aggregate",
-    "trainer.figures": "trainer.figures", "data_loader.verify": "data_loader.verify", "predict.py": "predict",
-    "build_embeddings.py": "build_embeddings", "convert_official_checkpoint.py": "convert_official_checkpoint",
-    "benchmarks.run": "benchmarks.run",
-}
 SUBCOMMANDS = {"trainer.aggregate": ("compare",)}
-_COMMAND = re.compile(r"(?:^|[\s`(])(?:\S*/)?python3?\s+(-m\s+[\w.]+|[\w./-]+\.py)([^`\n]*(?:\\\n[^`\n]*)*)")
+PASSTHROUGH = {"trainer.multiseed"}   # other options go to every training run
+STOP = {"|", ">", "2>&1", "&&", ";", "&", "#"}
+_COMMAND = re.compile(r"(?:^|[\s`(])(?:\S*/)?(python3?|torchrun)\s+([^`\n]*)")
 
 
-def _doc_text(path: Path) -> str:
-    return path.read_text().replace("\\\n", " ")
+def _parser(name: str):
+    """The argparse parser of a documented command."""
+    if name in ("train_pascal_zs3setting.py", "train_context_zs3setting.py", "trainer.cli"):
+        from trainer.options import build_arg_parser
+        return build_arg_parser(None)
+    if name == "torchrun":
+        from torch.distributed.run import get_args_parser
+        return get_args_parser()
+    module = name[:-3] if name.endswith(".py") else name
+    return importlib.import_module(module).build_parser()
 
 
-def commands() -> list[tuple[str, str, list[str]]]:
-    """(doc, command, argument tokens) of every ``python SCRIPT`` / ``python -m MODULE`` in the docs."""
+def _options(name: str, sub: str | None) -> set[str]:
+    parser = _parser(name)
+    if sub is not None:
+        parser = next(a for a in parser._actions if hasattr(a, "choices") and isinstance(a.choices, dict)).choices[sub]
+    options = set(parser._option_string_actions)
+    return options | (_options("trainer.cli", None) if name in PASSTHROUGH else set())
+
+
+def commands() -> list[tuple[str, str, str | None, list[str]]]:
+    """(doc, command, subcommand, argument tokens) of every documented command."""
     found = []
     for doc in DOCS:
-        for line in _doc_text(doc).splitlines():
-            for match in _COMMAND.finditer(line):
-                target = match.group(1)
-                name = target.split()[-1] if target.startswith("-m") else Path(target).name
-                try:
-                    tokens = shlex.split(match.group(2).split("#")[0], posix=True)
-                except ValueError:   # an unbalanced quote inside prose: split on spaces
-                    tokens = match.group(2).split()
-                found.append((doc.relative_to(ROOT).as_posix(), name, tokens))
+        text = doc.read_text().replace("\\\n", " ")
+        for match in _COMMAND.finditer(text):
+            try:
+                tokens = shlex.split(match.group(2), comments=True)
+            except ValueError:   # an unbalanced quote inside prose
+                tokens = match.group(2).split()
+            tokens = tokens[:next((i for i, t in enumerate(tokens) if t in STOP), len(tokens))]
+            where = doc.relative_to(ROOT).as_posix()
+            if match.group(1) == "torchrun":
+                script = next((i for i, t in enumerate(tokens) if t.endswith(".py")), None)
+                if script is not None:
+                    found.append((where, "torchrun", None, tokens[:script]))
+                    found.append((where, Path(tokens[script]).name, None, tokens[script + 1:]))
+                continue
+            if tokens[:1] == ["-m"] and len(tokens) > 1:
+                name, rest = re.match(r"[\w.]*", tokens[1]).group(0), tokens[2:]
+            elif tokens and re.match(r"[\w./-]+\.py", tokens[0]):
+                name, rest = Path(re.match(r"[\w./-]+\.py", tokens[0]).group(0)).name, tokens[1:]
+            else:
+                continue
+            if name in ("pip", "venv", "pytest") or (ROOT / name).suffix == ".py" and not (ROOT / name).is_file():
+                continue
+            sub = rest[0] if rest[:1] and rest[0] in SUBCOMMANDS.get(name, ()) else None
+            found.append((where, name, sub, rest))
     return found
 
 
-def _help(name: str, tokens: list[str]) -> str:
-    module = importlib.import_module(ENTRY_POINTS[name])
-    sub = [t for t in tokens[:1] if t in SUBCOMMANDS.get(name, ())]
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err), pytest.raises(SystemExit):
-        module.main([*sub, "-h"])
-    return out.getvalue() + err.getvalue()
+CASES = commands()
 
 
-def _flags(tokens: list[str]) -> list[str]:
-    flags = []
-    for token in tokens:
-        if token in ("|", ">", "2>&1", "&&", ";"):
-            break   # the rest is another command
-        if re.fullmatch(r"--?[A-Za-z][\w-]*(=.*)?", token):
-            flags.append(token.split("=", 1)[0])
-    return flags
+def test_the_docs_name_every_command_line():
+    assert {name for _, name, _, _ in CASES} >= {
+        "train_pascal_zs3setting.py", "train_context_zs3setting.py", "torchrun", "trainer.multiseed",
+        "trainer.aggregate", "trainer.figures", "predict.py", "build_embeddings.py", "convert_official_checkpoint.py",
+        "data_loader.verify", "benchmarks.run", "benchmarks.gpu_acceptance"}
 
 
-CASES = [(doc, name, tokens) for doc, name, tokens in commands() if name in ENTRY_POINTS]
-
-
-def test_the_docs_name_commands():
-    assert len(CASES) > 30 and {name for _, name, _ in CASES} >= {
-        "train_pascal_zs3setting.py", "trainer.multiseed", "trainer.aggregate", "predict.py", "build_embeddings.py"}
-
-
-@pytest.mark.parametrize("name", sorted({name for _, name, _ in CASES}))
-def test_every_flag_the_docs_use_is_listed_by_the_commands_help(name):
-    helps: dict[str, str] = {}
-    missing = []
-    for doc, command, tokens in CASES:
+@pytest.mark.parametrize("name", sorted({name for _, name, _, _ in CASES}))
+def test_every_flag_of_every_documented_command_is_an_option_of_its_parser(name):
+    bad = []
+    for doc, command, sub, tokens in CASES:
         if command != name:
             continue
-        key = " ".join(t for t in tokens[:1] if t in SUBCOMMANDS.get(name, ()))
-        text = helps.setdefault(key, _help(name, tokens))
-        missing += [f"{doc}: {name} {flag}" for flag in _flags(tokens)
-                    if not re.search(rf"(?<![\w-]){re.escape(flag)}(?![\w-])", text)]
-    assert not missing, "flags the docs use but -h does not list:\n" + "\n".join(sorted(set(missing)))
+        options = _options(name, sub)
+        bad += [f"{doc}: {name} {token}" for token in tokens
+                if re.fullmatch(r"--?[A-Za-z][\w-]*(=.*)?", token) and token.split("=", 1)[0] not in options]
+    assert not bad, "flags the docs use that the parser does not have:\n" + "\n".join(sorted(set(bad)))
 
 
-def _expand(path: str) -> list[str]:
-    """``a/{x,y}.json`` -> ``a/x.json``, ``a/y.json`` (one brace group)."""
-    match = re.search(r"\{([^{}]*)\}", path)
-    if not match:
-        return [path]
-    return [path[:match.start()] + part + path[match.end():] for part in match.group(1).split(",")]
-
-
-def test_every_config_script_and_module_the_docs_name_exists():
+def test_every_config_module_file_and_link_the_docs_name_exists():
     problems = []
     for doc in DOCS:
-        text = _doc_text(doc)
-        for path in set(re.findall(r"(?<!file )configs/[\w./{},-]+\.json", text)):
-            if "..." in path:
-                continue
-            problems += [f"{doc.name}: {p}" for p in _expand(path) if not (ROOT / p).is_file()]
+        text = doc.read_text()
+        for path in set(re.findall(r"(?<![\w/])configs/[\w./{},-]+\.json", text)):
+            braces = re.search(r"\{([^{}]*)\}", path)
+            paths = [path[:braces.start()] + part + path[braces.end():] for part in braces.group(1).split(",")] \
+                if braces else [path]
+            problems += [f"{doc.name}: {p}" for p in paths if not (ROOT / p).is_file()]
         for module in set(re.findall(r"python3?\s+-m\s+([\w.]+)", text)):
             if module not in ("pytest", "venv", "pip") and importlib.util.find_spec(module) is None:
                 problems.append(f"{doc.name}: python -m {module}")
-        for script in set(re.findall(r"python3?\s+(?:\S*/)?([\w-]+\.py)\b", text)):
+        for script in set(re.findall(r"(?:python3?|torchrun)\s+(?:\S+\s+)*?([\w-]+\.py)\b", text)):
             if not (ROOT / script).is_file():
                 problems.append(f"{doc.name}: {script}")
+        for path in set(re.findall(r"`((?:base|configs|data_loader|model|segmentation|trainer|utils|benchmarks|tests|"
+                                   r"docs|\.ci)/[\w./-]+\.(?:py|json|md|png)|\.ci/run)(?:::\w+)?`", text)):
+            if not (ROOT / path).exists():
+                problems.append(f"{doc.name}: {path}")
+        for link in set(re.findall(r"\]\(([^)#\s]+)(?:#[\w-]*)?\)", text)):
+            if not link.startswith("http") and not (doc.parent / link).exists():
+                problems.append(f"{doc.name}: link {link}")
     assert not problems, "named in the docs but missing:\n" + "\n".join(sorted(problems))
+
+
+# --- the Python blocks ------------------------------------------------------------------------------
+BLOCKS = [(doc, block) for doc in DOCS for block in re.findall(r"```python\n(.*?)```", doc.read_text(), re.S)]
+
+
+@pytest.fixture(scope="module")
+def demo_run(tmp_path_factory):
+    """A working directory as after the demo: ``saved/synthetic_zs3/<run>`` (the demo config, one
+    short epoch on a few images), ``photo.png`` (a demo image) and ``extra.npy`` with two named rows."""
+    from PIL import Image
+
+    from trainer.cli import main
+    tmp = tmp_path_factory.mktemp("docs")
+    overrides = ["data.synthetic.num_train=24", "data.synthetic.num_val=4", f"data.synthetic.cache_dir={tmp / 'cache'}",
+                 "data_loader.batch_size=4", "data_loader.val_batch_size=4", f"trainer.save_dir={tmp / 'saved'}",
+                 "trainer.epochs=1", "trainer.tensorboard=false"]
+    argv = ["-c", str(ROOT / "configs" / "config_synthetic_zs3setting.json"), "-d", "cpu", "--run_id", "docs"]
+    assert main(argv=argv + [token for o in overrides for token in ("-o", o)]) == 0
+    image = next((tmp / "cache").rglob("val_000001.png"))
+    Image.open(image).save(tmp / "photo.png")
+    np.save(tmp / "extra.npy", np.random.default_rng(0).standard_normal((2, 300)).astype(np.float32) * 0.05)
+    (tmp / "extra.classes.txt").write_text("purple solid\npurple checker\n")
+    return tmp
+
+
+def test_the_docs_hold_python_blocks():
+    assert len(BLOCKS) >= 3 and all(">>>" in block for _, block in BLOCKS)
+
+
+@pytest.mark.parametrize("doc,block", BLOCKS, ids=[f"{d.name}-{i}" for i, (d, _) in enumerate(BLOCKS)])
+def test_every_python_block_runs_and_shows_what_it_prints(doc, block, demo_run, monkeypatch):
+    monkeypatch.chdir(demo_run)
+    source = block.replace("<run>", "docs")
+    test = doctest.DocTestParser().get_doctest(source, {}, doc.name, str(doc), 0)
+    runner = doctest.DocTestRunner(optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE)
+    output: list[str] = []
+    runner.run(test, out=output.append)
+    assert runner.failures == 0, "".join(output)

@@ -11,8 +11,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from model.kernels import AtrousConv2d, MaskDropout, apply_kernels, tap_convolution, valid_taps
 from model.inference import calibrate, squared_distances, upsampled_squared_distances
+from model.kernels import AtrousConv2d, MaskDropout, apply_kernels, tap_convolution, valid_taps
 from model.visual_encoder import DeepLabV3Plus
 
 

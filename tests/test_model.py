@@ -119,8 +119,8 @@ def test_pretrained_backbone_loading(tmp_path):
     load_pretrained_backbone(model.backbone, path)
     assert torch.equal(model.backbone.layer3[1].conv2.weight, reference.layer3[1].conv2.weight)
     release = DeepLabV3Plus(5, backbone=18)
-    torch.save({"arch": "DeepLab", "epoch": 50, "state_dict": {f"module.{k}": v for k, v in release.state_dict().items()}},
-               tmp_path / "fe.pth")
+    state = {f"module.{k}": v for k, v in release.state_dict().items()}
+    torch.save({"arch": "DeepLab", "epoch": 50, "state_dict": state}, tmp_path / "fe.pth")
     load_pretrained_backbone(model.backbone, tmp_path / "fe.pth")
     assert torch.equal(model.backbone.conv1.weight, release.backbone.conv1.weight)
     with pytest.raises(ConfigError, match=r"model.args.pretrained_backbone: .*nope.pth: file not found"):

@@ -11,9 +11,9 @@ import pytest
 import torch
 from PIL import Image
 
+import predict
 from data_loader.transforms import to_model_input
 from model import DeepLabV3Plus
-import predict
 from segmentation.segmenter import Segmenter, image_tensor
 from tests.tiny import TINY, fit_prototypes
 from trainer.cli import main as cli_main

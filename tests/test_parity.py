@@ -2,9 +2,9 @@
 import pytest
 import torch
 
-from model.predictor import Predictor
 from model.loss import bar_loss, ce_loss, joem_loss, sc_loss
 from model.metric import Evaluator
+from model.predictor import Predictor
 from model.semantic_encoder import SemanticEncoder
 from utils.parse_config import load_config
 from utils.settings import Settings

@@ -11,12 +11,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image
 
+import predict
 from data_loader.transforms import to_model_input
 from model.inference import calibrate, distance_bands, squared_distances, upsampled_squared_distances
-from model.predictor import Predictor, class_mask, class_prototypes
-from model.predictor import sliding_window_features, tile_boxes, tile_starts
+from model.predictor import Predictor, class_mask, class_prototypes, sliding_window_features, tile_boxes, tile_starts
 from model.visual_encoder import DeepLabV3Plus
-import predict
 from segmentation.segmenter import Segmenter, choose_classes, image_tensor
 from segmentation.trained import load_trained_model
 from tests.tiny import fit_prototypes
@@ -117,7 +116,7 @@ def test_tile_starts_cover_the_side():
             assert start + tile <= length
             covered[start:start + tile] = True
         assert covered.all()
-    assert tile_boxes(208, 304, 128, 32) == [(t, l, 128, 128) for t in (0, 80) for l in (0, 96, 176)]
+    assert tile_boxes(208, 304, 128, 32) == [(top, left, 128, 128) for top in (0, 80) for left in (0, 96, 176)]
     assert tile_boxes(40, 300, 128, 32) == [(0, 0, 40, 128), (0, 96, 40, 128), (0, 172, 40, 128)]
 
 
@@ -248,7 +247,8 @@ def test_segmenter_accepts_paths_pil_arrays_and_tensors(trained, images):
     assert torch.equal(segmenter(torch.from_numpy(np.array(pil)).permute(2, 0, 1)), expected)
     result = segmenter.predict(path, distances=True)
     assert result.distances.shape == (4, 40, 50) and result.tiles == 1
-    assert torch.equal(calibrate(result.distances[None], class_mask(trained.split.num_classes, trained.split.unseen), 0.5)[0], expected)
+    unseen = class_mask(trained.split.num_classes, trained.split.unseen)
+    assert torch.equal(calibrate(result.distances[None], unseen, 0.5)[0], expected)
     with pytest.raises(predict.ConfigError, match="H x W x 3 uint8"):
         segmenter(np.zeros((4, 4), np.float32))
 
@@ -320,6 +320,7 @@ def test_a_run_folder_gives_its_final_weights_or_the_checkpoint_its_selection_ch
     import json
     import os
     import shutil
+
     from segmentation.segmenter import Segmenter
     run_dir = tmp_path / "run"
     run_dir.mkdir()
@@ -329,7 +330,8 @@ def test_a_run_folder_gives_its_final_weights_or_the_checkpoint_its_selection_ch
     shutil.copy(ckpt, run_dir / "model_best.pth")          # kept by a run that selected on the reported split
     code, out, err = run(capsys, "-r", run_dir, "--images", images / "small.png", "--out", tmp_path / "a")
     assert code == 0, err
-    assert out.splitlines()[0] == f"checkpoint: {run_dir / 'checkpoint-epoch10.pth'} (the run's final weights (epoch 10))"
+    final = run_dir / "checkpoint-epoch10.pth"
+    assert out.splitlines()[0] == f"checkpoint: {final} (the run's final weights (epoch 10))"
     config = torch.load(ckpt, weights_only=True)["config"]
     config["data"]["selection_split"] = {"holdout": 4}
     config["trainer"] = {"epochs": 10, "monitor": "max mIoU_harmonic"}

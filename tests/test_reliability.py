@@ -29,7 +29,8 @@ from utils.util import atomic_write
 pytestmark = pytest.mark.slow   # real training subprocesses: run with `pytest -m slow tests`
 ROOT = Path(__file__).resolve().parents[1]
 DRIVER = ROOT / "tests" / "fault_driver.py"
-FAST = {"data__synthetic__num_train": 24, "data__synthetic__num_val": 3, "data_loader__val_batch_size": 1, "trainer__epochs": 2,
+FAST = {"data__synthetic__num_train": 24, "data__synthetic__num_val": 3, "data_loader__val_batch_size": 1,
+        "trainer__epochs": 2,
         "trainer__save_period": 2, "trainer__test_after_train": False,
         "optimizer": {"type": "SGD", "args": {"lr": 0.01, "momentum": 0.9}, "head_lr_mult": 1}}
 
@@ -37,12 +38,14 @@ FAST = {"data__synthetic__num_train": 24, "data__synthetic__num_val": 3, "data_l
 class Run:
     """A training subprocess under the fault driver."""
 
-    def __init__(self, tmp: Path, argv: list, faults: dict | None = None, umask: int | None = None):
+    def __init__(self, tmp: Path, argv: list, faults: dict | None = None, umask: int | None = None,
+                 cwd: Path | None = None):
         self.markers = tmp / f"markers-{time.monotonic_ns()}"
         self.markers.mkdir()
         env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1",
                "JOEM_FAULTS": json.dumps(faults or {}), "JOEM_FAULT_MARKERS": str(self.markers)}
-        self.proc = subprocess.Popen([sys.executable, str(DRIVER), *map(str, argv), "-d", "cpu"], cwd=tmp, env=env,
+        self.proc = subprocess.Popen([sys.executable, str(DRIVER), *map(str, argv), "-d", "cpu"], cwd=cwd or tmp,
+                                     env=env,
                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                      preexec_fn=None if umask is None else (lambda: os.umask(umask)))
 
@@ -255,6 +258,7 @@ def test_settings_are_checked_before_any_work(tmp_path, capsys, override, key):
 
 def test_bad_validation_files_are_found_at_start(tmp_path, capsys):
     from PIL import Image
+
     from tests.test_data_helpers import standard_voc, voc_cfg, write_label
     root, emb = standard_voc(tmp_path)
     write_label(root / "SegmentationClass" / "v0.png", torch.full((20, 32), 50, dtype=torch.uint8).numpy())
@@ -267,7 +271,8 @@ def test_bad_validation_files_are_found_at_start(tmp_path, capsys):
     path.write_text(json.dumps(config))
     assert cli_main(argv=["-c", str(path), "-d", "cpu"]) == 2
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "v0.png" in err and "(and 2 more; list them with python -m data_loader.verify)" in err
+    assert err.count("\n") == 1 and "v0.png" in err
+    assert "(and 2 more; list them with python -m data_loader.verify)" in err
     assert not (tmp_path / "saved").exists()
 
 
@@ -298,8 +303,8 @@ def test_atomic_writes_follow_the_umask_and_keep_the_old_file(tmp_path):
 
 
 def test_run_lock_is_exclusive_and_a_stale_one_is_taken_over(tmp_path):
-    from utils.run_dir import RunLock
     from utils.errors import RunFolderBusy
+    from utils.run_dir import RunLock
     first = RunLock(tmp_path / "run")
     first.acquire()
     with pytest.raises(RunFolderBusy, match=f"in use by pid {os.getpid()} on host"):
@@ -343,6 +348,31 @@ def test_tensorboard_write_failure_is_one_line(setup):
     code, out, err = run_to_end(tmp, "-c", config, "--run_id", "board", "-o", "trainer.tensorboard=true",
                                 faults={"deny_writes": [0, "EROFS", str(board)]})
     assert code == 2 and err == f"error: cannot create folder {board}: Read-only file system\n", err
+
+
+@pytest.mark.slow
+def test_tensorboard_failure_mid_run_and_at_resume_is_one_line(setup):
+    """A full disk under TensorBoard's writer thread in epoch 2 (RLIMIT_FSIZE), and a read-only
+    tensorboard/ folder that exists when the run is resumed: one line each, no thread traceback."""
+    tmp, config, runs = setup
+    board = runs / "board_mid" / "tensorboard"
+    code, out, err = run_to_end(tmp, "-c", config, "--run_id", "board_mid", "-o", "trainer.tensorboard=true",
+                                faults={"file_size_limit_after_saves": [1, "events"]})
+    assert code == 2 and err == f"error: cannot write into {board}: File too large\n", err
+    assert torch.load(runs / "board_mid" / "model_best.pth", weights_only=True)["epoch"] == 1   # intact
+    code, out, err = run_to_end(tmp, "-r", runs / "board_mid", faults={"deny_writes": [0, "EROFS", str(board)]})
+    assert code == 2 and err == f"error: cannot write into {board}: Read-only file system\n", err
+
+
+@pytest.mark.slow
+def test_a_read_only_working_directory_is_one_line_for_the_demo_cache(tmp_path):
+    """The demo's relative cache_dir in a folder where nothing can be written."""
+    config = write_tiny_config(tmp_path, tmp_path / "unused", data__synthetic__cache_dir=".cache/synthetic")
+    work = tmp_path / "work"
+    work.mkdir()
+    code, out, err = run_to_end(tmp_path, "-c", config, faults={"deny_writes": [0, "EROFS", str(work)]}, cwd=work)
+    assert code == 2 and "Traceback" not in out + err
+    assert err == ("error: cannot create folder .cache/synthetic: Read-only file system\n"), err
 
 
 # --- several processes (DDP, gloo on CPU) ------------------------------------------------------

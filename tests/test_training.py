@@ -161,6 +161,7 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, cach
 
 def test_figure_of_predictions(trained, tmp_path):
     from PIL import Image
+
     from trainer.figures import main as figures_main
     _, run = trained
     out = tmp_path / "fig.png"
@@ -210,3 +211,22 @@ def test_selection_never_uses_the_reported_split(tmp_path, cache, capsys, overri
     assert _run("-c", config, "--run_id", "bad") == 2
     assert message in capsys.readouterr().err
     assert not (tmp_path / "saved" / "tiny" / "bad").exists()
+
+
+def test_a_hand_edited_config_json_is_not_applied_silently_on_resume(tmp_path, cache, capsys):
+    """``-r RUN_DIR`` continues with the checkpoint's config; a config.json edited by hand is named
+    in a warning (and kept as config.previous-1.json) instead of being replaced without a word."""
+    config = write_tiny_config(tmp_path, cache, trainer__epochs=2, trainer__test_after_train=False)
+    assert _run("-c", config, "--run_id", "edited", "--epochs", "1") == 0
+    run = tmp_path / "saved" / "tiny" / "edited"
+    (run / "run.json").write_text(json.dumps({"status": "interrupted"}))   # as a preempted job leaves it
+    recorded = json.loads((run / "config.json").read_text())
+    recorded["loss"]["alpha"] = 0.5
+    (run / "config.json").write_text(json.dumps(recorded))
+    capsys.readouterr()
+    assert _run("-r", run, "--epochs", "2") == 0
+    out = capsys.readouterr().out
+    assert (f"{run / 'config.json'} differs from the checkpoint's config (loss.alpha): the run continues with the "
+            f"checkpoint's config; to apply the edit, pass it: -r {run} -c {run / 'config.json'}") in out
+    assert json.loads((run / "config.previous-1.json").read_text())["loss"]["alpha"] == 0.5
+    assert json.loads((run / "config.json").read_text())["loss"]["alpha"] == 0.1

@@ -12,8 +12,13 @@ import torch
 import build_embeddings
 from data_loader.classes import load_class_names
 from data_loader.embeddings import classes_sidecar, load_class_embeddings
-from data_loader.word_vectors import (detect_layout, gensim_available, lookup_words,
-                                      read_word_vectors, resolve_class_embeddings)
+from data_loader.word_vectors import (
+    detect_layout,
+    gensim_available,
+    lookup_words,
+    read_word_vectors,
+    resolve_class_embeddings,
+)
 from utils.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -1,70 +1,33 @@
-"""Multi-seed aggregates: one row per run folder, mean ± sample std (ddof=1), side-by-side comparisons.
-
-Command lines: ``python -m trainer.aggregate GROUP_FOLDER`` (recompute a group's aggregate from
-what is on disk) and ``python -m trainer.aggregate compare A.json B.json [--labels A,B] [--out FILE.md]``.
+"""Multi-seed aggregates: one row per seed folder, mean ± sample std (ddof=1), side-by-side comparisons;
+``python -m trainer.aggregate [recompute] GROUP_FOLDER | compare A.json B.json [--labels A,B] [--out FILE.md]``.
 """
 from __future__ import annotations
 
 import argparse
 import json
-import math
-import re
 import statistics
 import sys
 from pathlib import Path
 from typing import Any, Sequence
 
-from utils.cli import ArgParser, error_exit
+from utils.cli import ArgParser, run_command
 from utils.errors import ConfigError
-from utils.run_dir import (AGGREGATE_NAME, CONFIG_NAME, FINISHED, GROUP_LOCK_NAME, METRICS_NAME, RunLock, read_status,
-                           sweep_name)
+from utils.run_dir import AGGREGATE_NAME, CONFIG_NAME, FINISHED, METRICS_NAME, SEED_FOLDER, read_status, sweep_name
 from utils.schema import InferenceSettings
 from utils.util import read_json, write_json, write_text
 
-# (key, column label, format): the per-seed values that are averaged over seeds.
-METRICS: list[tuple[str, str, str]] = [
-    ("mIoU_seen", "seen", ".2f"),
-    ("mIoU_unseen", "unseen", ".2f"),
-    ("mIoU_harmonic", "harmonic", ".2f"),
-    ("best_sigma", "best σ", ".4g"),
-    ("best_mIoU_seen", "seen @best", ".2f"),
-    ("best_mIoU_unseen", "unseen @best", ".2f"),
-    ("best_mIoU_harmonic", "harmonic @best", ".2f"),
-    ("ausuc", "AUSUC", ".4f"),
-    ("wall_s", "wall (s)", ".1f"),
-]
+# (key, column label, format): the per-seed values averaged over seeds.
+METRICS = [("mIoU_seen", "seen", ".2f"), ("mIoU_unseen", "unseen", ".2f"), ("mIoU_harmonic", "harmonic", ".2f"),
+           ("best_sigma", "best σ", ".4g"), ("best_mIoU_seen", "seen @best", ".2f"),
+           ("best_mIoU_unseen", "unseen @best", ".2f"), ("best_mIoU_harmonic", "harmonic @best", ".2f"),
+           ("ausuc", "AUSUC", ".4f"), ("wall_s", "wall (s)", ".1f")]
 STD_NOTE = "std is the sample standard deviation (ddof=1); n/a for a single seed"
-HARMONIC_NOTE = ("harmonic: mean of the per-seed harmonic mIoU (not the harmonic mean of the mean seen "
-                 "and unseen mIoU)")
+HARMONIC_NOTE = "harmonic: mean of the per-seed harmonic mIoU (not the harmonic mean of the mean seen and unseen mIoU)"
 NA = "n/a"
 
 
-# --- one run folder -----------------------------------------------------------------------
-def read_metrics(run_dir: str | Path) -> list[dict]:
-    """The records of ``run_dir/metrics.jsonl`` (blank lines skipped)."""
-    path = Path(run_dir) / METRICS_NAME
-    try:
-        lines = path.read_text().splitlines()
-    except FileNotFoundError:
-        raise ConfigError(f"{path}: file not found") from None
-    records = []
-    for number, line in enumerate(lines, 1):
-        try:
-            records.extend([json.loads(line)] if line.strip() else [])
-        except json.JSONDecodeError as err:
-            raise ConfigError(f"{path}: invalid JSON on line {number}: {err.msg}") from None
-    return records
-
-
-def configured_sigma(config: dict) -> float | None:
-    """The single ``inference.sigma`` of a run's recorded config; None when it is a sweep or absent."""
-    section = config.get("inference") or {}
-    return InferenceSettings.from_config(section).sigma if "sigma" in section else None
-
-
 def headline_test_record(records: Sequence[dict], sigma: float | None) -> dict | None:
-    """The last test record carrying ``ausuc`` (a sweep's headline); else the last test record at
-    ``sigma``; else the only test record; else None."""
+    """The last test record with ``ausuc`` (a sweep's headline), else the last at ``sigma``, else the only one."""
     tests = [r for r in records if r.get("split") == "test"]
     for candidates in ([r for r in tests if "ausuc" in r], [r for r in tests if r.get("sigma") == sigma]):
         if candidates:
@@ -72,261 +35,188 @@ def headline_test_record(records: Sequence[dict], sigma: float | None) -> dict |
     return tests[0] if len(tests) == 1 else None
 
 
-def _number(value: Any) -> float | None:
-    """A finite float, else None (n/a)."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        return None
-    return float(value)
-
-
 def read_run(run_dir: str | Path, wall_s: float | None = None) -> dict:
-    """One per-seed row from a run folder: seed, headline seen/unseen/harmonic mIoU (percent) at the
-    configured sigma, the sweep's best sigma and its mIoU, AUSUC (``sweep_test.json``) and wall time.
-    Values that the run does not have (no sweep, no test) are None."""
-    run_dir = Path(run_dir)
+    """One seed's row: seed, headline test mIoU at the configured sigma, sweep best and AUSUC, wall time (or None)."""
+    run_dir, metrics = Path(run_dir), Path(run_dir) / METRICS_NAME
     config = read_json(run_dir / CONFIG_NAME)
-    record = headline_test_record(read_metrics(run_dir), configured_sigma(config)) or {}
+    lines = metrics.read_text().splitlines() if metrics.is_file() else []
+    try:
+        records = [json.loads(line) for line in lines if line.strip()]
+    except json.JSONDecodeError as err:
+        raise ConfigError(f"{metrics}: invalid JSON line ({err.msg})") from None
+    inference = config.get("inference") or {}
+    sigma = InferenceSettings.from_config(inference).sigma if "sigma" in inference else None
+    record = headline_test_record(records, sigma) or {}
     sweep_path = run_dir / f"{sweep_name('test')}.json"
     sweep = read_json(sweep_path) if sweep_path.is_file() else {}
     best = sweep.get("best", {})
-    row = {"seed": config.get("seed"), "run_dir": str(run_dir), "sigma": _number(record.get("sigma"))}
+    row = {"seed": config.get("seed"), "run_dir": str(run_dir), "sigma": record.get("sigma")}
     for key in ("mIoU_seen", "mIoU_unseen", "mIoU_harmonic"):
-        row[key] = _number(record.get(key))
-        row[f"best_{key}"] = _number(best.get(key))
-    row["best_sigma"] = _number(best.get("sigma"))
-    row["ausuc"] = _number(sweep.get("ausuc"))
-    row["wall_s"] = _number(wall_s)
-    return row
-
-
-# --- a group folder on disk ----------------------------------------------------------------------
-SEED_FOLDER = re.compile(r"(?:test_)?seed(-?\d+)")
+        row[key], row[f"best_{key}"] = record.get(key), best.get(key)
+    return {**row, "best_sigma": best.get("sigma"), "ausuc": sweep.get("ausuc"), "wall_s": wall_s}
 
 
 def seed_run_folders(folder: str | Path) -> dict[int, Path]:
-    """The seed run folders of a group (``seedN``) or of its test-only evaluation (``test_seedN``)."""
-    found = {}
-    for path in Path(folder).iterdir() if Path(folder).is_dir() else []:
-        match = SEED_FOLDER.fullmatch(path.name)
-        if match and path.is_dir():
-            found[int(match.group(1))] = path
-    return dict(sorted(found.items()))
+    """A group's seed run folders (``seedN``) or its test-only evaluation's (``test_seedN``), by seed."""
+    paths = Path(folder).iterdir() if Path(folder).is_dir() else []
+    found = {int(match.group(1)): path for path in paths if (match := SEED_FOLDER.fullmatch(path.name))}
+    return {seed: found[seed] for seed in sorted(found) if found[seed].is_dir()}
 
 
-def aggregate_folder(folder: str | Path, command: Sequence[str] | None = None, config: str | None = None,
-                     failed: Sequence[dict] = (), walls: dict[str, float] | None = None) -> dict | None:
-    """The aggregate of every seed folder of ``folder`` whose ``run.json`` says finished (so it
-    never misses a finished seed, whichever process ran it); seed folders that did not finish are
-    listed as failed with their status, as are the ``failed`` seeds of this command that have no
-    finished run. ``walls``: wall times by run folder (else the earlier aggregate's). Command,
-    config, title, mode and runs default to the earlier ``aggregate.json``'s. None: no seed finished."""
-    folder = Path(folder)
-    earlier_path = folder / f"{AGGREGATE_NAME}.json"
-    earlier = read_json(earlier_path) if earlier_path.is_file() else {}
-    walls = {**{row.get("run_dir"): row.get("wall_s") for row in earlier.get("rows", [])}, **(walls or {})}
-    rows, unfinished = [], []
+def is_finished(run_dir: str | Path) -> bool:
+    """Whether a run folder's ``run.json`` says finished."""
+    return read_status(Path(run_dir)).get("status") == FINISHED
+
+
+def update_aggregate(folder: str | Path, outcomes: Sequence[dict] = (), **info: Any) -> dict | None:
+    """Aggregate every finished seed folder of ``folder`` into its aggregate.md/.json and print it; the
+    other seed folders and failed ``outcomes`` (seed, exit_code, run_dir, wall_s, reason?) are listed as
+    failed; wall times and ``info`` (command, config, mode, title) default to the earlier aggregate's.
+    None: no seed finished (nothing written)."""
+    path = Path(folder) / f"{AGGREGATE_NAME}.json"
+    earlier = read_json(path) if path.is_file() else {}
+    walls = {**{row.get("run_dir"): row.get("wall_s") for row in earlier.get("rows", [])},
+             **{o["run_dir"]: o["wall_s"] for o in outcomes if not o["exit_code"]}}
+    failures = {o["seed"]: {k: o[k] for k in ("seed", "exit_code", "reason") if k in o} for o in outcomes
+                if o["exit_code"]}
+    rows = {}
     for seed, run in seed_run_folders(folder).items():
-        status = read_status(run).get("status")
-        if status == FINISHED:
-            rows.append(read_run(run, walls.get(str(run))))
+        if is_finished(run):
+            rows[seed] = read_run(run, walls.get(str(run)))
         else:
-            unfinished.append({"seed": seed, "exit_code": None, "reason": f"run.json status {status or 'missing'}"})
+            reason = f"run.json status {read_status(run).get('status', 'missing')}"
+            failures.setdefault(seed, {"seed": seed, "exit_code": None, "reason": reason})
     if not rows:
         return None
-    done = {row["seed"] for row in rows} | {Path(row["run_dir"]).name for row in rows}
-    failures = [f for f in failed if f.get("seed") not in done]
-    failures += [f for f in unfinished if f["seed"] not in {g.get("seed") for g in failures}]
-    doc = aggregate(rows, command or earlier.get("command"), config or earlier.get("config"), failures)
-    doc.update(title=earlier.get("title") or f"{folder.name}: training", mode=earlier.get("mode") or "train",
-               folder=str(folder), runs=earlier.get("runs", []))
+    info = {key: info.get(key) or earlier.get(key) for key in ("command", "config", "mode", "title")}
+    failures = [failures[seed] for seed in sorted(failures) if seed not in rows]
+    doc = {**aggregate(list(rows.values()), failures, **info), "folder": str(folder)}
+    write_json(doc, path)
+    write_text(aggregate_markdown(doc), path.with_suffix(".md"))
+    print(f"{aggregate_markdown(doc)}aggregate: {path}")
     return doc
 
 
-# --- statistics over seeds ----------------------------------------------------------------------
 def mean_std(values: Sequence[float | None]) -> tuple[float | None, float | None, int]:
-    """Mean and sample std (ddof=1) of the values that are not None; (None, None, 0) when none,
-    std None for a single value. Returns (mean, std, count)."""
+    """(mean, sample std with ddof=1, count) of the values that are not None; std None for one value."""
     present = [v for v in values if v is not None]
     if not present:
         return None, None, 0
-    std = statistics.stdev(present) if len(present) > 1 else None
-    return statistics.fmean(present), std, len(present)
+    return statistics.fmean(present), statistics.stdev(present) if len(present) > 1 else None, len(present)
 
 
-def aggregate(rows: Sequence[dict], command: Sequence[str] | None = None, config: str | None = None,
-              failed: Sequence[dict] = ()) -> dict:
-    """Means, sample stds (ddof=1) and counts of every metric over the per-seed ``rows``.
-    ``failed``: ``{"seed", "exit_code"}`` of seeds left out (reported in the document)."""
-    means, stds, counts = {}, {}, {}
-    for key, _, _ in METRICS:
-        means[key], stds[key], counts[key] = mean_std([row.get(key) for row in rows])
-    sigmas = {row.get("sigma") for row in rows}
-    doc = {"n": len(rows), "seeds": [row.get("seed") for row in rows], "rows": list(rows),
-           "sigma": sigmas.pop() if len(sigmas) == 1 else None, "means": means, "stds": stds, "counts": counts,
-           "std": STD_NOTE, "harmonic": HARMONIC_NOTE, "command": list(command) if command else None,
-           "config": config, "failed": list(failed)}
-    doc["note"] = coverage_note(doc)
-    return doc
-
-
-def coverage_note(doc: dict) -> str:
-    """'n = 3 seeds' or, with failures, which seeds the aggregate leaves out and why
-    (``failed`` entries: seed, exit_code and optionally a reason)."""
-    note = f"n = {doc['n']} seed{'s' if doc['n'] != 1 else ''}"
-    failed = doc.get("failed") or []
+def aggregate(rows: Sequence[dict], failed: Sequence[dict] = (), **info: Any) -> dict:
+    """Means, sample stds (ddof=1) and counts over the per-seed ``rows``; ``failed``: the seeds left out."""
+    stats = {key: mean_std([row.get(key) for row in rows]) for key, _, _ in METRICS}
+    sigmas, n = {row.get("sigma") for row in rows}, len(rows)
+    note = f"n = {n} seed{'s' if n != 1 else ''}"
     if failed:
-        total = doc["n"] + len(failed)
-        lost = ", ".join(f"seed {f.get('seed')} ({f.get('reason') or 'exit ' + str(f.get('exit_code'))})"
-                         for f in failed)
-        note += f": the aggregate covers the {doc['n']} of {total} seeds that succeeded; failed: {lost}"
-    return note
+        lost = ", ".join(f"seed {f['seed']} ({f.get('reason') or 'exit ' + str(f['exit_code'])})" for f in failed)
+        note += f": the aggregate covers the {n} of {n + len(failed)} seeds that succeeded; failed: {lost}"
+    return {"n": n, "seeds": [row.get("seed") for row in rows], "rows": list(rows),
+            "sigma": sigmas.pop() if len(sigmas) == 1 else None, "means": {k: s[0] for k, s in stats.items()},
+            "stds": {k: s[1] for k, s in stats.items()}, "counts": {k: s[2] for k, s in stats.items()},
+            "std": STD_NOTE, "harmonic": HARMONIC_NOTE, "failed": list(failed), "note": note, **info}
 
 
-# --- formatting -----------------------------------------------------------------------------------
-def _fmt(value: float | None, spec: str) -> str:
+def _fmt(value: Any, spec: str) -> str:
     return NA if value is None else format(value, spec)
 
 
 def format_mean_std(mean: float | None, std: float | None, count: int, n: int, spec: str) -> str:
     """'12.34 ± 0.56'; 'n/a' without values; std 'n/a' for one value; '(n=k)' when some seeds lack it."""
-    if mean is None:
-        return NA
-    text = f"{_fmt(mean, spec)} ± {_fmt(std, spec)}"
-    return text if count == n else f"{text} (n={count})"
+    text = NA if mean is None else f"{_fmt(mean, spec)} ± {_fmt(std, spec)}"
+    return text if mean is None or count == n else f"{text} (n={count})"
 
 
-def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
-    return lines + ["| " + " | ".join(row) + " |" for row in rows]
-
-
-def _seed_cells(row: dict) -> list[str]:
-    seed = NA if row.get("seed") is None else str(row["seed"])
-    return [seed, *(_fmt(row.get(key), spec) for key, _, spec in METRICS)]
-
-
-def _mean_cells(doc: dict) -> list[str]:
-    return ["mean ± std", *(format_mean_std(doc["means"][key], doc["stds"][key], doc["counts"][key], doc["n"], spec)
-                            for key, _, spec in METRICS)]
+def _markdown(title: str, header: list[str], rows: list[list[str]], notes: list[str]) -> str:
+    table = [f"| {' | '.join(row)} |" for row in (header, ["---"] * len(header), *rows)]
+    return "\n".join([f"## {title}", "", *table, "", *notes]) + "\n"
 
 
 def aggregate_markdown(doc: dict) -> str:
-    """Markdown: per-seed rows, then the ``mean ± std`` row, then notes (n, ddof=1, failures)."""
-    sigma = doc.get("sigma")
-    at = "the configured sigma" if sigma is None else f"sigma {sigma:g}"
-    header = ["seed", *(label for _, label, _ in METRICS)]
-    table = _table(header, [*map(_seed_cells, doc["rows"]), _mean_cells(doc)])
-    lines = [f"## {doc.get('title') or 'Multi-seed aggregate'}", "",
-             f"{doc['note']}; seen/unseen/harmonic mIoU (%) of the test split at {at}; '@best': at the sweep's "
-             "best sigma (sweep_test.json); n/a: not measured (no sweep or no test).", "",
-             *table, "", f"Mean ± std over seeds; {STD_NOTE}. {HARMONIC_NOTE}."]
-    if doc.get("command"):
-        lines += ["", f"Command: `{' '.join(doc['command'])}`"]
-    return "\n".join(lines) + "\n"
+    """Markdown: per-seed rows, the ``mean ± std`` row, then notes (n, failures, ddof=1, command)."""
+    at = "the configured sigma" if doc.get("sigma") is None else f"sigma {doc['sigma']:g}"
+    rows = [[_fmt(row.get("seed"), ""), *(_fmt(row.get(key), spec) for key, _, spec in METRICS)] for row in doc["rows"]]
+    rows.append(["mean ± std", *(format_mean_std(doc["means"][key], doc["stds"][key], doc["counts"][key], doc["n"],
+                                                 spec) for key, _, spec in METRICS)])
+    notes = [f"{doc['note']}; seen/unseen/harmonic mIoU (%) of the test split at {at}; '@best': at the sweep's best "
+             f"sigma (sweep_test.json); n/a: not measured. Mean ± std over seeds; {STD_NOTE}. {HARMONIC_NOTE}."]
+    notes += ["", f"Command: `{' '.join(doc['command'])}`"] if doc.get("command") else []
+    return _markdown(doc.get("title") or "Multi-seed aggregate", ["seed", *(label for _, label, _ in METRICS)], rows,
+                     notes)
 
 
-def write_aggregate(doc: dict, folder: str | Path) -> tuple[Path, Path]:
-    """Write ``aggregate.md`` and ``aggregate.json`` into ``folder``; returns their paths."""
-    folder = Path(folder)
-    md, js = folder / f"{AGGREGATE_NAME}.md", folder / f"{AGGREGATE_NAME}.json"
-    write_json(doc, js)
-    write_text(aggregate_markdown(doc), md)
-    return md, js
-
-
-# --- comparing two aggregates ---------------------------------------------------------------------
 def compare(a: dict, b: dict, labels: Sequence[str] = ("A", "B")) -> dict:
-    """Two aggregate documents side by side: per metric each mean, std and count, and the
-    difference of means (B - A; None when either is missing)."""
+    """Two aggregates side by side: per metric each mean, std and count, and B - A (None when either is missing)."""
     metrics = []
     for key, label, _ in METRICS:
-        entry = {"metric": key, "label": label}
-        for name, doc in zip(("a", "b"), (a, b)):
-            entry[name] = {"mean": doc["means"].get(key), "std": doc["stds"].get(key),
-                           "count": doc["counts"].get(key, 0), "n": doc["n"]}
-        ma, mb = entry["a"]["mean"], entry["b"]["mean"]
-        entry["difference"] = None if ma is None or mb is None else mb - ma
-        metrics.append(entry)
+        sides = {name: {"mean": doc["means"].get(key), "std": doc["stds"].get(key), "count": doc["counts"].get(key, 0),
+                        "n": doc["n"]} for name, doc in (("a", a), ("b", b))}
+        ma, mb = sides["a"]["mean"], sides["b"]["mean"]
+        metrics.append({"metric": key, "label": label, **sides, "difference": None if None in (ma, mb) else mb - ma})
     return {"labels": list(labels), "difference": f"{labels[1]} - {labels[0]} (difference of means)",
             "std": STD_NOTE, "n": [a["n"], b["n"]], "metrics": metrics}
 
 
 def compare_markdown(doc: dict) -> str:
     """Markdown: metric | A mean ± std | B mean ± std | B - A."""
-    la, lb = doc["labels"]
-    na, nb = doc["n"]
-    spec = {key: fmt for key, _, fmt in METRICS}
-    rows = []
+    (la, lb), (na, nb), specs, rows = doc["labels"], doc["n"], {key: spec for key, _, spec in METRICS}, []
     for entry in doc["metrics"]:
-        fmt = spec.get(entry["metric"], ".4g")
-        cells = [format_mean_std(side["mean"], side["std"], side["count"], side["n"], fmt)
-                 for side in (entry["a"], entry["b"])]
-        diff = entry["difference"]
-        rows.append([entry["label"], *cells, NA if diff is None else format(diff, "+" + fmt)])
-    lines = [f"## {la} vs {lb}", "", *_table(["metric", f"{la} (n={na})", f"{lb} (n={nb})", f"{lb} − {la}"], rows),
-             "", f"Mean ± std over seeds; {STD_NOTE}. Last column: difference of means."]
-    return "\n".join(lines) + "\n"
+        spec = specs.get(entry["metric"], ".4g")
+        cells = [format_mean_std(s["mean"], s["std"], s["count"], s["n"], spec) for s in (entry["a"], entry["b"])]
+        rows.append([entry["label"], *cells, _fmt(entry["difference"], "+" + spec)])
+    return _markdown(f"{la} vs {lb}", ["metric", f"{la} (n={na})", f"{lb} (n={nb})", f"{lb} − {la}"], rows,
+                     [f"Mean ± std over seeds; {STD_NOTE}. Last column: difference of means."])
 
 
-# --- command line -----------------------------------------------------------------------------
 def _compare_command(args: argparse.Namespace) -> int:
     labels = [part.strip() for part in args.labels.split(",")] if args.labels else ["A", "B"]
     if len(labels) != 2 or not all(labels):
         raise ConfigError(f"--labels expects two names like JoEm,CE-only, got {args.labels!r}")
     docs = [read_json(path) for path in (args.a, args.b)]
     for path, doc in zip((args.a, args.b), docs):
-        if not {"means", "stds", "counts", "n"} <= set(doc):
+        if not isinstance(doc, dict) or not {"means", "stds", "counts", "n"} <= set(doc):
             raise ConfigError(f"{path}: not an aggregate.json (no means/stds/counts/n)")
     result = compare(*docs, labels=labels)
-    text = compare_markdown(result)
-    print(text, end="")
+    print(compare_markdown(result), end="")
     if args.out:
-        out = Path(args.out)
-        write_text(text, out)
-        write_json(result, out.with_suffix(".json"))
+        write_text(compare_markdown(result), Path(args.out))
+        write_json(result, Path(args.out).with_suffix(".json"))
     return 0
 
 
-def _group_command(folder: str) -> int:
-    """Recompute ``folder``'s aggregate from its seed folders (the group is locked meanwhile)."""
-    path = Path(folder)
-    if not path.is_dir():
-        raise ConfigError(f"{path}: not a folder")
-    lock = RunLock(path, GROUP_LOCK_NAME, "group folder", "--group")
-    lock.acquire()
-    try:
-        doc = aggregate_folder(path)
-        if doc is None:
-            raise ConfigError(f"{path}: no seed folder (seedN or test_seedN) whose run.json says finished")
-        _, json_path = write_aggregate(doc, path)
-    finally:
-        lock.release()
-    print(aggregate_markdown(doc), end="")
-    print(f"aggregate: {json_path}")
+def _recompute_command(args: argparse.Namespace) -> int:
+    if not Path(args.folder).is_dir():
+        raise ConfigError(f"{args.folder}: not a folder")
+    if update_aggregate(args.folder) is None:
+        raise ConfigError(f"{args.folder}: no seed folder (seedN or test_seedN) whose run.json says {FINISHED}")
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    """``GROUP_FOLDER`` or ``compare A.json B.json [--labels A,B] [--out FILE.md]``; returns the exit status."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if len(argv) == 1 and argv[0] not in ("compare", "-h", "--help"):
-        try:
-            return _group_command(argv[0])
-        except ConfigError as err:
-            return error_exit(err)
-    parser = ArgParser(prog="python -m trainer.aggregate", description="aggregates of multi-seed runs; "
-                       "python -m trainer.aggregate GROUP_FOLDER recomputes a group's aggregate from disk")
+def build_parser() -> ArgParser:
+    """``[recompute] GROUP_FOLDER`` and ``compare A.json B.json [--labels A,B] [--out FILE.md]``."""
+    parser = ArgParser(prog="python -m trainer.aggregate", description="multi-seed aggregates (mean ± std, ddof=1)")
     commands = parser.add_subparsers(dest="command", required=True, parser_class=ArgParser)
+    recompute = commands.add_parser("recompute",
+                                    help="a group's aggregate from its seed folders (the word may be left out)")
+    recompute.add_argument("folder", help="the group folder (or its --from evaluation folder)")
+    recompute.set_defaults(run=_recompute_command)
     cmp = commands.add_parser("compare", help="two aggregate.json side by side")
     cmp.add_argument("a", help="aggregate.json of the first group (A)")
     cmp.add_argument("b", help="aggregate.json of the second group (B)")
     cmp.add_argument("--labels", default=None, help="names of A and B, e.g. JoEm,CE-only")
     cmp.add_argument("--out", default=None, help="also write this Markdown file (and the .json beside it)")
-    try:
-        args = parser.parse_args(argv)
-        return _compare_command(args)
-    except ConfigError as err:
-        return error_exit(err)
+    cmp.set_defaults(run=_compare_command)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``GROUP_FOLDER`` (recompute) or ``compare A.json B.json ...``; returns the exit status."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] and argv[0] not in ("compare", "recompute", "-h", "--help"):
+        argv = ["recompute", *argv]
+    return run_command(build_parser(), lambda args: args.run(args), argv)
 
 
 if __name__ == "__main__":

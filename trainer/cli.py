@@ -140,6 +140,7 @@ def _spawn(devices: list[int], argv: list[str], default_config: str | None, run_
     them (a Ctrl-C reaches them directly), so they stop together at a safe point. Its exit
     status is theirs (143 / 130 after a signal)."""
     import torch.multiprocessing as mp
+
     from utils.distributed import free_port
     from utils.signals import StopSignals
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
@@ -164,13 +165,12 @@ def _worker(rank: int | None, world_size: int | None, argv: list[str], default_c
             run_id: str | None, process: bool = False) -> int:
     """One process of the run: its exit status (0, 2 bad input, 3 diverged, 128 + signal).
     ``process``: it ends this process (signals stay handled, and ignored once the run is over)."""
-    from utils.errors import TrainingDiverged
     from trainer.session import run
     from utils.distributed import broadcast_object, cleanup, init_process, parse_devices
+    from utils.errors import Interrupted, TrainingDiverged
     from utils.logger import start_logging
     from utils.malloc import retain_freed_memory
     from utils.signals import StopSignals
-    from utils.errors import Interrupted
     retain_freed_memory()
     args = build_arg_parser(default_config).parse_args(argv)
     code, ctx = 0, None

@@ -80,7 +80,7 @@ def make_figure(args: argparse.Namespace) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> ArgParser:
     parser = ArgParser(description=__doc__.splitlines()[0])
     parser.add_argument("-r", "--checkpoint", required=True,
                         help="checkpoint (checkpoint-epochN.pth, model_best.pth) or a run folder")
@@ -88,7 +88,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--count", type=int, default=4, help="images (rows), default 4")
     parser.add_argument("--title", default="", help="figure title")
     parser.add_argument("--out", required=True, help="PNG to write")
-    return run_command(parser, make_figure, argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_command(build_parser(), make_figure, argv)
 
 
 if __name__ == "__main__":

@@ -1,375 +1,220 @@
-"""Run one training per seed (or evaluate each seed's checkpoint) and aggregate the results.
+"""One training per seed (or a test-only evaluation of each seed's checkpoint), then their aggregate.
 
-    python -m trainer.multiseed -c CONFIG --seeds 1,2,3 [-d cpu | -d 0,1,2] [--group NAME] [training args]
-    python -m trainer.multiseed --from GROUP_FOLDER --test [--name NAME] [--seeds 1,2] [test args]
-
-Each seed runs ``python -m trainer.cli`` as a subprocess. The output folder (the group folder,
-or ``GROUP_FOLDER/<name>`` in test mode) is locked for the command's life (``group.lock``: a
-second command on it is refused before it trains anything). ``aggregate.md`` /
-``aggregate.json`` (mean ± sample std, ddof=1) are computed from what is on disk: every seed
-folder whose ``run.json`` says finished (``python -m trainer.aggregate FOLDER`` recomputes them).
-Exit status: 0 when every seed succeeded; 1 when some failed (the aggregate covers the others);
-when all failed, their common exit code (e.g. 2 for a config error) or 1; 2 for argument errors;
-130 when interrupted.
+Every seed is ``trainer.cli.main(default_config, [*args, "--seed", N, "--run_id", GROUP/seedN])``, the
+single-run code path, in this process one after another (several GPU ids: one worker process per GPU).
 """
 from __future__ import annotations
 
+import argparse
+import multiprocessing
 import os
-import queue
-import re
-import signal
-import subprocess
 import sys
-import threading
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
-from trainer.aggregate import aggregate_folder, aggregate_markdown, write_aggregate
-from trainer.options import build_arg_parser, option_strings
+from trainer import cli
+from trainer.aggregate import is_finished, seed_run_folders, update_aggregate
+from trainer.options import build_arg_parser, option_strings, overrides_of
 from utils.checkpoint import run_checkpoint
-from utils.distributed import device_ids
 from utils.cli import ArgParser, error_exit
-from utils.errors import ConfigError
-from utils.parse_config import load_config, parse_assignment
-from utils.run_dir import GROUP_LOCK_NAME, GROUP_LOGS_NAME, RunLock, new_run_id, run_path
+from utils.distributed import device_ids, parse_devices
+from utils.errors import ConfigError, Interrupted, first_line
+from utils.parse_config import load_config
+from utils.run_dir import GROUP_LOCK_NAME, RunLock, check_folder_name, new_run_id, run_path, seed_name, test_run_id
 from utils.settings import Settings
-from utils.util import write_text
+from utils.signals import StopSignals
 
-ROOT = Path(__file__).resolve().parents[1]
 PROG = "python -m trainer.multiseed"
-RESERVED = {"train": ("--seed", "--run_id"), "test": ("--seed", "--run_id", "-r", "--resume")}
+OWN = ("-h", "--help", "-c", "--config", "-d", "--device", "--test", "--seeds", "--group", "--from", "--name",
+       "-r", "--resume", "--run_id", "--seed")   # its own options, and those it sets per seed
+Job = tuple[int, Path, list[str]]   # a seed, its run folder and its trainer.cli arguments
 
 
-@dataclass
-class Job:
-    """One seed: its label (folder name), seed number and ``trainer.cli`` arguments (without -d)."""
-
-    seed: int
-    label: str
-    argv: list[str]
-
-
-@dataclass
-class Outcome:
-    """What a seed's subprocess did."""
-
-    job: Job
-    command: list[str]
-    exit_code: int
-    wall_s: float
-    lines: list[str] = field(default_factory=list)
-
-    @property
-    def metrics(self) -> Path | None:
-        return metrics_path(self.lines)
-
-
-# --- arguments ---------------------------------------------------------------------------------
 def build_parser() -> ArgParser:
-    run_options = [flag for flag in option_strings(build_arg_parser(None))
-                   if flag not in ("-h", "--help", "--seeds", "--group", "--from", "--name")]
-    parser = ArgParser(prog=PROG, allow_abbrev=False,
-                       description="one training per seed (or --from GROUP --test: evaluate each seed's "
-                                   "checkpoint), then mean ± sample std (ddof=1) over seeds; other "
-                                   "arguments go to every run (python -m trainer.cli)",
-                       epilog="options of every run (see python -m trainer.cli -h): " + ", ".join(run_options))
+    """This command's own options; every other argument goes to each seed's run."""
+    runs = ", ".join(flag for flag in option_strings(build_arg_parser(None)) if flag not in OWN)
+    parser = ArgParser(prog=PROG, description="one training per seed (or --from GROUP --test: evaluate each seed's "
+                       "checkpoint), then mean ± sample std (ddof=1) over seeds in aggregate.md/.json",
+                       epilog="exit status: 0 every seed succeeded; 1 some failed (the aggregate covers the others); "
+                       "all failed: their common exit code, else 1; 2 bad arguments (nothing runs); 130/143 stopped. "
+                       f"Options of every run (python -m trainer.cli -h): {runs}")
     parser.add_argument("-c", "--config", default=None, help="training config JSON")
-    parser.add_argument("--seeds", default=None, help="comma-separated seeds, e.g. 1,2,3")
+    parser.add_argument("--seeds", default=None, help="distinct seeds >= 0, e.g. 1,2,3 (with --from: which ones)")
     parser.add_argument("-d", "--device", default=None,
-                        help="cpu or one GPU id: seeds one after another; several GPU ids: one seed per GPU at once")
-    parser.add_argument("--group", default=None, help="group folder name (default: a timestamp and a random suffix)")
-    parser.add_argument("--from", dest="source", default=None, help="group folder of a multi-seed training")
-    parser.add_argument("--test", action="store_true", help="with --from: evaluate GROUP/seed*/model_best.pth (a seed without one: its newest "
-                             "checkpoint, and says so)")
-    parser.add_argument("--name", default=None, help="with --from: name of this evaluation (a folder in GROUP)")
+                        help="cpu or one GPU id: seeds one after another; several GPU ids: one seed per GPU at a time")
+    parser.add_argument("--group", default=None, help="the group folder's name (default: a timestamp)")
+    parser.add_argument("--from", dest="source", default=None, help="the group folder of a multi-seed training")
+    parser.add_argument("--test", action="store_true", help="with --from: evaluate each finished seed's checkpoint")
+    parser.add_argument("--name", default=None, help="with --from: this evaluation's folder in the group")
     return parser
 
 
 def parse_seeds(spec: str) -> list[int]:
-    """``"1,2,3"`` -> [1, 2, 3] (distinct integers)."""
+    """``"1,2,3"`` -> [1, 2, 3]: distinct integers >= 0, else a ConfigError."""
     try:
-        seeds = [int(part) for part in spec.split(",") if part.strip()]
+        seeds = [int(part) for part in spec.split(",")]
     except ValueError:
-        raise ConfigError(f"--seeds expects integers like 1,2,3, got {spec!r}") from None
-    if not seeds or len(set(seeds)) != len(seeds):
-        raise ConfigError(f"--seeds expects distinct integers like 1,2,3, got {spec!r}")
+        seeds = []
+    if not seeds or min(seeds) < 0 or len(set(seeds)) != len(seeds):
+        raise ConfigError(f"--seeds expects distinct integers >= 0 like 1,2,3, got {spec!r}")
     return seeds
 
 
-def device_slots(device: str | None) -> list[str | None]:
-    """Where seeds run: ``-d`` as given (cpu, one GPU or unset) runs them one after another;
-    several GPU ids give one slot per GPU, each running one seed at a time."""
-    ids = device_ids(device)
-    return [device] if ids is None or len(ids) <= 1 else [str(index) for index in ids]
+def plan(args: argparse.Namespace, passthrough: list[str], default_config: str | None) -> tuple[Path, list[Job]]:
+    """Check every argument and seed (before anything runs); the output folder and the seeds' jobs."""
+    base = [*(["-c", args.config] if args.config else []), *passthrough]
+    run = build_arg_parser(default_config).parse_args(base)   # what every seed's run is given
+    for flag, value in (("--seed", run.seed), ("--run_id", run.run_id), ("-r/--resume", run.resume)):
+        if value is not None:
+            raise ConfigError(f"{flag}: {PROG} sets every seed's seed, run folder and checkpoint; remove it")
+    for option, value in (("--group", args.group), ("--name", args.name)):
+        if value is not None and Path(check_folder_name(value, option)).is_absolute():
+            raise ConfigError(f"{option}: expected a folder name, not an absolute path, got {value!r}")
+    for wrong, message in ((args.source and not args.test, "--from evaluates a group's checkpoints: add --test"),
+                           (args.source and args.group, "--group names a new training group; with --from use --name"),
+                           (not args.source and (args.test or args.name), "--test and --name: add --from GROUP")):
+        if wrong:
+            raise ConfigError(message)
+    parse_devices(args.device)   # the GPUs exist
+    config = run.config or (None if args.source else default_config)
+    settings = config and Settings.from_config(load_config(config), config, overrides_of(run))
+    if args.source is not None:
+        return test_jobs(args, base)
+    if args.seeds is None or settings is None:
+        raise ConfigError("--seeds is required, e.g. --seeds 1,2,3" if settings else "no config given: add -c CONFIG")
+    group, seeds = args.group or new_run_id(), parse_seeds(args.seeds)
+    folder = run_path(settings.trainer.save_dir, settings.name, group)
+    return folder, [(seed, folder / seed_name(seed), [*base, "--seed", str(seed), "--run_id",
+                                                      f"{group}/{seed_name(seed)}"]) for seed in seeds]
 
 
-def _check_name(value: str, option: str) -> str:
-    path = Path(value)
-    if not value.strip() or path.is_absolute() or ".." in path.parts:
-        raise ConfigError(f"{option}: expected a relative folder name, got {value!r}")
-    return value
+def test_jobs(args: argparse.Namespace, base: list[str]) -> tuple[Path, list[Job]]:
+    """``GROUP/NAME`` and per seed (``--seeds``, else every finished one) ``-r <its run_checkpoint> --test``."""
+    source = Path(args.source)
+    if not source.is_dir():
+        raise ConfigError(f"--from {source}: not a folder")
+    found = {seed: source / seed_name(seed) for seed in seed_run_folders(source) if (source / seed_name(seed)).is_dir()}
+    finished = [seed for seed, path in found.items() if is_finished(path)]
+    seeds = finished if args.seeds is None else parse_seeds(args.seeds)
+    if not seeds or set(seeds) - set(found):
+        raise ConfigError(f"--from {source}: no seed folder for seed(s) {sorted(set(seeds) - set(found))}" if seeds
+                          else f"--from {source}: no seed folder (seedN) whose run.json says finished")
+    name, jobs = args.name or new_run_id(), []
+    for seed in seeds:
+        checkpoint, note = run_checkpoint(found[seed])
+        print(f"seed {seed}: {checkpoint} ({note})", file=sys.stderr)
+        run_id = source.resolve() / name / seed_name(seed)
+        jobs.append((seed, source / name / test_run_id(seed_name(seed)),
+                     [*base, "-r", str(checkpoint), "--test", "--run_id", str(run_id)]))
+    return source / name, jobs
 
 
-def _check_passthrough(passthrough: list[str], mode: str) -> None:
-    for token in passthrough:
-        if token.split("=", 1)[0] in RESERVED[mode]:
-            raise ConfigError(f"{token.split('=', 1)[0]} is set for every seed by {PROG}; remove it")
+def device_queues(jobs: list[Job], device: str | None) -> list[list[Job]]:
+    """One queue (``-d`` as given); several GPU ids: one per GPU, the seeds dealt in turn, run with ``-d <id>``."""
+    ids = device_ids(device) or []
+    if len(ids) <= 1:
+        return [[(seed, folder, [*argv, *(["-d", device] if device else [])]) for seed, folder, argv in jobs]]
+    return [[(seed, folder, [*argv, "-d", str(gpu)]) for seed, folder, argv in jobs[index::len(ids)]]
+            for index, gpu in enumerate(ids[:len(jobs)])]
 
 
-# --- jobs --------------------------------------------------------------------------------------
-def train_jobs(seeds: list[int], group: str, passthrough: list[str]) -> list[Job]:
-    """One training per seed: ``<passthrough> --seed N --run_id <group>/seedN``."""
-    return [Job(seed, f"seed{seed}", [*passthrough, "--seed", str(seed), "--run_id", f"{group}/seed{seed}"])
-            for seed in seeds]
+def run_seed(seed: int, folder: Path, argv: list[str], default_config: str | None) -> dict:
+    """One seed through ``trainer.cli.main`` in this process: its seed, run folder, exit code and wall time."""
+    print(f"seed {seed}: trainer.cli {' '.join(argv)}", flush=True)
+    start, outcome = time.perf_counter(), {"seed": seed, "run_dir": str(folder)}
+    try:
+        outcome["exit_code"] = cli.main(default_config, argv)
+    except Interrupted:
+        raise
+    except Exception as err:   # a bug in one seed: reported, the other seeds go on
+        outcome.update(exit_code=1, reason=first_line(err, 300))
+    outcome["wall_s"] = time.perf_counter() - start
+    if outcome["exit_code"]:
+        what = "stopped by a signal" if outcome["exit_code"] > 128 else "failed"
+        print(f"seed {seed} {what}: {outcome.get('reason') or 'exit ' + str(outcome['exit_code'])}", file=sys.stderr)
+    return outcome
 
 
-def seed_checkpoints(folder: Path) -> dict[int, tuple[Path, str]]:
-    """By seed number, the checkpoint each ``folder/seed<N>`` stands for (its ``model_best.pth``,
-    else its newest checkpoint: the final weights of a run that kept no best) and a note saying which."""
-    found = {}
-    for seed_dir in folder.glob("seed*"):
-        match = re.fullmatch(r"seed(-?\d+)", seed_dir.name)
-        if match and seed_dir.is_dir() and any(seed_dir.glob("*.pth")):
-            found[int(match.group(1))] = run_checkpoint(seed_dir)
-    return dict(sorted(found.items()))
+def run_queue(jobs: list[Job], default_config: str | None, report: Callable[[dict], None]) -> None:
+    """Run the seeds one after another, reporting each outcome; stop after one stopped by a signal."""
+    for job in jobs:
+        outcome = run_seed(*job, default_config)
+        report(outcome)
+        if outcome["exit_code"] > 128:
+            return
 
 
-def test_jobs(folder: Path, name: str, seeds: list[int] | None, passthrough: list[str]) -> list[Job]:
-    """One ``-r <ckpt> --test`` evaluation per seed folder; its run id is the absolute path
-    ``<group folder>/<name>/seedN``, so the test folder is ``<group folder>/<name>/test_seedN``,
-    beside the aggregate, wherever the group folder is and whatever the config's save_dir."""
-    checkpoints = seed_checkpoints(folder)
-    if not checkpoints:
-        raise ConfigError(f"{folder}: no seed*/model_best.pth nor any other seed*/*.pth checkpoint")
-    if seeds is not None:
-        missing = [seed for seed in seeds if seed not in checkpoints]
-        if missing:
-            raise ConfigError(f"{folder}: no checkpoint for seed(s) {', '.join(map(str, missing))}")
-        checkpoints = {seed: checkpoints[seed] for seed in seeds}
-    for seed, (path, note) in checkpoints.items():
-        print(f"seed {seed}: {path} ({note})", file=sys.stderr)
-    return [Job(seed, f"seed{seed}", ["-r", str(path), "--test", *passthrough,
-                                      "--run_id", str(folder.resolve() / name / f"seed{seed}")])
-            for seed, (path, _) in checkpoints.items()]
+def run_queues(queues: list[list[Job]], default_config: str | None) -> list[dict]:
+    """One queue: in this process; several: one worker process each (a signal is passed on to them)."""
+    outcomes: list[dict] = []
+    if len(queues) == 1:
+        run_queue(queues[0], default_config, outcomes.append)
+        return outcomes
+    context = multiprocessing.get_context("spawn")
+    results = context.SimpleQueue()
+    workers = [context.Process(target=run_queue, args=(queue, default_config, results.put)) for queue in queues]
+    for worker in workers:
+        worker.start()
+    try:
+        while any(worker.is_alive() for worker in workers) or not results.empty():
+            if results.empty():
+                time.sleep(0.1)
+            else:
+                outcomes.append(results.get())
+    except Interrupted as err:   # passed on: each worker stops its run at a safe point
+        for worker in workers:
+            if worker.is_alive():
+                os.kill(worker.pid, err.signum)
+        for worker in workers:
+            worker.join()
+        raise
+    done = {outcome["seed"] for outcome in outcomes}
+    return outcomes + [{"seed": seed, "run_dir": str(folder), "exit_code": 1, "reason": "its worker process died"}
+                       for queue in queues for seed, folder, _ in queue if seed not in done]
 
 
-# --- running -----------------------------------------------------------------------------------
-def metrics_path(lines: list[str]) -> Path | None:
-    """The path on the last ``metrics: <path>`` line of a run's output."""
-    for line in reversed(lines):
-        if line.startswith("metrics: "):
-            return Path(line[len("metrics: "):].strip())
-    return None
-
-
-def _child_env() -> dict[str, str]:
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
-    return env
-
-
-class Runner:
-    """Runs jobs as ``trainer.cli`` subprocesses, streaming their output prefixed with the seed."""
-
-    def __init__(self) -> None:
-        self.lock = threading.Lock()
-        self.live: set[subprocess.Popen] = set()
-
-    def run_job(self, job: Job, device: str | None) -> Outcome:
-        """Run one job to completion on ``device`` (passed as ``-d``); output kept and streamed."""
-        command = [sys.executable, "-m", "trainer.cli", *job.argv, *(["-d", device] if device else [])]
-        self._say(f"[{job.label}] $ {' '.join(command)}")
-        start = time.perf_counter()
-        proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1,
-                                env=_child_env())
-        with self.lock:
-            self.live.add(proc)
-        lines = []
-        for line in proc.stdout:
-            lines.append(line.rstrip("\n"))
-            self._say(f"[{job.label}] {lines[-1]}")
-        code = proc.wait()
-        with self.lock:
-            self.live.discard(proc)
-        wall = time.perf_counter() - start
-        self._say(f"[{job.label}] exit {code} after {wall:.1f} s")
-        return Outcome(job, command, code, wall, lines)
-
-    def run_all(self, jobs: list[Job], slots: list[str | None]) -> list[Outcome]:
-        """One slot: jobs one after another; several: one thread per slot pulling the next job."""
-        if len(slots) == 1:
-            return [self.run_job(job, slots[0]) for job in jobs]
-        pending: queue.Queue[Job] = queue.Queue()
-        for job in jobs:
-            pending.put(job)
-        done: dict[str, Outcome] = {}
-
-        def work(device: str) -> None:
-            while True:
-                try:
-                    job = pending.get_nowait()
-                except queue.Empty:
-                    return
-                done[job.label] = self.run_job(job, device)
-
-        threads = [threading.Thread(target=work, args=(slot,), daemon=True) for slot in slots[:len(jobs)]]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            while thread.is_alive():
-                thread.join(0.5)
-        return [done[job.label] for job in jobs]
-
-    def interrupt(self, grace_s: float = 5.0) -> None:
-        """After an interrupt: give the subprocesses ``grace_s`` to stop (a Ctrl-C reaches them too),
-        then pass it on to those still running, and wait for them."""
-        with self.lock:
-            procs = list(self.live)
-        for proc in procs:
-            try:
-                proc.wait(timeout=grace_s)
-            except subprocess.TimeoutExpired:
-                proc.send_signal(signal.SIGINT)
-                proc.wait()
-
-    def _say(self, text: str) -> None:
-        with self.lock:
-            print(text, flush=True)
-
-
-# --- aggregating -------------------------------------------------------------------------------
-def _failure(outcome: Outcome) -> dict | None:
-    if outcome.exit_code != 0:
-        return {"seed": outcome.job.seed, "exit_code": outcome.exit_code}
-    if outcome.metrics is None or not outcome.metrics.is_file():
-        return {"seed": outcome.job.seed, "exit_code": 0, "reason": "no metrics file named on a 'metrics:' line"}
-    return None
-
-
-def group_folder(outcomes: list[Outcome]) -> Path:
-    """The parent of the seed run folders (from the ``metrics:`` lines)."""
-    parents = {outcome.metrics.parent.parent for outcome in outcomes}
-    if len(parents) > 1:
-        print(f"warning: seed folders under several parents: {', '.join(map(str, sorted(parents)))}",
-              file=sys.stderr)
-    return outcomes[0].metrics.parent.parent
-
-
-def _describe(failure: dict) -> str:
-    return failure.get("reason") or f"exit {failure['exit_code']}"
-
-
-def _write_logs(outcomes: list[Outcome], folder: Path) -> None:
-    """``folder/logs/seedN.log``: each seed's command line and console output."""
-    for outcome in outcomes:
-        write_text("\n".join([" ".join(outcome.command), *outcome.lines]) + "\n",
-                   folder / GROUP_LOGS_NAME / f"{outcome.job.label}.log")
-
-
-def finish_group(outcomes: list[Outcome], out_dir: Path | None, mode: str, command: list[str],
-                 config: str | None) -> int:
-    """Write the seeds' outputs, ``aggregate.md`` and ``aggregate.json``; print the table.
-    ``out_dir`` None: the group folder of the seed runs. Returns the exit status."""
-    failures = {outcome.job.label: _failure(outcome) for outcome in outcomes}
-    failed = [failure for failure in failures.values() if failure is not None]
-    for failure in failed:
-        print(f"seed {failure['seed']} failed: {_describe(failure)}", file=sys.stderr)
-    good = [outcome for outcome in outcomes if failures[outcome.job.label] is None]
-    if not good:
-        print(f"error: all {len(outcomes)} seed(s) failed; no aggregate written", file=sys.stderr)
-        codes = {failure["exit_code"] for failure in failed}
-        return codes.pop() if len(codes) == 1 and 0 not in codes else 1
-    out_dir = group_folder(good) if out_dir is None else out_dir
-    _write_logs(outcomes, out_dir)
-    doc = aggregate_folder(out_dir, command, config, failed, {str(o.metrics.parent): o.wall_s for o in good})
-    if doc is None:
-        print(f"error: no seed folder of {out_dir} says finished; no aggregate written", file=sys.stderr)
-        return 1
-    doc.update(title=f"{out_dir.name}: {'training' if mode == 'train' else 'test-only evaluation'}",
-               mode=mode, runs=[{"seed": o.job.seed, "exit_code": o.exit_code, "wall_s": o.wall_s,
-                                 "command": o.command, "run_dir": str(o.metrics.parent) if o.metrics else None}
-                                for o in outcomes])
-    _, json_path = write_aggregate(doc, out_dir)
-    print(aggregate_markdown(doc), end="")
-    print(f"aggregate: {json_path}")
-    return 1 if failed else 0
-
-
-# --- command line ------------------------------------------------------------------------------
-# mode, jobs, output folder (None: the seeds' group folder), config path
-Plan = tuple[str, list[Job], Path | None, str | None]
-
-
-def _plan_training(args, passthrough: list[str], default_config: str | None) -> Plan:
-    if args.test or args.name:
-        raise ConfigError("--test and --name evaluate existing checkpoints: add --from GROUP_FOLDER")
-    if args.seeds is None:
-        raise ConfigError("--seeds is required, e.g. --seeds 1,2,3")
-    config = args.config or default_config
-    if config is None:
-        raise ConfigError("no config given: add -c config.json")
-    _check_passthrough(passthrough, "train")
-    group = _check_name(args.group or new_run_id(), "--group")
-    jobs = train_jobs(parse_seeds(args.seeds), group, ["-c", config, *passthrough])
-    return "train", jobs, group_folder_of(config, passthrough, group), config
-
-
-def group_folder_of(config: str, passthrough: list[str], group: str) -> Path:
-    """Where the seeds of ``group`` go: ``<trainer.save_dir>/<name>/<group>`` of the config with
-    the command line's ``--save_dir`` and ``-o`` overrides of those two keys."""
-    overrides, tokens = {}, iter(passthrough)
-    for token in tokens:
-        flag, _, value = token.partition("=")
-        if flag in ("-o", "--override", "--save_dir"):
-            value = value or next(tokens, "")
-            key, value = ("trainer.save_dir", value) if flag == "--save_dir" else parse_assignment(value)
-            if key in ("name", "trainer.save_dir"):
-                overrides[key] = value
-    settings = Settings.from_config(load_config(config), config, overrides)
-    return run_path(settings.trainer.save_dir, settings.name, group)
-
-
-def _plan_test(args, passthrough: list[str]) -> Plan:
-    if not args.test:
-        raise ConfigError("--from evaluates the group's checkpoints: add --test")
-    if args.group:
-        raise ConfigError("--group names a new training group; with --from use --name")
-    folder = Path(args.source)
-    if not folder.is_dir():
-        raise ConfigError(f"--from {folder}: not a folder")
-    _check_passthrough(passthrough, "test")
-    name = _check_name(args.name or new_run_id(), "--name")
-    extra = ["-c", args.config] if args.config else []
-    seeds = parse_seeds(args.seeds) if args.seeds else None
-    return "test", test_jobs(folder, name, seeds, [*extra, *passthrough]), folder / name, args.config
+def _run(argv: list[str], default_config: str | None) -> int:
+    args, passthrough = build_parser().parse_known_args(argv)
+    folder, jobs = plan(args, passthrough, default_config)
+    mode, hint = ("test", "--name") if args.source else ("train", "--group")
+    created, lock = not folder.exists(), RunLock(folder, GROUP_LOCK_NAME, "group folder", hint)
+    lock.acquire()   # a second command on the same folder is refused here, before any seed runs
+    try:
+        taken = [str(seed) for seed in seed_run_folders(folder) if seed in {job[0] for job in jobs}]
+        if taken:
+            raise ConfigError(f"{folder}: seed(s) {', '.join(taken)} have a run folder here; choose another {hint}")
+        outcomes = run_queues(device_queues(jobs, args.device), default_config)
+        codes = [outcome["exit_code"] for outcome in outcomes]
+        if max(codes) > 128:
+            print("stopped by a signal: no aggregate written", file=sys.stderr)
+            return max(codes)
+        title = f"{folder.name}: {'training' if mode == 'train' else 'test-only evaluation'}"
+        config = args.config or (None if args.source else default_config)
+        doc = update_aggregate(folder, outcomes, command=[PROG, *argv], config=config, mode=mode, title=title)
+        if doc is None:
+            print(f"error: no seed folder of {folder} says finished; no aggregate written", file=sys.stderr)
+        if all(codes) and len(set(codes)) == 1:
+            return codes[0]   # every seed failed alike (2: a config error, 3: diverged, ...)
+        return 0 if doc is not None and not any(codes) else 1
+    finally:
+        lock.release()
+        if created and folder.is_dir() and not any(folder.iterdir()):
+            folder.rmdir()
 
 
 def main(argv: list[str] | None = None, default_config: str | None = None) -> int:
-    """Parse the command line, run every seed, aggregate; returns the exit status."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    runner = Runner()
+    """Check everything, run every seed, aggregate; returns the exit status (see ``-h``)."""
     try:
-        args, passthrough = build_parser().parse_known_args(argv)
-        if args.source is None:
-            mode, jobs, out_dir, config = _plan_training(args, passthrough, default_config)
-        else:
-            mode, jobs, out_dir, config = _plan_test(args, passthrough)
-        slots = device_slots(args.device)
-        created = not out_dir.exists()
-        lock = RunLock(out_dir, GROUP_LOCK_NAME, "group folder", "--group" if mode == "train" else "--name")
-        lock.acquire()   # a second command on the same folder is refused here, before any seed runs
-        try:
-            outcomes = runner.run_all(jobs, slots)
-            return finish_group(outcomes, out_dir, mode, [PROG, *argv], config)
-        finally:
-            lock.release()
-            if created and out_dir.is_dir() and not any(out_dir.iterdir()):
-                out_dir.rmdir()
+        with StopSignals():   # a signal between seeds stops the group (each run handles its own)
+            return _run(list(sys.argv[1:] if argv is None else argv), default_config)
     except ConfigError as err:
         return error_exit(err)
+    except Interrupted as err:
+        print(f"{err}: the group stopped", file=sys.stderr)
+        return err.exit_code
     except KeyboardInterrupt:
-        runner.interrupt()
+        print("interrupted: the group stopped", file=sys.stderr)
         return 130
 
 

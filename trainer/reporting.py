@@ -6,6 +6,7 @@ import contextlib
 import json
 import logging
 import os
+import threading
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
@@ -58,11 +59,13 @@ class Reporter:
         self.writer = None
         if is_main and tensorboard:
             from torch.utils.tensorboard import SummaryWriter
-            with self._tensorboard_errors("create folder"):
-                self.writer = SummaryWriter(log_dir=str(self.run_dir / TENSORBOARD_NAME))
+            folder = self.run_dir / TENSORBOARD_NAME
+            _quiet_writer_threads()
+            with self._tensorboard_errors("write into" if folder.is_dir() else "create folder"):
+                self.writer = SummaryWriter(log_dir=str(folder))
 
     @contextlib.contextmanager
-    def _tensorboard_errors(self, what: str = "write") -> Iterator[None]:
+    def _tensorboard_errors(self, what: str = "write into") -> Iterator[None]:
         """A failed TensorBoard write (its events are written by a thread that reports the error
         at the next call) is a one-line StorageError naming the folder."""
         try:
@@ -163,6 +166,21 @@ class Reporter:
             with self._tensorboard_errors():
                 self.writer.close()
             self.writer = None
+
+
+def _quiet_writer_threads() -> None:
+    """TensorBoard's writer thread re-raises a failed write (a full disk, a read-only folder) after
+    storing it for the next call, and Python prints that thread's traceback; the run reports it as
+    one line at that next call (:meth:`Reporter._tensorboard_errors`), so the traceback is left out."""
+    previous = threading.excepthook
+    if getattr(previous, "quiet_writer_threads", False):
+        return
+
+    def hook(args: threading.ExceptHookArgs) -> None:
+        if not (type(args.thread).__name__ == "_AsyncWriterThread" and isinstance(args.exc_value, OSError)):
+            previous(args)
+    hook.quiet_writer_threads = True
+    threading.excepthook = hook
 
 
 def append_text(path: Path, text: str) -> None:

@@ -7,8 +7,8 @@ from pathlib import Path
 from typing import Any, Iterator, Mapping
 
 from utils.checkpoint import load_checkpoint
-from utils.run_dir import checkpoint_files
 from utils.errors import ConfigError
+from utils.run_dir import checkpoint_files
 
 logger = logging.getLogger("joem")
 

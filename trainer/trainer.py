@@ -21,8 +21,14 @@ from trainer.reporting import Reporter
 from trainer.step import StepSettings, norms_finite, train_step
 from utils.amp import amp_dtype
 from utils.checkpoint import architecture, rng_state, save_checkpoint, set_rng_state
-from utils.distributed import (AgreedBatches, DistContext, agreed_signal, all_gather_object, all_reduce_sum,
-                               broadcast_object)
+from utils.distributed import (
+    AgreedBatches,
+    DistContext,
+    agreed_signal,
+    all_gather_object,
+    all_reduce_sum,
+    broadcast_object,
+)
 from utils.errors import ConfigError, Interrupted, NonFiniteLoss, TrainingDiverged
 from utils.logger import progress_enabled
 from utils.run_dir import INTERRUPTED_NAME, checkpoint_files
@@ -278,7 +284,8 @@ class Trainer(BaseTrainer):
         if self.scheduler is not None and checkpoint.get("lr_scheduler") is not None:
             old_total = self.scheduler.load_state_dict(checkpoint["lr_scheduler"])
             if old_total is not None:
-                logger.info("schedule length changed from %d to %d: poly LR recomputed", old_total, self.scheduler.total)
+                logger.info("schedule length changed from %d to %d: poly LR recomputed", old_total,
+                            self.scheduler.total)
         if checkpoint.get("scaler"):
             self.scaler.load_state_dict(checkpoint["scaler"])
         self._apply_optimizer_changes(changes or {})

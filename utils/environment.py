@@ -63,6 +63,7 @@ def cpu_info() -> dict:
 def environment(device: torch.device) -> dict:
     """Versions, CPU facts and (on CUDA) the GPU's properties, as a JSON-able dict."""
     import torchvision
+
     from utils.malloc import retain_freed_memory
     env = {"host": socket.gethostname(), "python": platform.python_version(), "platform": platform.platform(),
            "torch": torch.__version__, "torchvision": torchvision.__version__, "cpu": cpu_info(),
@@ -83,6 +84,7 @@ def environment(device: torch.device) -> dict:
 def banner(device: torch.device, world_size: int = 1) -> str:
     """One line for a run's start-up banner: versions, devices, processes, allocator tuning."""
     import torchvision
+
     from utils.malloc import retain_freed_memory
     if device.type == "cuda":
         devices = f"{world_size} x {torch.cuda.get_device_name(device)}"

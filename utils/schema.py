@@ -128,6 +128,7 @@ CONTEXT_LAYOUTS = ("official", "png")
 NORMALIZATIONS = ("none", "l2", "max_norm")
 IGNORE_INDEX = 255   # the label value never learned nor scored (void, data.ignore_labels, ignored classes)
 UNSEEN_KEY = "data.unseen_classes"   # named by the class-split errors (data_loader.classes)
+SPLIT_IGNORE_BG = "ignore_bg"   # the key of an ignored background in a checkpoint's recorded class split
 # Layout conventions a config may override (data_loader.layouts).
 LAYOUT_KEYS = ("image_dir", "image_ext", "label_dir", "label_ext", "label_file", "label_classes")
 

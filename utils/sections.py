@@ -42,16 +42,6 @@ def section_keys(cls: type) -> dict[str, str | None]:
     return {field.name: NULLABLE if _accepts(hints[field.name], None) else None for field in dataclasses.fields(cls)}
 
 
-def check_types(cls: type, values: Mapping, name: str, source: str = "config") -> None:
-    """Check the given ``values`` against the dataclass ``cls``'s field types (counts must be
-    integers: ``1e12`` is a float) before they are used; a one-line ConfigError names the key."""
-    hints = typing.get_type_hints(cls)
-    for key, value in values.items():
-        if key in hints and not _accepts(hints[key], value):
-            raise ConfigError(f"{name}.{key}: invalid value {value!r} (file {source}); expected "
-                              f"{getattr(hints[key], '__name__', hints[key])}")
-
-
 def parse_section(cls: type[T], values: Mapping | None, name: str, source: str = "config") -> T:
     """Build the dataclass ``cls`` from config section ``name``; fields without a default are
     required. Values are type-checked against the annotations (ints are accepted as floats)."""

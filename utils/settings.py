@@ -13,8 +13,19 @@ from typing import Any, Mapping
 from utils.amp import Precision
 from utils.errors import ConfigError
 from utils.parse_config import BASE_KEY, set_by_path
-from utils.schema import (CONFIG_SCHEMA, RESOLVED_KEY, TOP_LEVEL, DataSection, EncoderSection, InferenceSettings,
-                          LoaderSection, LossSection, OptimizerSection, SchedulerSection, TrainerSection)
+from utils.schema import (
+    CONFIG_SCHEMA,
+    RESOLVED_KEY,
+    TOP_LEVEL,
+    DataSection,
+    EncoderSection,
+    InferenceSettings,
+    LoaderSection,
+    LossSection,
+    OptimizerSection,
+    SchedulerSection,
+    TrainerSection,
+)
 from utils.sections import parse_section
 
 
@@ -97,7 +108,8 @@ class Settings:
                               "data.selection_split (a split other than the reported data.val_split); use \"off\" "
                               f"to test the last epoch's weights, as the official code (file {source})")
         return cls(config=config, source=source, name=str(config.get("name", "run")), seed=seed, data=data,
-                   model=_encoder(config, "model", source), semantic_encoder=_encoder(config, "semantic_encoder", source),
+                   model=_encoder(config, "model", source),
+                   semantic_encoder=_encoder(config, "semantic_encoder", source),
                    inference=InferenceSettings.from_config(config.get("inference"), source),
                    trainer=trainer_section, **sections)
 
@@ -110,12 +122,20 @@ class Settings:
         return copy.deepcopy(self.config)
 
 
+def _section(config: Mapping, key: str, source: str) -> dict:
+    """``config[key]`` as an object with ``args`` (a non-object is a one-line error naming the key)."""
+    values = config.get(key)
+    if values is not None and not isinstance(values, Mapping):
+        raise ConfigError(f"{key}: expected an object, got {values!r} (file {source})")
+    return {"args": {}, **(values or {})}
+
+
 def _encoder(config: Mapping, key: str, source: str) -> EncoderSection:
-    return parse_section(EncoderSection, {"args": {}, **(config.get(key) or {})}, key, source)
+    return parse_section(EncoderSection, _section(config, key, source), key, source)
 
 
 def _optimizer(config: Mapping, key: str, source: str) -> OptimizerSection:
-    spec = {"args": {}, **(config.get(key) or {})}
+    spec = _section(config, key, source)
     if key == "optimizer_gen" and "head_lr_mult" in spec:
         raise ConfigError(f"optimizer_gen.head_lr_mult: unknown key (file {source}); valid: type, args")
     return parse_section(OptimizerSection, spec, key, source)
