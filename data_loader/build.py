@@ -59,18 +59,13 @@ class DataSource:
         return SegmentationDataset(samples, self.labels, self.remap, ignore_table(ignored), transform,
                                    data.skip_bad_samples)
 
-    def same_list(self, a: Any, b: Any) -> bool:
-        """Whether two split specs name the same samples (the same list file, or the same folders)."""
-        if isinstance(a, str) and isinstance(b, str):
-            return split_list_path(self.root, a, self.layout).resolve() == split_list_path(self.root, b,
-                                                                                           self.layout).resolve()
-        return a == b
 
-
-def resolve(data: DataSection | Mapping, source: str = "config", progress: bool = True) -> DataSource:
-    """Check the section, generate the synthetic data if needed, parse the class split."""
+def resolve(data: DataSection | Mapping, source: str = "config", progress: bool = True,
+            training: bool = False) -> DataSource:
+    """Check the section (for training too with ``training``), generate the synthetic data if needed,
+    parse the class split."""
     data = as_data_section(data, source)
-    problem = data.missing()
+    problem = data.missing(training)
     if problem:
         raise ConfigError(f"{problem} (file {source})")
     layout = layout_settings(data, source)
@@ -86,13 +81,13 @@ def resolve(data: DataSection | Mapping, source: str = "config", progress: bool 
     label_names = split.names if spec is None else load_class_names(spec, "data.label_classes", source)
     ignored = ignored_values(data.ignore_labels, label_names, split.names, source)
     remap = remap_table(label_names, split.names, f"data.label_classes (file {source})", ignored)
-    ds = DataSource(data, source, root, layout, split, remap, tuple(label_names), ignored)
-    if data.selection_split is not None and data.holdout is None and ds.same_list(data.selection_split,
-                                                                                   data.val_split):
+    chosen, reported = data.selection_split, data.val_split
+    if isinstance(chosen, str) and isinstance(reported, str) and \
+            split_list_path(root, chosen, layout).resolve() == split_list_path(root, reported, layout).resolve():
         raise ConfigError(f"data.selection_split: {data.selection_split!r} lists the same images as the reported "
                           f"split {data.val_split!r}; a checkpoint is never chosen on the split that is reported "
                           f"(file {source})")
-    return ds
+    return DataSource(data, source, root, layout, split, remap, tuple(label_names), ignored)
 
 
 def ignored_values(spec: Any, label_names: Sequence[str], class_names: Sequence[str],
@@ -205,20 +200,11 @@ def load_split_and_embeddings(data: DataSection | Mapping, source: str = "config
 
 def prepare_data(data: DataSection | Mapping, *, train: bool = True, val: bool = True, source: str = "config",
                  logger: logging.Logger | None = None) -> DataBundle:
-    """Resolve the class split, load the class embeddings and build the requested datasets.
-
-    Every setting is checked before any file is read or generated. The training split drops
-    images with unseen-class pixels (``remove_unseen_images``, default true) and, with a
-    ``{"holdout": N}`` selection split, the N images carved from it; missing files fail here
-    with an error naming the file (or are skipped with ``skip_bad_samples``). Synthetic data is
-    generated into its cache on first use.
-    """
+    """The class split, the class embeddings and the requested datasets, every setting checked first;
+    the training split loses its images with unseen pixels (``remove_unseen_images``) and its
+    ``{"holdout": N}`` selection images; bad files fail here (or are skipped: ``skip_bad_samples``)."""
     logger = logger or log
-    data = as_data_section(data, source)
-    problem = data.missing(train)
-    if problem:
-        raise ConfigError(f"{problem} (file {source})")
-    ds = resolve(data, source)
+    ds = resolve(data, source, training=train)
     data = ds.data
     embeddings = ds.embeddings()
     logger.info("classes: %d (%s unseen: %s), embeddings %s", ds.split.num_classes, len(ds.split.unseen),

@@ -1,13 +1,6 @@
-"""Ordered class lists, ZS3/SPNet unseen-class presets and the seen/unseen split.
-
-A class list is the label map of a dataset: index i is label value i (0 = background,
-unless ``data.background`` is false) and row i of its embedding file (or the row of the
-same name, see :func:`match_names`). The config chooses a list (``data.classes``) and the
-unseen classes (``data.unseen_classes``) by preset name, class names or indices.
-
-This module is the one home of class-name rules: reading a class list
-(:func:`load_class_names`), the alias table (:func:`canonical_name` for matching,
-:func:`alias_spellings` for word lookup) and matching names to the rows of a named table.
+"""Ordered class lists (index i = label value i = embedding row i, or the row of the same name),
+ZS3/SPNet unseen-class presets, the seen/unseen split, and the one home of class-name rules:
+reading a list, the alias table, and matching names to the rows of a named table.
 """
 from __future__ import annotations
 
@@ -98,32 +91,21 @@ def canonical_name(name: str) -> str:
 
 def alias_spellings(name: str) -> tuple[str, ...]:
     """The other spellings of ``name``'s alias group, in table order (empty if it has none)."""
-    key = _key(name)
-    return tuple(alias for alias in _GROUP_OF.get(key, ()) if alias.lower() != str(name).strip().lower())
+    return tuple(alias for alias in _GROUP_OF.get(_key(name), ()) if alias.lower() != str(name).strip().lower())
 
 
 def _where(source: str | None) -> str:
     return f" (file {source})" if source else ""
 
 
-# Suffixes that make a string a class-list file name rather than a class name.
-_LIST_SUFFIXES = (".txt", ".json", ".lst", ".csv", ".names")
-
-
 def load_class_names(spec: Any, key: str = "data.classes", source: str | None = "config") -> tuple[str, ...]:
-    """Resolve a class list: a built-in name (``voc``, ``context``, ``context-png``), a file
-    (one name a line, or a JSON list), a list, or a comma-separated string
-    (``"background,cat,dog"``; a string that is none of the others is one class name).
-
-    Duplicate names (after alias folding) are a one-line ConfigError naming ``key`` and
-    ``source`` (omitted when None, e.g. for a command-line option).
-    """
+    """A class list from a built-in name, a file (one name a line, or a JSON list), a list or a
+    ``"name,name"`` string (else one name); duplicates (aliases folded) are a ConfigError naming
+    ``key`` and ``source`` (None: not a file, e.g. a command-line option)."""
     if isinstance(spec, str) and spec.strip().lower() in BUILTIN_CLASS_LISTS:
         names = BUILTIN_CLASS_LISTS[spec.strip().lower()]
-    elif isinstance(spec, Path) or (isinstance(spec, str) and "," not in spec and Path(spec).is_file()):
+    elif (isinstance(spec, Path) or (isinstance(spec, str) and "," not in spec)) and Path(spec).is_file():
         path = Path(spec)
-        if not path.is_file():
-            raise ConfigError(f"{key}: class-list file {path} not found{_where(source)}")
         text = path.read_text(encoding="utf-8")
         if text.lstrip().startswith("["):
             try:
@@ -134,7 +116,8 @@ def load_class_names(spec: Any, key: str = "data.classes", source: str | None = 
             names = [line.strip() for line in text.splitlines() if line.strip()]
         source = str(path)
     elif isinstance(spec, str):
-        looks_like_file = "/" in spec or "\\" in spec or Path(spec.strip()).suffix.lower() in _LIST_SUFFIXES
+        suffix = Path(spec.strip()).suffix.lower()
+        looks_like_file = "/" in spec or "\\" in spec or suffix in (".txt", ".json", ".lst", ".csv", ".names")
         if "," not in spec and looks_like_file:
             raise ConfigError(f"{key}: {spec!r} is neither a built-in class list "
                               f"({', '.join(BUILTIN_CLASS_LISTS)}) nor a file{_where(source)}")
@@ -147,12 +130,11 @@ def load_class_names(spec: Any, key: str = "data.classes", source: str | None = 
     if not names or not all(isinstance(n, str) and n.strip() for n in names):
         raise ConfigError(f"{key}: class names must be a non-empty list of non-empty strings{_where(source)}")
     names = tuple(n.strip() for n in names)
-    seen: dict[str, str] = {}
-    for name in names:
-        if canonical_name(name) in seen:
-            raise ConfigError(f"{key}: duplicate class {name!r} (same as {seen[canonical_name(name)]!r})"
-                              f"{_where(source)}")
-        seen[canonical_name(name)] = name
+    keys = [canonical_name(name) for name in names]
+    twice = next((i for i, k in enumerate(keys) if k in keys[:i]), None)
+    if twice is not None:
+        raise ConfigError(f"{key}: duplicate class {names[twice]!r} (same as {names[keys.index(keys[twice])]!r})"
+                          f"{_where(source)}")
     return names
 
 
@@ -165,11 +147,9 @@ def resolve_indices(values: Iterable[Any], names: Sequence[str], *, out_of_range
                     unknown: Callable[[Any], str], duplicate: Callable[[Any, int], str],
                     check: Callable[[Any, int], str | None] = lambda value, index: None,
                     limit: int | None = None) -> list[int]:
-    """Each value an index or a name of ``names`` (matched by :func:`canonical_name`) -> its index,
-    in order; duplicates refused. ``out_of_range(value)`` is the error of an integer outside
-    ``0..limit-1`` (default ``len(names)``; None: integers are not accepted); ``unknown(value)`` of anything else
-    not found; ``duplicate(value, index)``; ``check(value, index)`` may refuse an index. Each
-    error is a ConfigError with the message the function returns."""
+    """The index of each value (an integer below ``limit``, default ``len(names)``, or a name of
+    ``names``), in order. Each callback gives the ConfigError message of its case (``out_of_range``
+    None: integers are refused); ``check`` may refuse an index."""
     index = class_index(names)
     resolved: list[int] = []
     for value in values:
@@ -190,34 +170,10 @@ def resolve_indices(values: Iterable[Any], names: Sequence[str], *, out_of_range
     return resolved
 
 
-def _resolve_unseen(values: Iterable[Any], names: Sequence[str], key: str, source: str | None,
-                    has_background: bool = True) -> tuple[int, ...]:
-    def background(value: Any, idx: int) -> str | None:
-        return (f"{key}: class {value!r} is the background (index 0) and cannot be unseen{_where(source)}"
-                if idx == 0 and has_background else None)
-    return tuple(sorted(resolve_indices(
-        values, names,
-        out_of_range=lambda v: f"{key}: class index {v} out of range 0..{len(names) - 1}{_where(source)}",
-        unknown=lambda v: f"{key}: unknown class {v!r}{_where(source)}; valid: {', '.join(names)}",
-        duplicate=lambda v, i: f"{key}: duplicate class {v!r} ({names[i]}){_where(source)}", check=background)))
-
-
-def _preset_family(data: DataSection) -> str:
-    classes = data.classes
-    if isinstance(classes, str) and classes.lower() in PRESETS:
-        return classes.lower()
-    return data.type.lower()
-
-
 @dataclass(frozen=True)
 class ClassSplit:
-    """Ordered class names, the sorted unseen indices, whether background is ignored and
-    whether class 0 is a background class at all (``has_background``).
-
-    With a background, index 0 is never unseen and is left out of :attr:`seen_object` (the
-    classes of the SC loss); without one (e.g. road scenes: sky, road, car, ...) every
-    class is an object class and any class may be unseen.
-    """
+    """Ordered class names, the sorted unseen indices, whether background is ignored and whether
+    class 0 is a background at all (if so it is never unseen nor in :attr:`seen_object`)."""
 
     names: tuple[str, ...]
     unseen: tuple[int, ...]
@@ -284,12 +240,8 @@ def has_background(data: DataSection, names: Sequence[str]) -> bool:
 
 
 def parse_class_split(data: DataSection | Mapping, source: str = "config") -> ClassSplit:
-    """Build the :class:`ClassSplit` from a config's ``data`` section (a mapping is checked first).
-
-    ``classes``: built-in list name, class-list file, list or comma-separated names; the unseen
-    classes: a preset name (``zs3-2`` ... ``zs3-10``, ``spnet``) or a list of class names and/or
-    indices; ``background``: see :func:`has_background`.
-    """
+    """The :class:`ClassSplit` of a ``data`` section: ``classes`` (see :func:`load_class_names`) and
+    ``unseen_classes``, a preset name (``zs3-2`` ... ``zs3-10``, ``spnet``) or class names / indices."""
     data = as_data_section(data, source)
     if data.classes is None:
         raise ConfigError(f"data.classes: missing (file {source})")
@@ -303,26 +255,33 @@ def parse_class_split(data: DataSection | Mapping, source: str = "config") -> Cl
         raise ConfigError(f"{data.background_problem(names[0])}{_where(source)}")
     unseen, key = data.unseen_classes, UNSEEN_KEY
     if isinstance(unseen, str):
-        family = _preset_family(data)
+        classes = data.classes.lower() if isinstance(data.classes, str) else ""
+        family = classes if classes in PRESETS else data.type.lower()
         presets = PRESETS.get(family, {})
         if unseen.lower() not in presets:
             valid = ", ".join(presets) if presets else f"none for {family!r}; give a list of class names"
             raise ConfigError(f"{key}: unknown preset {unseen!r}{_where(source)}; valid: {valid}")
         key = f"{key} (preset {unseen!r})"
         unseen = presets[unseen.lower()]
-    return ClassSplit(names, _resolve_unseen(unseen, names, key, source, background), data.ignore_bg, background)
+    where = _where(source)
+    indices = resolve_indices(
+        unseen, names, out_of_range=lambda v: f"{key}: class index {v} out of range 0..{len(names) - 1}{where}",
+        unknown=lambda v: f"{key}: unknown class {v!r}{where}; valid: {', '.join(names)}",
+        duplicate=lambda v, i: f"{key}: duplicate class {v!r} ({names[i]}){where}",
+        check=lambda v, i: f"{key}: class {v!r} is the background (index 0) and cannot be unseen{where}"
+        if i == 0 and background else None)
+    return ClassSplit(names, tuple(indices), data.ignore_bg, background)
 
 
 # ----------------------------------------------------------------------------- names -> rows
 
 
 def parse_aliases(spec: Any, names: Sequence[str], key: str, source: str | None = "config") -> dict[str, str]:
-    """Explicit aliases ``{class name: name to look up instead}`` (e.g. ``{"pavement": "sidewalk"}``),
-    keyed by the canonical class name. Every key must be a class of ``names``."""
-    if spec is None:
+    """``{class of names: row name to look up instead}`` (``{"pavement": "sidewalk"}``), keyed by the
+    canonical class name; ``spec`` is a dict (the schema's ``data.embeddings.aliases``) or None."""
+    if not spec:
         return {}
-    if not isinstance(spec, Mapping) or not all(isinstance(k, str) and isinstance(v, str) and v.strip()
-                                                for k, v in spec.items()):
+    if not all(isinstance(v, str) and v.strip() for v in spec.values()):
         raise ConfigError(f"{key}: expected {{\"class\": \"name to look up\", ...}}, got {spec!r}{_where(source)}")
     index = class_index(names)
     unknown = [k for k in spec if canonical_name(k) not in index]
@@ -334,12 +293,8 @@ def parse_aliases(spec: Any, names: Sequence[str], key: str, source: str | None 
 
 def match_names(wanted: Sequence[str], available: Sequence[str],
                 aliases: Mapping[str, str] | None = None) -> list[int | None]:
-    """For each name of ``wanted``, the index of the same class in ``available`` (None if absent).
-
-    Names match by :func:`canonical_name` (case, separators and the alias table folded); a
-    class with an explicit alias (``aliases``, from :func:`parse_aliases`) is looked up by
-    its alias only.
-    """
+    """For each name of ``wanted``, the index of the same class (:func:`canonical_name`) in ``available``
+    or None; a class with an explicit alias (:func:`parse_aliases`) is looked up by its alias only."""
     index = class_index(available)
     aliases = aliases or {}
     return [index.get(canonical_name(aliases.get(canonical_name(name), name))) for name in wanted]

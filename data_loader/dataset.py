@@ -1,15 +1,13 @@
 """The segmentation dataset: reads an image and its label, checks them, remaps and transforms.
 
-Label values are checked on every read: a value that is neither a class index of the
-label file's class list, a value declared ignored (``data.ignore_labels``) nor 255 is a
-:class:`DataError` naming the file, as is a missing
-or unreadable file and an image/label size mismatch. With ``skip_bad_samples`` the
-sample is logged and the next one is returned instead.
-"""
+A missing or unreadable file, a label value that is neither a class, ignored nor 255, and an
+image/label size mismatch are a :class:`DataError` naming the file (logged and skipped with
+``skip_bad_samples``)."""
 from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from itertools import groupby
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
@@ -51,27 +49,21 @@ def read_image(path: Path, exif_transpose: bool = False) -> torch.Tensor:
     return torch.from_numpy(array).permute(2, 0, 1)
 
 
-def read_png_label(path: Path) -> np.ndarray:
-    """Read a single-channel class-index PNG (grayscale or palette) as an integer array."""
-    if not path.is_file():
-        raise DataError(f"{path}: label file not found")
-    try:
-        with Image.open(path) as img:
-            if img.mode not in ("L", "P", "I", "I;16"):
-                raise DataError(f"{path}: label must be a single-channel class-index PNG (grayscale or "
-                                f"palette), got mode {img.mode}")
-            return np.asarray(img)
-    except DataError:
-        raise
-    except (OSError, UnidentifiedImageError, ValueError) as err:
-        raise DataError(f"{path}: cannot read label ({first_line(err)})") from None
-
-
 class LabelFiles:
     """Labels stored as one PNG per image (``Sample.label`` is the path)."""
 
     def read(self, sample: Sample) -> np.ndarray:
-        return read_png_label(Path(sample.label))
+        """The single-channel class-index PNG (grayscale or palette) as an integer array."""
+        path = Path(sample.label)
+        try:
+            with Image.open(path) as img:
+                mode, array = img.mode, np.asarray(img)
+        except (OSError, UnidentifiedImageError, ValueError) as err:
+            raise DataError(f"{path}: cannot read label ({first_line(err)})") from None
+        if mode not in ("L", "P", "I", "I;16"):
+            raise DataError(f"{path}: label must be a single-channel class-index PNG (grayscale or palette), "
+                            f"got mode {mode}")
+        return array
 
     def describe(self, sample: Sample) -> str:
         return str(sample.label)
@@ -89,9 +81,6 @@ class LabelDict:
         self.labels = labels
 
     def read(self, sample: Sample) -> np.ndarray:
-        error = self.missing(sample)
-        if error:
-            raise DataError(error)
         label = self.labels[sample.label]
         array = label.numpy() if isinstance(label, torch.Tensor) else np.asarray(label)
         if array.ndim != 2:
@@ -127,14 +116,9 @@ def remap_table(label_names: Sequence[str], target_names: Sequence[str], where: 
 
 def value_ranges(values: Sequence[int]) -> str:
     """``[0, 1, 2, 3, 7, 255]`` -> ``"0..3, 7, 255"``."""
-    values, parts = sorted(set(int(v) for v in values)), []
-    start = None
-    for i, value in enumerate(values):
-        start = value if start is None else start
-        if i + 1 == len(values) or values[i + 1] != value + 1:
-            parts.append(str(value) if value == start else f"{start}..{value}")
-            start = None
-    return ", ".join(parts)
+    runs = [[value for _, value in run]   # consecutive values: equal value - position
+            for _, run in groupby(enumerate(sorted(set(map(int, values)))), lambda pair: pair[1] - pair[0])]
+    return ", ".join(str(run[0]) if len(run) == 1 else f"{run[0]}..{run[-1]}" for run in runs)
 
 
 def ignore_table(ignored: Sequence[int]) -> np.ndarray:
@@ -145,11 +129,8 @@ def ignore_table(ignored: Sequence[int]) -> np.ndarray:
 
 
 class SegmentationDataset(Dataset):
-    """Items ``{"image": float32 3xHxW, "label": int64 HxW (255 = ignore), "name": str}``.
-
-    ``remap``: raw label value -> class index (see :func:`remap_table`); ``ignore``: class
-    index -> training target (see :func:`ignore_table`); ``transform``: a joint v2 transform.
-    """
+    """Items ``{"image": float32 3xHxW, "label": int64 HxW (255 = ignore), "name": str}``; ``remap``
+    (:func:`remap_table`) and ``ignore`` (:func:`ignore_table`) map raw label values to targets."""
 
     def __init__(self, samples: Sequence[Sample], labels: LabelFiles | LabelDict, remap: np.ndarray,
                  ignore: np.ndarray, transform: Callable, skip_bad_samples: bool = False):
@@ -173,6 +154,9 @@ class SegmentationDataset(Dataset):
     def read_raw_label(self, index: int) -> np.ndarray:
         """The label of sample ``index`` as stored (values 0..255), before remapping."""
         sample = self.samples[index]
+        error = self.labels.missing(sample)
+        if error:
+            raise DataError(error)
         raw = self.labels.read(sample)
         if raw.dtype != np.uint8:
             raw = raw.astype(np.int64)
@@ -208,10 +192,6 @@ class SegmentationDataset(Dataset):
                             f"differs from image {sample.image} size {image.shape[2]}x{image.shape[1]}")
         return image, label, raw
 
-    def read(self, index: int) -> tuple[torch.Tensor, np.ndarray]:
-        """Checked uint8 image (3xHxW) and class-index label (HxW) of sample ``index``."""
-        return self.read_with_raw(index)[:2]
-
     def __getitem__(self, key: int | tuple[int, int]) -> dict:
         """Sample ``key``: an index, or ``(index, seed)`` from the training sampler, in which case
         the random augmentation draws from ``seed`` alone (the global RNG is left untouched)."""
@@ -219,7 +199,7 @@ class SegmentationDataset(Dataset):
         for attempt in range(len(self.samples)):
             current = (index + attempt) % len(self.samples)
             try:
-                image, label = self.read(current)
+                image, label, _ = self.read_with_raw(current)
                 break
             except DataError as err:
                 if not self.skip_bad_samples:

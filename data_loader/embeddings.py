@@ -1,12 +1,7 @@
-"""Class embeddings: embedding files (word2vec, fastText, ...) read as float tensors, their rows
-named and picked by class name, several files concatenated (``data.embeddings``).
-
-Supported formats: ``.npy`` (numpy, no pickles), ``.pt``/``.pth`` (``torch.load``
-with ``weights_only=True``) and data-only pickles (``.pkl``: read with encoding
-latin-1 by a restricted unpickler that only rebuilds numpy arrays / torch tensors).
-Files whose content is not a 2-D numeric array are refused with an error naming the file.
-An embedding file ``X.npy`` may name its rows in ``X.classes.txt`` beside it
-(:func:`classes_sidecar`; written by build_embeddings.py, read by the data loader and predict.py).
+"""Class embeddings (``data.embeddings``): files read as float tensors, their rows picked by class
+name, several files concatenated. Formats: ``.npy`` (no pickles), ``.pt``/``.pth`` (``weights_only``)
+and data-only ``.pkl`` pickles (latin-1, numpy arrays only); anything but a 2-D numeric array is
+refused. ``X.npy`` may name its rows in ``X.classes.txt`` beside it (:func:`classes_sidecar`).
 """
 from __future__ import annotations
 
@@ -27,17 +22,9 @@ from utils.sections import parse_section
 class _DataOnlyUnpickler(pickle.Unpickler):
     """Rebuilds numpy arrays (and nothing else); anything executable is refused."""
 
-    _ALLOWED = {
-        ("numpy.core.multiarray", "_reconstruct"),
-        ("numpy._core.multiarray", "_reconstruct"),
-        ("numpy", "ndarray"),
-        ("numpy", "dtype"),
-        ("numpy.core.multiarray", "scalar"),
-        ("numpy._core.multiarray", "scalar"),
-        ("numpy.core.numeric", "_frombuffer"),
-        ("numpy._core.numeric", "_frombuffer"),
-        ("_codecs", "encode"),  # bytes in protocol-2 (Python 2 era) pickles
-    }
+    _ALLOWED = {("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode"),  # encode: protocol-2 bytes
+                *((f"numpy.{core}.{module}", name) for core in ("core", "_core") for module, name in
+                  (("multiarray", "_reconstruct"), ("multiarray", "scalar"), ("numeric", "_frombuffer")))}
 
     def find_class(self, module: str, name: str):
         if (module, name) in self._ALLOWED:
@@ -45,22 +32,9 @@ class _DataOnlyUnpickler(pickle.Unpickler):
         raise pickle.UnpicklingError(f"refusing to load {module}.{name}: not a numeric array")
 
 
-def _to_tensor(obj, path: Path) -> torch.Tensor:
-    if isinstance(obj, np.ndarray):
-        if not np.issubdtype(obj.dtype, np.number):
-            raise ConfigError(f"{path}: embeddings must be a numeric array, got dtype {obj.dtype}")
-        obj = torch.from_numpy(np.ascontiguousarray(obj))
-    if not isinstance(obj, torch.Tensor) or obj.dtype == torch.bool or obj.is_complex():
-        raise ConfigError(f"{path}: embeddings must be a numeric array, got {type(obj).__name__}")
-    if obj.dim() != 2:
-        raise ConfigError(f"{path}: embeddings must be 2-D (classes x dims), got shape {tuple(obj.shape)}")
-    tensor = obj.to(torch.float32)
-    if not torch.isfinite(tensor).all():
-        raise ConfigError(f"{path}: embeddings contain NaN or Inf")
-    return tensor
-
-
-def _read_one(path: Path) -> torch.Tensor:
+def load_class_embeddings(path: str | Path, normalize: str | None = None) -> torch.Tensor:
+    """One embedding file as a float32 tensor ``rows x dim``, normalised as asked."""
+    path = Path(path)
     if not path.is_file():
         raise ConfigError(f"{path}: embedding file not found")
     raw = path.read_bytes()
@@ -73,11 +47,20 @@ def _read_one(path: Path) -> torch.Tensor:
             obj = torch.load(io.BytesIO(raw), map_location="cpu", weights_only=True)
         else:
             obj = _DataOnlyUnpickler(io.BytesIO(raw), encoding="latin1").load()
-    except ConfigError:
-        raise
     except Exception as err:  # noqa: BLE001 - any reader failure becomes one line naming the file
         raise ConfigError(f"{path}: cannot read embeddings ({type(err).__name__}: {err})") from None
-    return _to_tensor(obj, path)
+    if isinstance(obj, np.ndarray):
+        if not np.issubdtype(obj.dtype, np.number):
+            raise ConfigError(f"{path}: embeddings must be a numeric array, got dtype {obj.dtype}")
+        obj = torch.from_numpy(np.ascontiguousarray(obj))
+    if not isinstance(obj, torch.Tensor) or obj.dtype == torch.bool or obj.is_complex():
+        raise ConfigError(f"{path}: embeddings must be a numeric array, got {type(obj).__name__}")
+    if obj.dim() != 2:
+        raise ConfigError(f"{path}: embeddings must be 2-D (classes x dims), got shape {tuple(obj.shape)}")
+    obj = obj.to(torch.float32)
+    if not torch.isfinite(obj).all():
+        raise ConfigError(f"{path}: embeddings contain NaN or Inf")
+    return normalize_embeddings(obj, normalize)
 
 
 def classes_sidecar(path: str | Path) -> Path:
@@ -99,12 +82,6 @@ def normalize_embeddings(embeddings: torch.Tensor, mode: str | None) -> torch.Te
     raise ConfigError(f"unknown normalization {mode!r}; valid: {', '.join(NORMALIZATIONS)}")
 
 
-def load_class_embeddings(path: str | Path, normalize: str | None = None) -> torch.Tensor:
-    """One embedding file as a float32 tensor ``rows x dim``, normalised as asked (several files are
-    concatenated, after each is normalised, by :func:`class_embeddings`)."""
-    return normalize_embeddings(_read_one(Path(path)), normalize)
-
-
 def embedding_row_names(path: Path, spec: Any, source: str | None = "config",
                         key: str = "data.embeddings.names") -> tuple[tuple[str, ...] | None, str]:
     """The names of an embedding file's rows and where they come from: ``spec`` (a built-in
@@ -122,16 +99,9 @@ def embedding_row_names(path: Path, spec: Any, source: str | None = "config",
 
 def class_embeddings(spec: EmbeddingsSection | Mapping, class_names: Sequence[str],
                      source: str = "config") -> torch.Tensor:
-    """The ``data.embeddings`` rows of ``class_names``: ``len(class_names) x dim`` float32.
-
-    ``spec``: ``paths`` (one file or a list, concatenated along the feature axis), the
-    normalisation (applied to each whole file, before rows are selected), ``names`` (the row
-    names of every file: a built-in list, a file or a list; default: each file's
-    ``.classes.txt`` sidecar when it has one) and ``aliases`` (``{class: row name}``).
-    A file with row names gives its rows by class name (alias rules of data_loader.classes,
-    then ``aliases``); a file without has one row per class, in class-list order. Classes
-    with no row are one ConfigError listing them all.
-    """
+    """The ``data.embeddings`` rows of ``class_names`` (``len(class_names) x dim`` float32): each file
+    normalised whole, then its rows picked by name (:func:`embedding_row_names`, ``aliases``) or, with
+    no row names, taken in class order; the files concatenated. Rows not found are one ConfigError."""
     if spec is None:
         raise ConfigError(f"data.embeddings: missing (file {source})")
     if not isinstance(spec, EmbeddingsSection):

@@ -1,11 +1,8 @@
 """On-disk dataset layouts: where a split's list file, images and labels are under ``data.root``.
 
-A split is a list-file name (resolved with the layout's pattern) or a path to a list file
-(relative to the root). Each list line is either a file stem (``2007_000032``) or an
-``image label`` pair of root-relative paths (``/JPEGImages/x.jpg /SegmentationClassAug/x.png``,
-as in the augmented VOC ``train_aug`` list, or ``train/x.jpg trainannot/x.png`` as in CamVid's).
-A split of the ``Custom`` type may also be two folders, ``{"images": "train", "labels":
-"trainannot"}``, whose files are paired by stem.
+A split is a list-file name (the layout's pattern) or a root-relative list-file path, whose lines
+are stems (``2007_000032``) or ``image label`` path pairs (VOC ``train_aug``, CamVid); a Custom
+split may also be two folders, ``{"images": "train", "labels": "trainannot"}``, paired by stem.
 """
 from __future__ import annotations
 
@@ -20,28 +17,22 @@ from utils.errors import ConfigError
 from utils.schema import LAYOUT_KEYS, DataSection
 
 # Folder conventions of each layout; every entry can be overridden by the same key in ``data``.
+_VOC = {"image_dir": "JPEGImages", "image_ext": ".jpg", "label_dir": "SegmentationClass", "label_ext": ".png",
+        "list_dir": "ImageSets/Segmentation", "list_name": "{split}.txt", "label_classes": None}
 LAYOUTS: dict[str, dict] = {
-    "voc": {"image_dir": "JPEGImages", "image_ext": ".jpg", "label_dir": "SegmentationClass",
-            "label_ext": ".png", "list_dir": "ImageSets/Segmentation", "list_name": "{split}.txt",
-            "label_classes": None},
+    "voc": _VOC,
     "context-official": {"image_dir": "JPEGImages", "image_ext": ".jpg", "label_file": "59_labels.pth",
                          "list_dir": ".", "list_name": "pascal_context_{split}.txt", "label_classes": None},
-    "context-png": {"image_dir": "JPEGImages", "image_ext": ".jpg", "label_dir": "SegmentationClassContext",
-                    "label_ext": ".png", "list_dir": "ImageSets/SegmentationContext", "list_name": "{split}.txt",
+    "context-png": {**_VOC, "label_dir": "SegmentationClassContext", "list_dir": "ImageSets/SegmentationContext",
                     "label_classes": "context-png"},
-    # What data_loader.synthetic writes: the VOC layout with lossless PNG images.
-    "synthetic": {"image_dir": "JPEGImages", "image_ext": ".png", "label_dir": "SegmentationClass",
-                  "label_ext": ".png", "list_dir": "ImageSets/Segmentation", "list_name": "{split}.txt",
-                  "label_classes": None},
+    "synthetic": {**_VOC, "image_ext": ".png"},   # what data_loader.synthetic writes: lossless images
+    # Custom: a split is a root-relative list file or two folders; an extension None: any of
+    # IMAGE_EXTENSIONS / LABEL_EXTENSIONS in folders, .jpg/.png for stem lines (which need both dirs).
+    "custom": {"image_dir": None, "image_ext": None, "label_dir": None, "label_ext": None, "list_dir": ".",
+               "list_name": "{split}", "label_classes": None, "folder_splits": True},
 }
-# Your own data (data.type "Custom"): a split is a list file (root-relative path) or two folders.
-# image_ext/label_ext None: any of IMAGE_EXTENSIONS / LABEL_EXTENSIONS for folders, .jpg/.png
-# for stem lines (which also need image_dir and label_dir).
-LAYOUTS["custom"] = {"image_dir": None, "image_ext": None, "label_dir": None, "label_ext": None,
-                     "list_dir": ".", "list_name": "{split}", "label_classes": None, "folder_splits": True}
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 LABEL_EXTENSIONS = (".png", ".bmp", ".tif", ".tiff")  # lossless only: a JPEG label would be corrupt
-FOLDER_KEYS = ("images", "labels")
 
 
 def layout_settings(data: DataSection, source: str = "config") -> dict:
@@ -93,32 +84,27 @@ def list_samples(root: Path, split: str, settings: dict, key: str, source: str =
     return samples
 
 
-def _files_by_stem(folder: Path, extensions: tuple[str, ...], what: str, key: str) -> dict[str, Path]:
-    by_stem: dict[str, Path] = {}
-    for path in sorted(folder.iterdir()):
-        if path.name.startswith(".") or not path.is_file() or path.suffix.lower() not in extensions:
-            continue
-        if path.stem in by_stem:
-            raise ConfigError(f"{key}: two {what} files with stem {path.stem!r}: {by_stem[path.stem]} and {path}")
-        by_stem[path.stem] = path
-    return by_stem
-
-
 def folder_samples(root: Path, spec: dict, settings: dict, key: str, source: str = "config") -> list[Sample]:
     """Samples of a two-folder split ``{"images": dir, "labels": dir}`` (root-relative), paired
     by file stem; an image without label or a label without image is a ConfigError naming it."""
-    if set(spec) != set(FOLDER_KEYS) or not all(isinstance(v, str) and v for v in spec.values()):
+    if set(spec) != {"images", "labels"} or not all(isinstance(v, str) and v for v in spec.values()):
         raise ConfigError(f"{key}: expected {{\"images\": \"folder\", \"labels\": \"folder\"}} or a list file, "
                           f"got {spec!r} (file {source})")
-    found = {}
+    found: dict[str, dict[str, Path]] = {}
     for part, what, default in (("images", "image", IMAGE_EXTENSIONS), ("labels", "label", LABEL_EXTENSIONS)):
         folder = root / spec[part]
         if not folder.is_dir():
             raise ConfigError(f"{key}.{part}: folder {folder} not found (file {source})")
         ext = settings.get(f"{what}_ext")
         extensions = default if ext is None else (str(ext).lower(),)
-        found[part] = _files_by_stem(folder, extensions, what, key)
-        if not found[part]:
+        by_stem = found[part] = {}
+        for path in sorted(folder.iterdir()):
+            if path.name.startswith(".") or not path.is_file() or path.suffix.lower() not in extensions:
+                continue
+            if path.stem in by_stem:
+                raise ConfigError(f"{key}: two {what} files with stem {path.stem!r}: {by_stem[path.stem]} and {path}")
+            by_stem[path.stem] = path
+        if not by_stem:
             raise ConfigError(f"{key}.{part}: no {'/'.join(extensions)} files in {folder} (file {source})")
     images, labels = found["images"], found["labels"]
     lonely = [f"image {images[s]} has no label in {root / spec['labels']}" for s in images if s not in labels]
@@ -146,7 +132,11 @@ def split_label(split: str | dict) -> str:
     return split.get("images", "?") if isinstance(split, dict) else str(split)
 
 
-def _load_label_dict(path: Path) -> dict:
+def label_source(root: Path, settings: dict) -> LabelFiles | LabelDict:
+    """How the layout stores labels: PNG files, or one dictionary file (stem -> label) loaded once."""
+    if "label_file" not in settings:
+        return LabelFiles()
+    path = root / settings["label_file"]
     if not path.is_file():
         raise ConfigError(f"{path}: label file not found (data.label_file)")
     allowed = [np._core.multiarray._reconstruct, (np._core.multiarray._reconstruct,
@@ -159,12 +149,4 @@ def _load_label_dict(path: Path) -> dict:
         raise ConfigError(f"{path}: cannot read the label dictionary ({type(err).__name__})") from None
     if not isinstance(labels, dict):
         raise ConfigError(f"{path}: expected a dict from file stem to label, got {type(labels).__name__}")
-    return labels
-
-
-def label_source(root: Path, settings: dict) -> LabelFiles | LabelDict:
-    """How the layout stores labels: PNG files, or one dictionary file loaded once."""
-    if "label_file" in settings:
-        path = root / settings["label_file"]
-        return LabelDict(path, _load_label_dict(path))
-    return LabelFiles()
+    return LabelDict(path, labels)

@@ -1,10 +1,6 @@
-"""DataLoader factory: the training order and augmentation as functions of (seed, epoch), evaluation
-sharding, padding collate.
-
-Training batches come from :class:`EpochSampler`: each epoch's order is a permutation drawn from
-(seed, epoch) alone, and every sample carries its own augmentation seed drawn from (seed, epoch,
-index). So an epoch can be resumed at any step (the sampler starts at that position), and the
-augmentation does not depend on the number of workers or processes."""
+"""DataLoader factory: the training order and augmentation as functions of (seed, epoch) alone (so an
+epoch resumes at any step, whatever the number of workers or processes), evaluation sharding,
+padding collate."""
 from __future__ import annotations
 
 from typing import Iterator, Sequence
@@ -33,13 +29,10 @@ def pad_collate(items: Sequence[dict]) -> dict:
 
 
 class EpochSampler(Sampler[tuple[int, int]]):
-    """Training samples as ``(index, augmentation seed)``: a permutation of the dataset drawn from
-    (``seed``, epoch) (in order when ``shuffle`` is false), split over ``num_replicas`` processes
-    like ``DistributedSampler`` (padded with the first indices to a multiple of them): process
-    ``rank`` takes every ``num_replicas``-th position. ``set_epoch(epoch, start)`` selects the
-    epoch and the position in its permutation to start from, counted over all processes (the
-    samples every process has consumed: a resumed epoch), so that an epoch resumed with another
-    number of processes continues with the same samples."""
+    """Training samples as ``(index, augmentation seed)``: a permutation drawn from (``seed``, epoch)
+    (in order without ``shuffle``), split over processes like ``DistributedSampler``;
+    ``set_epoch(epoch, start)`` starts at position ``start`` counted over all processes, so that an
+    epoch resumed with another number of processes continues with the same samples."""
 
     def __init__(self, size: int, seed: int = 0, shuffle: bool = True, num_replicas: int = 1, rank: int = 0):
         self.size, self.seed, self.shuffle = size, seed, shuffle
@@ -52,19 +45,13 @@ class EpochSampler(Sampler[tuple[int, int]]):
     def _total(self) -> int:
         return -(-self.size // self.num_replicas) * self.num_replicas
 
-    def order(self) -> list[int]:
-        """This process's indices for the current epoch, from the start position."""
-        if self.shuffle:
-            generator = torch.Generator().manual_seed(order_seed(self.seed, self.epoch))
-            indices = torch.randperm(self.size, generator=generator).tolist()
-        else:
-            indices = list(range(self.size))
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        """This process's samples of the current epoch, from the start position."""
+        generator = torch.Generator().manual_seed(order_seed(self.seed, self.epoch))
+        indices = torch.randperm(self.size, generator=generator).tolist() if self.shuffle else list(range(self.size))
         total = self._total()
         indices += indices[:total - len(indices)]
-        return indices[self.start + self.rank:total:self.num_replicas]
-
-    def __iter__(self) -> Iterator[tuple[int, int]]:
-        for index in self.order():
+        for index in indices[self.start + self.rank:total:self.num_replicas]:
             yield index, sample_seed(self.seed, self.epoch, index)
 
     def __len__(self) -> int:
@@ -96,18 +83,15 @@ class ShardSampler(Sampler[int]):
 def build_dataloader(dataset: Dataset, *, batch_size: int, train: bool, num_workers: int = 0,
                      pin_memory: bool = False, persistent_workers: bool = False, distributed: bool = False,
                      seed: int = 0, drop_last: bool | None = None, shuffle: bool = True) -> DataLoader:
-    """A DataLoader for training (an :class:`EpochSampler`: seeded order and augmentation, split
-    over the processes when distributed; drop_last by default) or evaluation (in order, sharded
-    without padding when distributed). ``shuffle=False`` keeps training batches in dataset order."""
+    """A DataLoader for training (an :class:`EpochSampler`; drop_last by default) or evaluation (in
+    order, sharded without padding when distributed)."""
     if train:
         world, rank = (dist.get_world_size(), dist.get_rank()) if distributed else (1, 0)
         sampler = EpochSampler(len(dataset), seed, shuffle, world, rank)
     else:
         sampler = ShardSampler(dataset) if distributed else None
-    if drop_last is None:
-        drop_last = train
     return DataLoader(
         dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers, collate_fn=pad_collate,
-        pin_memory=pin_memory and torch.cuda.is_available(), drop_last=drop_last,
+        pin_memory=pin_memory and torch.cuda.is_available(), drop_last=train if drop_last is None else drop_last,
         generator=torch.Generator().manual_seed(seed), persistent_workers=persistent_workers and num_workers > 0,
     )

@@ -24,10 +24,6 @@ class SampleCheck:
     values: frozenset[int] = frozenset()
 
 
-def _threads() -> int:
-    return max(1, min(8, os.cpu_count() or 1))
-
-
 def _present(label: np.ndarray, keep_ignore: bool = False) -> frozenset[int]:
     counts = np.bincount(label.ravel(), minlength=256)
     if not keep_ignore:
@@ -58,7 +54,7 @@ def check_exists(dataset: SegmentationDataset) -> list[SampleCheck]:
 
 def scan(dataset: SegmentationDataset, read_image: bool = False, desc: str | None = None) -> list[SampleCheck]:
     """Check every sample in a thread pool (decoding releases the GIL); a tqdm bar when ``desc``."""
-    with ThreadPoolExecutor(_threads()) as pool:
+    with ThreadPoolExecutor(max(1, min(8, os.cpu_count() or 1))) as pool:
         results = pool.map(lambda i: check_sample(dataset, i, read_image), range(len(dataset)))
         return list(tqdm(results, total=len(dataset), desc=desc, disable=desc is None or not progress_enabled(),
                          leave=False))

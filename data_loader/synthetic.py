@@ -1,11 +1,9 @@
 """A procedural colour x texture segmentation benchmark where zero-shot transfer is learnable.
 
-Each object class is a (colour, texture) pair, e.g. "blue checker"; both attributes are
-local, so they are visible inside a pixel's receptive field. Class embeddings are
-``[one-hot colour | one-hot texture | background flag]`` through a fixed random orthogonal
-projection plus small noise, so an unseen class's embedding is the composition of
-attributes that seen classes carry. The generator is deterministic from its parameters
-and writes a VOC-layout tree (PNG images) with ``classes.txt`` and ``embeddings.npy``.
+Each object class is a (colour, texture) pair, e.g. "blue checker", both visible locally; its
+embedding is ``[one-hot colour | one-hot texture | background flag]`` through a fixed random
+orthogonal projection plus noise, so an unseen class composes attributes that seen classes carry.
+Deterministic from its parameters; writes a VOC-layout tree with ``classes.txt`` and ``embeddings.npy``.
 """
 from __future__ import annotations
 
@@ -37,29 +35,13 @@ PALETTE: dict[str, tuple[int, int, int]] = {
 DARK = 0.35  # brightness of the dark half of a texture
 
 
-def _texture_solid(yy: np.ndarray, xx: np.ndarray, period: int) -> np.ndarray:
-    return np.ones(np.broadcast(yy, xx).shape, dtype=bool)
-
-
-def _texture_hstripe(yy: np.ndarray, xx: np.ndarray, period: int) -> np.ndarray:
-    return np.broadcast_to((yy % period) < period // 2, np.broadcast(yy, xx).shape)
-
-
-def _texture_vstripe(yy: np.ndarray, xx: np.ndarray, period: int) -> np.ndarray:
-    return np.broadcast_to((xx % period) < period // 2, np.broadcast(yy, xx).shape)
-
-
-def _texture_checker(yy: np.ndarray, xx: np.ndarray, period: int) -> np.ndarray:
-    return ((yy % period) < period // 2) ^ ((xx % period) < period // 2)
-
-
-def _texture_diagonal(yy: np.ndarray, xx: np.ndarray, period: int) -> np.ndarray:
-    return ((yy + xx) % period) < period // 2
-
-
+# Bright (True) / dark pixels of each texture, from the row and column grids (same shape) and the period.
 TEXTURES: dict[str, Callable[[np.ndarray, np.ndarray, int], np.ndarray]] = {
-    "solid": _texture_solid, "hstripe": _texture_hstripe, "vstripe": _texture_vstripe,
-    "checker": _texture_checker, "diagonal": _texture_diagonal,
+    "solid": lambda yy, xx, period: np.ones(yy.shape, dtype=bool),
+    "hstripe": lambda yy, xx, period: (yy % period) < period // 2,
+    "vstripe": lambda yy, xx, period: (xx % period) < period // 2,
+    "checker": lambda yy, xx, period: ((yy % period) < period // 2) ^ ((xx % period) < period // 2),
+    "diagonal": lambda yy, xx, period: ((yy + xx) % period) < period // 2,
 }
 
 
@@ -89,10 +71,8 @@ def class_attributes(params: SyntheticSection) -> np.ndarray:
     n_col, n_tex = len(params.colours), len(params.textures)
     attrs = np.zeros((1 + n_col * n_tex, n_col + n_tex + 1), dtype=np.float64)
     attrs[0, -1] = 1.0
-    for c in range(n_col):
-        for t in range(n_tex):
-            row = 1 + c * n_tex + t
-            attrs[row, c] = attrs[row, n_col + t] = 1.0
+    attrs[1:, :n_col] = np.repeat(np.eye(n_col), n_tex, axis=0)   # class 1 + c * n_tex + t: colour c
+    attrs[1:, n_col:-1] = np.tile(np.eye(n_tex), (n_col, 1))      # ... and texture t
     return attrs
 
 
@@ -176,9 +156,8 @@ def samples(params: SyntheticSection) -> Iterator[tuple[str, str, np.ndarray, np
 
 def write_tree(params: SyntheticSection, folder: Path, progress: bool = True) -> None:
     """Write the VOC-layout tree, ``classes.txt``, ``embeddings.npy`` and ``params.json``."""
-    (folder / "JPEGImages").mkdir(parents=True)
-    (folder / "SegmentationClass").mkdir()
-    (folder / "ImageSets" / "Segmentation").mkdir(parents=True)
+    for sub in ("JPEGImages", "SegmentationClass", "ImageSets/Segmentation"):
+        (folder / sub).mkdir(parents=True)
     lists = {"train": [], "val": []}
     total = params.num_train + params.num_val
     for split, name, image, label in tqdm(samples(params), total=total, desc="generating synthetic data",
@@ -194,11 +173,8 @@ def write_tree(params: SyntheticSection, folder: Path, progress: bool = True) ->
 
 
 def ensure_synthetic(params: SyntheticSection, progress: bool = True) -> Path:
-    """Generate the dataset into its cache folder unless it is there; return the folder.
-
-    Generation writes to a temporary folder that is renamed into place, so concurrent
-    callers never see a half-written tree (the loser of the race discards its copy).
-    """
+    """The cache folder, generated unless it is there: written aside and renamed into place, so that
+    concurrent callers never see a half-written tree (the loser of the race discards its copy)."""
     folder = cache_folder(params)
     if folder.is_dir():
         return folder

@@ -1,8 +1,5 @@
-"""Joint image/label transforms (torchvision.transforms.v2 with ``tv_tensors.Mask``).
-
-Inputs are a uint8 ``tv_tensors.Image`` (3xHxW) and a uint8 ``tv_tensors.Mask`` (HxW);
-outputs a float32 ImageNet-normalised image and an int64 label (255 = ignore). The one home
-of the normalisation (:func:`to_model_input`, :func:`denormalize`); ``IGNORE_INDEX`` is utils.schema's.
+"""Joint image/label transforms (torchvision v2): uint8 image 3xHxW and label HxW in, float32
+ImageNet-normalised image and int64 label (255 = ignore) out; the one home of the normalisation.
 """
 from __future__ import annotations
 
@@ -20,18 +17,10 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
-def _to_float_normalised() -> list[v2.Transform]:
-    return [
-        v2.ToDtype({tv_tensors.Image: torch.float32, tv_tensors.Mask: torch.int64, "others": None}, scale=True),
-        v2.Normalize(IMAGENET_MEAN, IMAGENET_STD),
-    ]
-
-
 class RandomScale(v2.RandomResize):
-    """``v2.RandomResize`` (the short side drawn uniformly from the integers ``[min_size, max_size)``,
-    the aspect kept) whose label resize is PIL's NEAREST, as the official code: PIL samples at pixel
-    centres (``floor((dst + 0.5) * in / out)``, accumulated in double precision), torch at
-    ``floor(dst * in / out)``, which moves 1-3% of the label pixels by one source pixel at edges."""
+    """``v2.RandomResize`` (short side uniform in ``[min_size, max_size)``, aspect kept) whose label
+    resize is PIL's NEAREST, as the official code: PIL samples at pixel centres, torch's NEAREST
+    would move 1-3% of the label pixels by one source pixel at edges."""
 
     def transform(self, inpt: Any, params: dict) -> Any:
         if not isinstance(inpt, tv_tensors.Mask):
@@ -44,9 +33,8 @@ class RandomScale(v2.RandomResize):
 
 
 class PadRightBottom(v2.Transform):
-    """Pad an image smaller than ``size`` on the right and at the bottom only (image 0, label 255),
-    so it sits at the top-left, as the official code pads (``v2.RandomCrop(pad_if_needed)`` pads
-    both sides)."""
+    """Pad an image smaller than ``size`` on the right and at the bottom only (image 0, label 255), as
+    the official code (``v2.RandomCrop(pad_if_needed)`` pads both sides)."""
 
     def __init__(self, size: int):
         super().__init__()
@@ -62,27 +50,28 @@ class PadRightBottom(v2.Transform):
 
 
 def train_transform(base_size: int, crop_size: int, scale_range: Sequence[float], hflip: bool = True) -> v2.Compose:
-    """The official training augmentation, in its order: horizontal flip (p 0.5 unless ``hflip`` is
-    false), random scale (short side uniform in ``[int(low * base_size), int(high * base_size)]``),
-    padding to ``crop_size`` on the right and bottom, a uniform random ``crop_size`` crop, normalisation."""
+    """The official training augmentation, in its order: horizontal flip (unless not ``hflip``), random
+    scale (short side in ``base_size * scale_range``), padding to ``crop_size``, random crop, normalisation."""
     low, high = (int(base_size * s) for s in scale_range)
     return v2.Compose([
         v2.RandomHorizontalFlip(0.5 if hflip else 0.0),
         RandomScale(low, high + 1, antialias=True),
         PadRightBottom(crop_size),
         v2.RandomCrop(crop_size),
-        *_to_float_normalised(),
+        *val_transform().transforms,
     ])
 
 
 def val_transform() -> v2.Compose:
     """Full resolution, no resize: only normalisation (as the official test)."""
-    return v2.Compose(_to_float_normalised())
+    return v2.Compose([
+        v2.ToDtype({tv_tensors.Image: torch.float32, tv_tensors.Mask: torch.int64, "others": None}, scale=True),
+        v2.Normalize(IMAGENET_MEAN, IMAGENET_STD),
+    ])
 
 
 def to_model_input(image: torch.Tensor) -> torch.Tensor:
-    """A uint8 3 x H x W image as the model sees it at evaluation (float32, ImageNet-normalised):
-    the validation transform itself, so every entry point feeds the encoder the same numbers."""
+    """A uint8 3 x H x W image as the model sees it at evaluation: the validation transform itself."""
     return _VAL(tv_tensors.Image(image)).as_subclass(torch.Tensor)
 
 

@@ -1,10 +1,8 @@
 """Check a configured dataset before a long run: ``python -m data_loader.verify -c CONFIG``.
 
-Reads every image and label of the train and val splits, checks label values and sizes,
-loads the class embeddings, and prints per-split counts (listed, bad, with unseen-class
-pixels, used after unseen removal), the raw label values found, and per class the number
-of images that contain it in each split. Exits 1 when a file is bad or a count differs from
-``data.expected_counts``, 2 on a config error; problems are printed one line each.
+Reads every image and label of each split and the class embeddings; prints per split the counts
+(listed, bad, with unseen pixels, used), the raw label values found and the images holding each
+class. Exits 1 on a bad file or a count other than ``data.expected_counts``, 2 on a config error.
 """
 from __future__ import annotations
 
@@ -30,8 +28,7 @@ def verify(data: DataSection | Mapping, source: str = "config", out: TextIO | No
     embeddings = ds.embeddings()
     print(f"{data.type} at {ds.root}: {ds.split.num_classes} classes, embeddings "
           f"{tuple(embeddings.shape)}, unseen: {', '.join(ds.split.unseen_names) or 'none'}", file=out)
-    header = f"{'split':<12}{'listed':>8}{'bad':>6}{'with unseen':>13}{'used':>8}{'expected':>10}"
-    print(header, file=out)
+    print(f"{'split':<12}{'listed':>8}{'bad':>6}{'with unseen':>13}{'used':>8}{'expected':>10}", file=out)
     problems: list[str] = []
     checked: dict[str, list[SampleCheck]] = {}
     splits = {"train_split": data.train_split, "val_split": data.val_split}

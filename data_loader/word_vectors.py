@@ -1,18 +1,10 @@
-"""Word-vector files (word2vec binary/text, GloVe, fastText ``.vec``) to class embeddings.
+"""Word-vector files (word2vec binary/text, GloVe, fastText ``.vec``; ``.gz`` too) to class embeddings.
 
-``read_word_vectors`` reads the vectors of some words from a word-vector file;
-``resolve_class_embeddings`` turns class names ("potted plant", "tvmonitor") into one row
-each: multi-word names average their words, a phrase token ("potted_plant") is preferred
-when the vocabulary has one, case variants and the project's alias spellings
-(``data_loader.classes``: "pottedplant" -> "potted plant", "airplane" -> "aeroplane", ...)
-are tried, and every missing word of every class is reported in one ``ConfigError``.
-
-Reader choice: gensim's ``KeyedVectors.load_word2vec_format`` is the well-kept reader for
-these formats and is used when gensim is importable. It is an optional dependency only
-(gensim pulls in scipy and compiled extensions, far too heavy for reading a few hundred
-vectors) and it loads the whole file (3.6 GB of RAM for GoogleNews). Without it, a small
-built-in streaming reader is used: it reads one entry at a time and keeps only the
-requested words, so memory stays at a few MB whatever the file size.
+``resolve_class_embeddings`` gives each class name one row: multi-word names average their words, a
+phrase token ("potted_plant") is preferred when present, case variants and the alias spellings of
+``data_loader.classes`` are tried, and every missing word is reported in one ``ConfigError``.
+gensim reads the files when installed (optional: heavy, and it loads the whole file, 3.6 GB for
+GoogleNews); else a built-in streaming reader keeps only the requested words (a few MB).
 """
 from __future__ import annotations
 
@@ -67,11 +59,6 @@ def _open(path: Path) -> BinaryIO:
     return gzip.open(path, "rb") if magic == b"\x1f\x8b" else open(path, "rb")
 
 
-def _base_suffix(path: Path) -> str:
-    name = path.name.lower()
-    return Path(name[:-3] if name.endswith(".gz") else name).suffix
-
-
 def _parse_floats(values: Sequence[bytes]) -> np.ndarray | None:
     try:
         return np.array([float(v) for v in values], dtype=np.float32)
@@ -88,25 +75,14 @@ def _text_entry(line: bytes, dim: int | None) -> tuple[bytes, np.ndarray] | None
     return None if vector is None else (parts[0].strip(), vector)
 
 
-def _trailing_floats(line: bytes) -> int:
-    """How many whitespace-separated numbers end the line (the word itself is never counted)."""
-    parts = line.split()
-    count = 0
-    for part in reversed(parts[1:]):
-        try:
-            float(part)
-        except ValueError:
-            break
-        count += 1
-    return count
-
-
 def _glove_dim(first: bytes, second: bytes) -> int:
-    """Vector length of a header-less file: the smaller count of trailing numbers of its first
-    two lines, so a word with spaces ("potted plant 0.1 ...") or a numeric word ("2009 0.1 ...")
-    on one of them does not change it."""
-    counts = [_trailing_floats(line) for line in (first, second) if line.strip()]
-    return min(counts) if counts else 0
+    """Vector length of a header-less file: the fewer numbers ending its first two lines, so a word
+    with spaces ("potted plant 0.1 ...") or a numeric word ("2009 0.1 ...") does not change it."""
+    counts = []
+    for line in filter(bytes.strip, (first, second)):
+        numbers = line.split()[1:]   # the word itself is never counted
+        counts.append(next((i for i, n in enumerate(reversed(numbers)) if _parse_floats([n]) is None), len(numbers)))
+    return min(counts, default=0)
 
 
 def detect_layout(path: PathLike, fmt: str = "auto") -> Layout:
@@ -132,8 +108,9 @@ def detect_layout(path: PathLike, fmt: str = "auto") -> Layout:
     if header:
         count, dim = int(header.group(1)), int(header.group(2))
         if fmt == "auto":
+            vec = path.name.lower().removesuffix(".gz").endswith(".vec")
             is_text = count == 0 or _text_entry(second, dim) is not None
-            fmt = ("fasttext" if _base_suffix(path) == ".vec" else "word2vec-text") if is_text else "word2vec-bin"
+            fmt = ("fasttext" if vec else "word2vec-text") if is_text else "word2vec-bin"
         return Layout(fmt, binary=fmt == "word2vec-bin", header=True, count=count, dim=dim)
     if fmt != "auto":
         raise ConfigError(f"{path}: format {fmt} needs a 'count dim' header line, got {first[:40]!r}")
@@ -166,28 +143,14 @@ def _iter_binary(handle: BinaryIO, count: int, dim: int) -> Iterator[tuple[bytes
         pos = space + 1 + size
 
 
-def _iter_text(handle: BinaryIO, layout: Layout) -> Iterator[tuple[int, bytes, bytes]]:
-    """(line number, first space-separated token, whole line) per data line."""
-    for number, line in enumerate(handle, start=1):
-        if number == 1:
-            line = line.removeprefix(b"\xef\xbb\xbf")
-            if layout.header:
-                continue
-        space = line.find(b" ")
-        if space > 0:
-            yield number, line[:space], line
-
-
 def _read_builtin(path: Path, layout: Layout, words: set[str] | None) -> dict[str, np.ndarray]:
     wanted = None if words is None else {w.encode("utf-8"): w for w in words}
     found: dict[str, np.ndarray] = {}
 
     def keep(raw: bytes) -> str | None:
-        if wanted is None:
-            key = raw.decode("utf-8", errors="replace")
-            return None if key in found else key
-        key = wanted.get(raw)
-        return None if key is None or key in found else key  # first occurrence wins
+        """The word ``raw`` stands for, unless it is not wanted or already found (first occurrence wins)."""
+        key = raw.decode("utf-8", errors="replace") if wanted is None else wanted.get(raw)
+        return None if key in found else key
 
     with _open(path) as handle:
         if layout.binary:
@@ -196,18 +159,21 @@ def _read_builtin(path: Path, layout: Layout, words: set[str] | None) -> dict[st
                 if (key := keep(raw)) is not None:
                     found[key] = np.frombuffer(data, dtype="<f4").astype(np.float32)
             return found
-        for number, raw, line in _iter_text(handle, layout):
-            if wanted is not None and (raw not in wanted or wanted[raw] in found):
+        for number, line in enumerate(handle, start=1):
+            if number == 1 and layout.header:
+                continue
+            line = line.removeprefix(b"\xef\xbb\xbf") if number == 1 else line
+            raw = line[:max(line.find(b" "), 0)]   # the first token: the word, unless it has spaces
+            if not raw or (wanted is not None and keep(raw) is None):
                 continue  # cheap skip: most lines of a big file are not wanted
             entry = _text_entry(line, layout.dim)
             word = entry[0] if entry else b""
             if entry is None or (word != raw and _parse_floats(word.split()[1:]) is not None):
-                raise ConfigError(f"{path}: line {number}: expected a word and {layout.dim} values")
+                raise ConfigError(f"line {number}: expected a word and {layout.dim} values")
             if wanted is not None and word != raw:
                 continue  # a token with spaces ("potted plant 0.1 ..."), not the word asked for
-            vector = entry[1]
             if (key := keep(word)) is not None:
-                found[key] = vector
+                found[key] = entry[1]
     return found
 
 
@@ -218,7 +184,7 @@ def _read_gensim(path: Path, layout: Layout, words: set[str] | None) -> dict[str
         vectors = KeyedVectors.load_word2vec_format(
             str(path), binary=layout.binary, no_header=not layout.header, unicode_errors="replace")
     except Exception as err:  # noqa: BLE001 - any reader failure becomes one line naming the file
-        raise ConfigError(f"{path}: gensim cannot read it ({type(err).__name__}: {err})") from None
+        raise ConfigError(f"gensim cannot read it ({type(err).__name__}: {err})") from None
     keys = vectors.index_to_key if words is None else [w for w in words if w in vectors.key_to_index]
     return {key: np.asarray(vectors[key], dtype=np.float32) for key in keys}
 
@@ -240,20 +206,15 @@ def _pick_reader(reader: str) -> str:
 
 def read_word_vectors(path: PathLike, words: set[str] | None = None, fmt: str = "auto",
                       reader: str = "auto") -> dict[str, np.ndarray]:
-    """Vectors (float32, 1-D) of ``words`` found in ``path`` (all words when ``words`` is None).
-
-    ``fmt``: one of ``FORMATS`` (``auto`` looks at the content); ``.gz`` files work.
-    ``reader``: ``auto`` (gensim if importable, else built-in), ``builtin`` or ``gensim``.
-    Words absent from the file are simply absent from the result.
-    """
+    """Vectors (float32, 1-D) of those ``words`` that ``path`` has (all when None); ``fmt`` one of
+    ``FORMATS``, ``reader`` one of ``READERS``."""
     path = Path(path)
     layout = detect_layout(path, fmt)
     read = _read_gensim if _pick_reader(reader) == "gensim" else _read_builtin
     try:
         return read(path, layout, words)
-    except ConfigError as err:
-        message = str(err)
-        raise ConfigError(message if message.startswith(str(path)) else f"{path}: {message}") from None
+    except ConfigError as err:   # the readers' errors, without the file
+        raise ConfigError(f"{path}: {err}") from None
     except (OSError, EOFError) as err:
         raise ConfigError(f"{path}: cannot read ({type(err).__name__}: {err})") from None
 
@@ -277,8 +238,7 @@ def name_tokens(name: str) -> list[str]:
 
 def case_variants(token: str) -> list[str]:
     """As written, lower-case, Title-case, upper-case (GoogleNews is case-sensitive)."""
-    variants = [token, token.lower(), token[:1].upper() + token[1:].lower(), token.upper()]
-    return list(dict.fromkeys(variants))
+    return list(dict.fromkeys([token, token.lower(), token[:1].upper() + token[1:].lower(), token.upper()]))
 
 
 def phrase_variants(name: str, tokens: Sequence[str]) -> list[str]:
@@ -308,12 +268,8 @@ def _match_words(name: str, tokens: list[str], vocab) -> tuple[list[str], list[s
 
 
 def match_class(name: str, vocab) -> tuple[ClassMatch | None, list[str]]:
-    """Find a class name in ``vocab`` (anything supporting ``in``): (match, missing words).
-
-    When the name itself has a missing word, the other spellings of its alias group
-    (``data_loader.classes.alias_spellings``) are tried in order; the missing words
-    reported are those of the name as written.
-    """
+    """(match, missing words of the name as written) of a class name in ``vocab`` (anything supporting
+    ``in``); the other spellings of its alias group are tried when the name itself lacks a word."""
     tokens = name_tokens(name)
     if not tokens:
         raise ConfigError(f"empty class name {name!r}")
@@ -328,14 +284,11 @@ def match_class(name: str, vocab) -> tuple[ClassMatch | None, list[str]]:
     return ClassMatch(name, tuple(keys), tuple(notes)), []
 
 
-class _Recorder:
+class _Recorder(set):
     """A vocabulary that has nothing and remembers every lookup: the words to read."""
 
-    def __init__(self) -> None:
-        self.asked: set[str] = set()
-
-    def __contains__(self, key: str) -> bool:
-        self.asked.add(key)
+    def __contains__(self, key: object) -> bool:
+        self.add(key)
         return False
 
 
@@ -344,7 +297,7 @@ def lookup_words(class_names: Iterable[str]) -> set[str]:
     recorder = _Recorder()
     for name in class_names:
         match_class(name, recorder)
-    return recorder.asked
+    return set(recorder)
 
 
 # ----------------------------------------------------------------------------- building
@@ -361,45 +314,6 @@ class SourceReport:
     matches: tuple[ClassMatch, ...]
 
 
-def _check_class_names(class_names: Sequence[str]) -> list[str]:
-    names = [str(name).strip() for name in class_names]
-    if not names:
-        raise ConfigError("no class names given")
-    seen: set[str] = set()
-    for name in names:
-        if not name_tokens(name):
-            raise ConfigError(f"empty class name in {list(class_names)!r}")
-        if name in seen:
-            raise ConfigError(f"class {name!r} is listed twice")
-        seen.add(name)
-    return names
-
-
-def _embed_source(path: Path, names: list[str], needed: set[str], fmt: str,
-                  reader: str) -> tuple[np.ndarray | None, SourceReport | None, str | None]:
-    """(rows, report, None) or (None, None, one error fragment listing the missing words)."""
-    layout = detect_layout(path, fmt)
-    vectors = read_word_vectors(path, needed, layout.fmt, reader)
-    rows, matches, missing = [], [], []
-    for name in names:
-        match, absent = match_class(name, vectors)
-        missing += [f"{word!r} (class {name!r})" for word in absent]
-        if match is not None:
-            rows.append(np.mean([vectors[key] for key in match.keys], axis=0))
-            matches.append(match)
-    if missing:
-        return None, None, f"{path}: no vector for {', '.join(missing)}"
-    dims = {row.shape[0] for row in rows}
-    if len(dims) != 1:
-        raise ConfigError(f"{path}: vectors of different lengths {sorted(dims)}")
-    array = np.stack(rows).astype(np.float32)
-    if not np.isfinite(array).all():
-        bad = [name for name, row in zip(names, array) if not np.isfinite(row).all()]
-        raise ConfigError(f"{path}: NaN or Inf in the vectors of {', '.join(map(repr, bad))}")
-    report = SourceReport(path, layout.fmt, _pick_reader(reader), array.shape[1], tuple(matches))
-    return array, report, None
-
-
 def resolve_class_embeddings(vector_paths: PathLike | Sequence[PathLike], class_names: Sequence[str],
                              normalize: str | None = None, fmt: str = "auto",
                              reader: str = "auto") -> tuple[np.ndarray, list[SourceReport]]:
@@ -408,21 +322,30 @@ def resolve_class_embeddings(vector_paths: PathLike | Sequence[PathLike], class_
     ``max_norm``, as ``data_loader.embeddings.normalize_embeddings``) before they are concatenated
     (300+300 = 600-d, as CaGNet). Raises one ``ConfigError`` listing every missing word of every file."""
     paths = [Path(vector_paths)] if isinstance(vector_paths, (str, os.PathLike)) else list(map(Path, vector_paths))
-    if not paths:
-        raise ConfigError("no word-vector file given")
+    names = [str(name).strip() for name in class_names]
+    if not paths or not names:
+        raise ConfigError("no word-vector file given" if not paths else "no class names given")
+    twice = next((name for i, name in enumerate(names) if name in names[:i]), None)
+    if twice is not None:
+        raise ConfigError(f"class {twice!r} is listed twice")
     if normalize not in (None, *NORMALIZATIONS):
         raise ConfigError(f"unknown normalization {normalize!r}; valid: {', '.join(NORMALIZATIONS)}")
-    _pick_reader(reader)
-    names = _check_class_names(class_names)
-    needed = lookup_words(names)
+    reader, needed = _pick_reader(reader), lookup_words(names)
     parts, reports, errors = [], [], []
     for path in paths:
-        array, report, error = _embed_source(path, names, needed, fmt, reader)
-        if error:
-            errors.append(error)
+        layout = detect_layout(path, fmt)
+        vectors = read_word_vectors(path, needed, layout.fmt, reader)
+        found = [(name, *match_class(name, vectors)) for name in names]
+        missing = [f"{word!r} (class {name!r})" for name, _, absent in found for word in absent]
+        if missing:
+            errors.append(f"{path}: no vector for {', '.join(missing)}")
             continue
-        parts.append(normalize_embeddings(torch.from_numpy(array), normalize).numpy())
-        reports.append(report)
+        array = np.stack([np.mean([vectors[key] for key in match.keys], axis=0) for _, match, _ in found])
+        bad = [name for name, row in zip(names, array) if not np.isfinite(row).all()]
+        if bad:
+            raise ConfigError(f"{path}: NaN or Inf in the vectors of {', '.join(map(repr, bad))}")
+        parts.append(normalize_embeddings(torch.from_numpy(array.astype(np.float32)), normalize).numpy())
+        reports.append(SourceReport(path, layout.fmt, reader, array.shape[1], tuple(m for _, m, _ in found)))
     if errors:
         raise ConfigError("; ".join(errors))
     return np.concatenate(parts, axis=1).astype(np.float32), reports
