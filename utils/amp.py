@@ -1,15 +1,11 @@
-"""Mixed precision: the config's ``amp`` value, ``"auto"`` resolved per device, to a dtype and
-an autocast context.
-
-``"auto"`` (the shipped default) picks what the hardware runs natively:
+"""Mixed precision: the config's ``amp``, ``"auto"`` resolved per device, as a dtype and an autocast
+context. ``"auto"`` (the shipped default) picks what the hardware runs natively:
 
 * CUDA: bf16 on compute capability >= 8.0 (Ampere and newer), else fp16 with a GradScaler;
 * CPU: bf16 where torch reports native bf16 matrix support (AMX or AVX512-BF16, and neither
   ``ATEN_CPU_CAPABILITY`` nor ``ONEDNN_MAX_CPU_ISA`` limits torch below it), else fp32.
 
-bf16 on a CPU without native bf16 falls back to scalar conversions (``bf16_dot_with_fp32_arith``)
-and was measured 10-20x slower than fp32 (docs/benchmarks.md), so an explicit ``"bf16"`` there
-runs with a warning.
+An explicit ``"bf16"`` on a CPU without native bf16 (10-20x slower than fp32) runs with a warning.
 """
 from __future__ import annotations
 
@@ -18,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from utils.util import ConfigError
+from utils.errors import ConfigError
 
 AUTO = "auto"
 AMP_DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16}
@@ -51,8 +47,7 @@ def autocast_context(device: torch.device | str, amp: str | bool | None) -> cont
     dtype = amp_dtype(amp)
     if dtype is None:
         return contextlib.nullcontext()
-    device_type = device.type if isinstance(device, torch.device) else torch.device(device).type
-    return torch.autocast(device_type=device_type, dtype=dtype)
+    return torch.autocast(device_type=torch.device(device).type, dtype=dtype)
 
 
 @dataclass(frozen=True)
@@ -79,13 +74,6 @@ def cpu_bf16_support() -> CpuBf16:
     return CpuBf16(True, "AMX" if amx else "AVX512-BF16")
 
 
-def cuda_bf16_support(device: torch.device) -> tuple[bool, str]:
-    """(native bf16, a description): compute capability >= 8.0."""
-    major, minor = torch.cuda.get_device_capability(device)
-    name = torch.cuda.get_device_name(device)
-    return major >= 8, f"{name}, compute capability {major}.{minor}"
-
-
 @dataclass(frozen=True)
 class Precision:
     """A resolved ``amp``: the value the run uses (``"bf16"``, ``"fp16"`` or ``False``), what was
@@ -110,31 +98,25 @@ class Precision:
                 "reason": self.reason}
 
 
-def _canonical(amp: str | bool | None) -> str | bool:
-    return False if amp in _OFF else {"bfloat16": "bf16", "float16": "fp16"}.get(amp, amp)
-
-
 def resolve_precision(amp: str | bool | None, device: torch.device | str) -> Precision:
     """``amp`` as a run on ``device`` uses it: ``"auto"`` by the rule above; an explicit value as
     given (with a warning for bf16 on a CPU without native bf16)."""
     check_amp(amp)
     device = torch.device(device)
+    if amp != AUTO:
+        resolved = False if amp in _OFF else {"bfloat16": "bf16", "float16": "fp16"}.get(amp, amp)
+        support = cpu_bf16_support() if resolved == "bf16" and device.type == "cpu" else None
+        warning = None if support is None or support.native else (
+            f"amp bf16 on a CPU without native bf16 ({support.detail}) runs {NON_NATIVE_BF16_SLOWDOWN} slower than "
+            "fp32; use \"amp\": \"auto\" (or --amp auto)")
+        return Precision(resolved, amp, "as configured", warning)
     if device.type == "cuda":
-        native, what = cuda_bf16_support(device)
-        if amp == AUTO:
-            return (Precision("bf16", amp, f"auto: {what} has native bf16") if native else
-                    Precision("fp16", amp, f"auto: {what} has no native bf16; fp16 with a gradient scaler"))
-        return Precision(_canonical(amp), amp, "as configured")
+        major, minor = torch.cuda.get_device_capability(device)
+        what = f"{torch.cuda.get_device_name(device)}, compute capability {major}.{minor}"
+        return (Precision("bf16", amp, f"auto: {what} has native bf16") if major >= 8 else
+                Precision("fp16", amp, f"auto: {what} has no native bf16; fp16 with a gradient scaler"))
     if device.type != "cpu":
-        return Precision(False if amp == AUTO else _canonical(amp), amp,
-                         f"auto: fp32 on {device.type}" if amp == AUTO else "as configured")
+        return Precision(False, amp, f"auto: fp32 on {device.type}")
     support = cpu_bf16_support()
-    if amp == AUTO:
-        return (Precision("bf16", amp, f"auto: this CPU has native bf16 ({support.detail})") if support.native
-                else Precision(False, amp, f"auto: {support.detail}"))
-    resolved = _canonical(amp)
-    warning = None
-    if resolved == "bf16" and not support.native:
-        warning = (f"amp bf16 on a CPU without native bf16 ({support.detail}) runs {NON_NATIVE_BF16_SLOWDOWN} "
-                   "slower than fp32; use \"amp\": \"auto\" (or --amp auto)")
-    return Precision(resolved, amp, "as configured", warning)
+    return (Precision("bf16", amp, f"auto: this CPU has native bf16 ({support.detail})") if support.native
+            else Precision(False, amp, f"auto: {support.detail}"))

@@ -1,12 +1,10 @@
-"""Checkpoint files: one file with both encoders, optimizers, schedule, split and config.
-
-Written atomically; read with ``torch.load(..., weights_only=True)``; every failure is a
-one-line :class:`ConfigError` naming the file.
-"""
+"""Checkpoint files (both encoders, optimizers, schedule, split and config): written atomically,
+read weights-only; every failure is a one-line :class:`ConfigError` naming the file."""
 from __future__ import annotations
 
 import pickle
 import random
+import struct
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -30,14 +28,11 @@ def rng_state() -> dict:
     """Python, numpy, torch (and CUDA) RNG states in weights_only-loadable types."""
     np_state = np.random.get_state()
     state = {"python": random.getstate(), "torch": torch.get_rng_state(),
-             "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *map(_plain, np_state[2:])]}
+             "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)),
+                       *(v.item() if hasattr(v, "item") else v for v in np_state[2:])]}
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
-
-
-def _plain(value):
-    return value.item() if hasattr(value, "item") else value
 
 
 def set_rng_state(state: dict) -> None:
@@ -64,18 +59,16 @@ def architecture(settings: Settings) -> dict:
 
 
 def run_checkpoint(folder: str | Path) -> tuple[Path, str]:
-    """The checkpoint a run folder stands for (inference, ``-r RUN_DIR --test``, ``multiseed
-    --test``), with a note saying which: its ``model_best.pth`` when the run chose it on a
-    model-selection split of its own (``data.selection_split``, never the reported split); else
-    its final weights, the checkpoint of its last epoch, as the official protocol tests."""
+    """The checkpoint a run folder stands for, with a note saying which: ``model_best.pth`` when the
+    run chose it on a model-selection split of its own, else its last epoch's (the official protocol)."""
     folder = Path(folder)
-    best = folder / BEST_NAME
-    if best.is_file() and (folder / CONFIG_NAME).is_file():
+    best, config = folder / BEST_NAME, folder / CONFIG_NAME
+    if best.is_file() and config.is_file():
         try:
-            settings = Settings.of_trained(read_json(folder / CONFIG_NAME), str(folder / CONFIG_NAME))
-        except ConfigError:
+            settings = Settings.of_trained(read_json(config), str(config))
+        except ConfigError:   # an unreadable config: its final weights
             settings = None
-        if settings is not None and settings.data.selection_split is not None and settings.trainer.monitor != "off":
+        if settings and settings.data.selection_split is not None and settings.trainer.monitor != "off":
             return best, "the run's checkpoint chosen on its selection split"
     epochs = epoch_checkpoints(folder)
     if not epochs:
@@ -98,7 +91,7 @@ def load_checkpoint(path: str | Path) -> dict:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
         raise ConfigError(f"{path}: refused: not a weights-only checkpoint ({first_line(err, 200)})") from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as err:
+    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError, struct.error) as err:
         raise ConfigError(f"{path}: corrupted or truncated checkpoint ({first_line(err, 200)})") from None
     if not isinstance(checkpoint, dict):
         raise ConfigError(f"{path}: not a checkpoint (holds a {type(checkpoint).__name__})")
@@ -109,18 +102,17 @@ def check_compatible(checkpoint: dict, path: str | Path, settings: Settings, spl
     """Refuse a checkpoint whose class list, unseen split or architecture differs from the settings'."""
     if checkpoint.get("format") != FORMAT:
         raise ConfigError(f"{path}: not a checkpoint of this project (no '{FORMAT}' tag)")
-    saved_split = checkpoint.get("class_split", {})
-    if list(saved_split.get("names", [])) != list(split_dict["names"]):
-        raise ConfigError(f"{path}: class list differs from the config's "
-                          f"({len(saved_split.get('names', []))} vs {len(split_dict['names'])} classes)")
-    if list(saved_split.get("unseen", [])) != list(split_dict["unseen"]):
-        names = split_dict["names"]
-        saved = [names[i] for i in saved_split.get("unseen", [])]
-        wanted = [names[i] for i in split_dict["unseen"]]
-        raise ConfigError(f"{path}: trained with unseen classes {saved}, but the config's split is {wanted}")
-    if bool(saved_split.get("has_background", True)) != bool(split_dict.get("has_background", True)):
-        raise ConfigError(f"{path}: trained with has_background {saved_split.get('has_background', True)}, the "
-                          f"config's split has {split_dict.get('has_background', True)}")
+    saved = {"names": [], "unseen": [], "has_background": True, **checkpoint.get("class_split", {})}
+    names, background = split_dict["names"], split_dict.get("has_background", True)
+    if list(saved["names"]) != list(names):
+        raise ConfigError(f"{path}: class list differs from the config's ({len(saved['names'])} vs {len(names)} "
+                          "classes)")
+    if list(saved["unseen"]) != list(split_dict["unseen"]):
+        raise ConfigError(f"{path}: trained with unseen classes {[names[i] for i in saved['unseen']]}, but the "
+                          f"config's split is {[names[i] for i in split_dict['unseen']]}")
+    if bool(saved["has_background"]) != bool(background):
+        raise ConfigError(f"{path}: trained with has_background {saved['has_background']}, the config's split has "
+                          f"{background}")
     saved_arch, wanted_arch = checkpoint.get("architecture", {}), architecture(settings)
     for section, spec in wanted_arch.items():
         for key, value in spec.items():

@@ -86,23 +86,17 @@ def free_port() -> int:
 
 
 def init_process(devices: list[int] | None, rank: int | None = None, world_size: int | None = None) -> DistContext:
-    """Initialise this process: the process group when distributed, and its device.
-
-    Under torchrun the rank comes from the environment; a self-launched worker passes it.
-    On CPU the gloo backend is used, on GPU NCCL.
-    """
+    """Initialise this process: its device and, when distributed, the process group (gloo on CPU,
+    NCCL on GPU). Under torchrun the rank comes from the environment; a self-launched worker passes it."""
     if launched_by_torchrun():
-        rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-        local_rank = int(os.environ["LOCAL_RANK"])
+        rank, world_size, local_rank = (int(os.environ[key]) for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK"))
     else:
         rank, world_size = rank or 0, world_size or 1
         local_rank = rank
+    device = torch.device("cpu")
     if devices is not None:
-        gpu = devices[local_rank] if local_rank < len(devices) else local_rank
-        torch.cuda.set_device(gpu)
-        device = torch.device("cuda", gpu)
-    else:
-        device = torch.device("cpu")
+        device = torch.device("cuda", devices[local_rank] if local_rank < len(devices) else local_rank)
+        torch.cuda.set_device(device)
     if world_size > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=rank, world_size=world_size)
     return DistContext(rank, world_size, device)
@@ -113,24 +107,23 @@ def cleanup() -> None:
         dist.destroy_process_group()
 
 
+def _distributed() -> bool:
+    return dist.is_initialized() and dist.get_world_size() > 1
+
+
 def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     """Sum a tensor over processes in place (no-op when not distributed)."""
-    if dist.is_initialized() and dist.get_world_size() > 1:
+    if _distributed():
         dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
     return tensor
 
 
 def broadcast_object(obj):
     """Rank 0's Python object on every rank (identity when not distributed)."""
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        holder = [obj]
+    holder = [obj]
+    if _distributed():
         dist.broadcast_object_list(holder, src=0)
-        return holder[0]
-    return obj
-
-
-def _distributed() -> bool:
-    return dist.is_initialized() and dist.get_world_size() > 1
+    return holder[0]
 
 
 def all_reduce_max(value: int, device: torch.device | None = None) -> int:
@@ -161,10 +154,9 @@ def agreed_signal(stop: StopSignals, device: torch.device | None = None) -> int:
 
 
 class AgreedBatches:
-    """An evaluation loader whose stop poll every process takes together: before each batch the
-    processes agree whether a signal arrived (:class:`utils.signals.Interrupted` on all of
-    them), and a process whose shard has fewer batches polls until the longest one is done, so
-    no process waits in a collective that another one left."""
+    """An evaluation loader whose processes agree before each batch whether a signal arrived
+    (:class:`Interrupted` on all of them); a shorter shard polls until the longest one is done,
+    so no process waits in a collective that another one left."""
 
     def __init__(self, loader: Iterable, stop: StopSignals, device: torch.device | None = None):
         self.loader, self.stop, self.device = loader, stop, device

@@ -7,22 +7,20 @@ import socket
 from pathlib import Path
 
 import torch
+import torchvision
+
+from utils.malloc import retain_freed_memory
 
 
 def _cpuinfo_blocks() -> list[dict[str, str]]:
+    """The processors of /proc/cpuinfo as ``{field: value}`` (none where it cannot be read)."""
     try:
-        text = Path("/proc/cpuinfo").read_text()
+        chunks = Path("/proc/cpuinfo").read_text().split("\n\n")
     except OSError:
         return []
-    blocks = []
-    for chunk in text.split("\n\n"):
-        fields = {}
-        for line in chunk.splitlines():
-            key, _, value = line.partition(":")
-            fields[key.strip()] = value.strip()
-        if "processor" in fields:
-            blocks.append(fields)
-    return blocks
+    blocks = [{key.strip(): value.strip() for key, _, value in (line.partition(":") for line in chunk.splitlines())}
+              for chunk in chunks]
+    return [block for block in blocks if block.get("processor", "").isdigit()]
 
 
 def available_cpus() -> set[int]:
@@ -34,15 +32,9 @@ def available_cpus() -> set[int]:
 
 def physical_cores() -> int | None:
     """Physical cores among the CPUs this process may run on (None when /proc/cpuinfo says nothing)."""
-    cpus, cores = available_cpus(), set()
-    for block in _cpuinfo_blocks():
-        try:
-            processor = int(block["processor"])
-        except ValueError:
-            continue
-        if processor in cpus:
-            cores.add((block.get("physical id", "0"), block.get("core id", str(processor))))
-    return len(cores) or None
+    cpus = available_cpus()
+    return len({(block.get("physical id", "0"), block.get("core id", block["processor"]))
+                for block in _cpuinfo_blocks() if int(block["processor"]) in cpus}) or None
 
 
 def default_threads() -> int:
@@ -50,23 +42,15 @@ def default_threads() -> int:
     return physical_cores() or len(available_cpus()) or 1
 
 
-def cpu_info() -> dict:
-    blocks = _cpuinfo_blocks()
-    first = blocks[0] if blocks else {}
-    flags = set(first.get("flags", "").split())
-    return {"model": first.get("model name") or platform.processor() or platform.machine(),
-            "avx512_bf16": "avx512_bf16" in flags, "amx_bf16": "amx_bf16" in flags,
-            "avx512f": "avx512f" in flags, "logical_cpus": os.cpu_count(),
-            "available_cpus": len(available_cpus()), "physical_cores": physical_cores()}
-
-
 def environment(device: torch.device) -> dict:
     """Versions, CPU facts and (on CUDA) the GPU's properties, as a JSON-able dict."""
-    import torchvision
-
-    from utils.malloc import retain_freed_memory
+    first = (_cpuinfo_blocks() or [{}])[0]
+    flags = set(first.get("flags", "").split())
+    cpu = {"model": first.get("model name") or platform.processor() or platform.machine(),
+           **{flag: flag in flags for flag in ("avx512_bf16", "amx_bf16", "avx512f")},
+           "logical_cpus": os.cpu_count(), "available_cpus": len(available_cpus()), "physical_cores": physical_cores()}
     env = {"host": socket.gethostname(), "python": platform.python_version(), "platform": platform.platform(),
-           "torch": torch.__version__, "torchvision": torchvision.__version__, "cpu": cpu_info(),
+           "torch": torch.__version__, "torchvision": torchvision.__version__, "cpu": cpu,
            "cpu_capability": torch.backends.cpu.get_cpu_capability(),
            "mkldnn": torch.backends.mkldnn.is_available(), "threads": torch.get_num_threads(),
            "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS"), "malloc_tuning": retain_freed_memory(), "gpu": None}
@@ -83,9 +67,6 @@ def environment(device: torch.device) -> dict:
 
 def banner(device: torch.device, world_size: int = 1) -> str:
     """One line for a run's start-up banner: versions, devices, processes, allocator tuning."""
-    import torchvision
-
-    from utils.malloc import retain_freed_memory
     if device.type == "cuda":
         devices = f"{world_size} x {torch.cuda.get_device_name(device)}"
     else:

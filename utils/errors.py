@@ -1,8 +1,5 @@
-"""Every error class of the project and the one-line form of an exception (exit codes: utils.cli).
-
-A :class:`ConfigError` (and its subclasses) is a user-facing problem printed as one ``error:``
-line with exit status 2; :class:`TrainingDiverged` exits 3; :class:`Interrupted` 128 + signal.
-"""
+"""Every error class of the project and the one-line form of an exception. Exit codes
+(:mod:`utils.cli`): a :class:`ConfigError` 2, :class:`TrainingDiverged` 3, :class:`Interrupted` 128 + signal."""
 from __future__ import annotations
 
 import signal
@@ -55,8 +52,5 @@ class NothingToDo(Exception):
 def first_line(err: BaseException, limit: int | None = None) -> str:
     """``Type: first non-empty line of the message`` (just ``Type`` for an empty message),
     cut to ``limit`` characters of message when given."""
-    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
-    if not lines:
-        return type(err).__name__
-    text = lines[0] if limit is None else lines[0][:limit]
-    return f"{type(err).__name__}: {text}"
+    text = next((line.strip() for line in str(err).splitlines() if line.strip()), "")
+    return f"{type(err).__name__}: {text[:limit]}" if text else type(err).__name__

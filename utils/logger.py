@@ -12,30 +12,24 @@ from utils.run_dir import LOG_NAME
 FORMAT = "%(asctime)s %(levelname)s %(message)s"
 
 
-def _remove_handlers(root: logging.Logger) -> None:
-    for handler in list(root.handlers):
-        if getattr(handler, "_joem", False):
-            root.removeHandler(handler)
-            handler.close()
-
-
-def _add(root: logging.Logger, handler: logging.Handler) -> logging.Handler:
-    handler._joem = True
+def _add(root: logging.Logger, handler: logging.Handler) -> None:
+    handler._joem = True   # the project's own handlers, replaced by the next start_logging
     root.addHandler(handler)
-    return handler
 
 
 def start_logging(is_main: bool = True, level: int = logging.INFO) -> logging.Logger:
     """Console logging (main process: ``level``, others: warnings only); records are also kept
     in memory until :func:`log_to_file` names the run folder."""
     root = logging.getLogger()
-    _remove_handlers(root)
+    for handler in [h for h in root.handlers if getattr(h, "_joem", False)]:
+        root.removeHandler(handler)
+        handler.close()
     root.setLevel(level if is_main else logging.WARNING)
     console = logging.StreamHandler(sys.stdout)
     console.setFormatter(logging.Formatter("%(message)s"))
     _add(root, console)
     if is_main:
-        _add(root, logging.handlers.MemoryHandler(capacity=10 ** 6, flushLevel=logging.CRITICAL + 1)).set_name("buffer")
+        _add(root, logging.handlers.MemoryHandler(capacity=10 ** 6, flushLevel=logging.CRITICAL + 1))
     return logging.getLogger("joem")
 
 

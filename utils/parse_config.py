@@ -1,11 +1,8 @@
 """Config files: JSON with inheritance (``_base_``, ``_delete_``), dotted-key overrides, object factories.
 
-A config file may name a base config (``"_base_": "../config_pascal_zs3setting.json"``, a path
-relative to the file, or a list of them): the bases are read first and this file's keys are
-deep-merged over them (objects merge key by key, any other value replaces; an object with
-``"_delete_": true`` replaces the base's object whole). Overrides address
-nested keys with dotted paths (``optimizer.args.lr``); their values are parsed as JSON where they
-parse (``5``, ``[0.5, 1.5]``, ``true``, ``null``), else kept as strings (``/data/VOC2012``).
+A config file may name base configs (``"_base_": "../config_pascal_zs3setting.json"`` or a list,
+relative to the file): its keys are deep-merged over theirs. Overrides address nested keys with
+dotted paths (``optimizer.args.lr``); values are JSON where they parse, else strings.
 """
 from __future__ import annotations
 
@@ -38,12 +35,9 @@ def deep_merge(base: Mapping, override: Mapping) -> dict:
     (the base's other keys are deleted), as in MMSegmentation."""
     merged = copy.deepcopy(dict(base))
     for key, value in override.items():
-        if isinstance(value, Mapping) and value.get(DELETE_KEY) is True:
-            merged[key] = deep_merge({}, {k: v for k, v in value.items() if k != DELETE_KEY})
-        elif isinstance(value, Mapping) and isinstance(merged.get(key), Mapping):
-            merged[key] = deep_merge(merged[key], value)
-        elif isinstance(value, Mapping):
-            merged[key] = deep_merge({}, value)   # no base object: drop any _delete_ marker below
+        if isinstance(value, Mapping):
+            keep = isinstance(merged.get(key), Mapping) and value.get(DELETE_KEY) is not True
+            merged[key] = deep_merge(merged[key] if keep else {}, {k: v for k, v in value.items() if k != DELETE_KEY})
         else:
             merged[key] = copy.deepcopy(value)
     return merged
@@ -72,93 +66,64 @@ def load_config(path: str | Path, _chain: tuple[Path, ...] = ()) -> dict:
     return deep_merge(merged, config)
 
 
-def parse_value(text: str) -> Any:
-    """A command-line value: JSON when it parses (numbers, lists, true/false/null), else the string."""
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError:
-        return text
-
-
 def parse_assignment(text: str) -> tuple[str, Any]:
-    """``"data.root=/data/VOC2012"`` -> ``("data.root", "/data/VOC2012")``."""
+    """``"data.root=/data/VOC2012"`` -> ``("data.root", "/data/VOC2012")``; ``"a=5"`` -> ``("a", 5)``."""
     key, sep, value = text.partition("=")
     if not sep or not key.strip():
         raise ConfigError(f"-o {text!r}: expected KEY=VALUE, e.g. -o trainer.epochs=5")
-    return key.strip(), parse_value(value.strip())
+    try:
+        return key.strip(), json.loads(value.strip())
+    except json.JSONDecodeError:
+        return key.strip(), value.strip()
 
 
 def set_by_path(config: dict, dotted: str, value: Any, schema: Mapping | None = None) -> None:
-    """Set ``config[a][b][c] = value`` for ``"a.b.c"``.
-
-    The path must lead through objects. Its last key must exist already or be a key the
-    ``schema`` knows (``{section: {key: None | NULLABLE | nested schema | FREE}}``; FREE accepts
-    any key below it); without a schema only existing keys may be set. An unknown path is a
-    ConfigError naming it (and the valid keys at the point where it went wrong), and so is a
-    null ``value`` unless the schema says the key may be null (a NULLABLE leaf, or a key below
-    FREE; without a schema: a key that does not hold an object).
-    """
+    """Set ``config[a][b][c] = value`` for ``"a.b.c"``: each key must exist already or be one the
+    ``schema`` knows (``{section: {key: None | NULLABLE | FREE | nested schema}}``; FREE accepts
+    anything below), and null only where the schema allows it (without a schema: not a section)."""
     keys = dotted.split(".")
     node, spec = config, schema
     for depth, key in enumerate(keys):
-        last = depth == len(keys) - 1
-        known = spec == FREE or key in node or (isinstance(spec, Mapping) and key in spec)
-        if not known:
-            valid = sorted(set(node) | (set(spec) if isinstance(spec, Mapping) else set()))
+        known = spec if isinstance(spec, Mapping) else {}
+        if spec != FREE and key not in node and key not in known:
             raise ConfigError(f"config key {dotted}: unknown key {key!r}"
-                              f"{' under ' + '.'.join(keys[:depth]) if depth else ''}; valid: {', '.join(valid)}")
-        if last:
-            if value is None and not _may_be_null(spec, key, node):
-                raise ConfigError(f"config key {dotted}: may not be null (-o {dotted}=null); give a value, or leave "
-                                  "the key out of the override")
-            node[key] = value
-            return
-        if key not in node:
-            node[key] = {}
-        if not isinstance(node[key], dict):
-            raise ConfigError(f"config key {dotted}: {'.'.join(keys[:depth + 1])} is not an object "
-                              f"(it is {node[key]!r})")
-        node = node[key]
-        spec = FREE if spec == FREE else (spec.get(key) if isinstance(spec, Mapping) else None)
-
-
-def _may_be_null(spec: Any, key: str, node: Mapping) -> bool:
-    if spec is None:   # no schema: any key but a section
-        return not isinstance(node.get(key), Mapping)
-    return spec == FREE or (isinstance(spec, Mapping) and spec.get(key) == NULLABLE)
+                              f"{' under ' + '.'.join(keys[:depth]) if depth else ''}; "
+                              f"valid: {', '.join(sorted({*node, *known}))}")
+        if depth == len(keys) - 1:
+            break
+        child = node.setdefault(key, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"config key {dotted}: {'.'.join(keys[:depth + 1])} is not an object (it is {child!r})")
+        node, spec = child, spec if spec == FREE else known.get(key)
+    if spec is None:   # no schema: any key but a section may be null
+        nullable = not isinstance(node.get(key), Mapping)
+    else:
+        nullable = spec == FREE or known.get(key) in (NULLABLE, FREE)
+    if value is None and not nullable:
+        raise ConfigError(f"config key {dotted}: may not be null (-o {dotted}=null); give a value, or leave the key "
+                          "out of the override")
+    node[key] = value
 
 
 def construct(registry: Any, spec: Any, name: str, *args, **kwargs) -> Any:
     """Build ``spec.type`` from ``registry`` (a module or a dict ``{name: class}``) with
     ``spec.args`` plus ``kwargs``, which the program sets and the config may not. ``spec``: a
     checked section with ``type`` and ``args`` (:mod:`utils.schema`); ``name``: its config key."""
-    factory = lookup_type(registry, spec.type, name)
-    module_args = dict(spec.args)
-    overlap = set(kwargs) & set(module_args)
+    if isinstance(registry, dict):
+        valid = dict(registry)
+    else:
+        exported = getattr(registry, "__all__", None) or [n for n in dir(registry) if not n.startswith("_")]
+        valid = {n: getattr(registry, n) for n in exported if callable(getattr(registry, n, None))}
+    if spec.type not in valid:
+        raise ConfigError(f"config key {name}.type: unknown {spec.type!r}; valid: {', '.join(sorted(valid))}")
+    overlap = set(kwargs) & set(spec.args)
     if overlap:
         raise ConfigError(f"config key {name}.args: {sorted(overlap)} may not be set here (set by the program)")
-    module_args.update(kwargs)
-    return call_with_config_args(factory, name, *args, **module_args)
-
-
-def call_with_config_args(factory: Callable, name: str, *args, **kwargs) -> Any:
-    """Call ``factory``; an unknown keyword becomes a ConfigError naming ``name.args``."""
+    factory = valid[spec.type]
     try:
-        return factory(*args, **kwargs)
+        return factory(*args, **spec.args, **kwargs)
     except TypeError as err:
-        if "unexpected keyword argument" in str(err):
-            bad = str(err).split("unexpected keyword argument", 1)[1].strip()
-            raise ConfigError(f"config key {name}.args: unexpected argument {bad} for {factory.__name__}") from None
-        raise
-
-
-def lookup_type(module: Any, type_name: str, name: str) -> Callable:
-    """The class named ``type_name`` in ``module`` (a module or a dict of classes)."""
-    if isinstance(module, dict):
-        valid = dict(module)
-    else:
-        exported = getattr(module, "__all__", None) or [n for n in dir(module) if not n.startswith("_")]
-        valid = {n: getattr(module, n) for n in exported if callable(getattr(module, n, None))}
-    if type_name not in valid:
-        raise ConfigError(f"config key {name}.type: unknown {type_name!r}; valid: {', '.join(sorted(valid))}")
-    return valid[type_name]
+        if "unexpected keyword argument" not in str(err):
+            raise
+        bad = str(err).split("unexpected keyword argument", 1)[1].strip()
+        raise ConfigError(f"config key {name}.args: unexpected argument {bad} for {factory.__name__}") from None

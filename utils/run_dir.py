@@ -1,13 +1,12 @@
 """One run, one folder: a lock held for the run's life, a status file, stale temporaries cleaned.
 
-The lock is ``run.lock`` with an exclusive ``fcntl.flock`` held by the live process: the kernel
-releases it when that process ends, however it ends (kill -9 included), so a lock left behind
-is recognised as stale and taken over. The file names its holder (pid, host, start time) for
-the one-line error a second run gets. ``run.json`` says what the run is doing: running,
-finished, interrupted, diverged or failed.
+The lock is an exclusive ``fcntl.flock`` on ``run.lock``, which the kernel releases however the
+process ends (kill -9 included); the file names its holder for the error a second run gets.
+``run.json`` says what the run is doing: running, finished, interrupted, diverged or failed.
 """
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import os
@@ -34,7 +33,6 @@ INTERRUPTED_NAME = "checkpoint-interrupted.pth"
 TENSORBOARD_NAME = "tensorboard"
 SELECTION_NAME = "selection.txt"   # the images of a carved model-selection split, one name a line
 AGGREGATE_NAME = "aggregate"   # a multi-seed group's aggregate.md and aggregate.json
-GROUP_LOGS_NAME = "logs"       # a multi-seed group's logs/seedN.log
 FINISHED = "finished"
 CHECKPOINT_GLOB = "*.pth"
 _EPOCH_CHECKPOINT = re.compile(r"checkpoint-epoch(\d+)\.pth")
@@ -48,12 +46,8 @@ def epoch_checkpoint_name(epoch: int) -> str:
 
 def epoch_checkpoints(folder: str | Path) -> dict[int, Path]:
     """A run folder's epoch checkpoints by epoch."""
-    found = {}
-    for path in Path(folder).glob("checkpoint-epoch*.pth"):
-        match = _EPOCH_CHECKPOINT.fullmatch(path.name)
-        if match:
-            found[int(match.group(1))] = path
-    return found
+    return {int(match.group(1)): path for path in Path(folder).glob("checkpoint-epoch*.pth")
+            if (match := _EPOCH_CHECKPOINT.fullmatch(path.name))}
 
 
 def checkpoint_files(folder: str | Path) -> list[Path]:
@@ -114,24 +108,16 @@ def run_path(save_dir: str | Path, name: str, run_id: str | None = None) -> Path
 
 def read_status(folder: Path) -> dict:
     """The folder's ``run.json`` (empty when there is none or it is unreadable)."""
-    path = Path(folder) / STATUS_NAME
     try:
-        status = read_json(path)
+        status = read_json(Path(folder) / STATUS_NAME)
     except ConfigError:
         return {}
     return status if isinstance(status, dict) else {}
 
 
-def has_results(folder: Path) -> bool:
-    """Whether a folder holds an earlier run's work (checkpoints, metrics or a config)."""
-    folder = Path(folder)
-    return folder.is_dir() and (any(folder.glob(CHECKPOINT_GLOB)) or (folder / METRICS_NAME).is_file()
-                                or (folder / CONFIG_NAME).is_file())
-
-
 class RunLock:
-    """An exclusive lock on a run folder (or, with ``name="group.lock"`` and ``what="group
-    folder"``, a multi-seed group folder) for as long as this object holds it."""
+    """An exclusive lock on a run folder (or, with ``name``, ``what`` and ``hint`` set, a
+    multi-seed group folder) for as long as this object holds it."""
 
     def __init__(self, folder: Path, name: str = LOCK_NAME, what: str = "run folder", hint: str = "--run_id"):
         self.folder = Path(folder)
@@ -157,8 +143,9 @@ class RunLock:
                     raise RunFolderBusy(f"{self.folder}: {self.what} in use by {holder}; wait for it to end, or "
                                         f"choose another {self.hint}") from None
                 raise storage_error(err, self.path, "lock") from None
-            if self._still_the_lock_file(handle):
-                break
+            with contextlib.suppress(OSError):
+                if os.stat(self.path).st_ino == os.fstat(handle.fileno()).st_ino:
+                    break
             handle.close()   # its holder released it (and removed the file) meanwhile: try again
         handle.seek(0)
         handle.truncate()
@@ -166,29 +153,18 @@ class RunLock:
         handle.flush()
         self.handle = handle
 
-    def _still_the_lock_file(self, handle) -> bool:
-        try:
-            return os.stat(self.path).st_ino == os.fstat(handle.fileno()).st_ino
-        except OSError:
-            return False
-
     def release(self) -> None:
         if self.handle is None:
             return
-        try:
+        with contextlib.suppress(OSError):
             self.path.unlink()
-        except OSError:
-            pass
         self.handle.close()   # closing drops the flock
         self.handle = None
 
 
 class RunFolder:
-    """The folder of one run: created and locked by :meth:`open`, released by :meth:`close`.
-
-    ``resume_in_place``: the run continues an earlier run in this folder (requeue); otherwise a
-    folder that holds an earlier run's results is refused (nothing is overwritten).
-    """
+    """The folder of one run, created and locked by :meth:`open`, released by :meth:`close`;
+    ``resume_in_place``: it continues an earlier run here, else earlier results are refused."""
 
     def __init__(self, path: Path, resume_in_place: bool = False):
         self.path = Path(path)
@@ -199,7 +175,9 @@ class RunFolder:
     def open(self) -> "RunFolder":
         self.created = not self.path.exists()
         self.lock.acquire()
-        if not self.resume_in_place and not self.created and has_results(self.path):
+        earlier = any(self.path.glob(CHECKPOINT_GLOB)) or any((self.path / name).is_file()
+                                                             for name in (METRICS_NAME, CONFIG_NAME))
+        if not self.resume_in_place and not self.created and earlier:
             status = read_status(self.path).get("status", "unknown")
             self.lock.release()
             raise ConfigError(f"{self.path}: run folder exists (earlier run, status {status}); choose another "

@@ -1,9 +1,6 @@
 """Every config section's schema, in one place: the keys each section accepts, their types,
-defaults and ranges (dataclasses checked by :func:`utils.sections.parse_section`), the keys of
-the free-form ``data`` section, and :data:`CONFIG_SCHEMA`, what ``-o KEY=VALUE`` may set.
-
-:class:`utils.settings.Settings` is built from these once per run; builders read that object.
-"""
+defaults and ranges (dataclasses checked by :func:`utils.sections.parse_section`), and
+:data:`CONFIG_SCHEMA`, what ``-o KEY=VALUE`` may set. :class:`utils.settings.Settings` holds them."""
 from __future__ import annotations
 
 import math
@@ -15,6 +12,18 @@ from utils.errors import ConfigError
 from utils.parse_config import FREE
 from utils.sections import parse_section, section_keys
 
+
+def _least(section: Any, least: int, *keys: str) -> str | None:
+    """The problem of the first of ``keys`` set below ``least``; None when there is none."""
+    key = next((key for key in keys if getattr(section, key) is not None and getattr(section, key) < least), None)
+    return None if key is None else f"{key}: must be >= {least}, got {getattr(section, key)}"
+
+
+def _unknown(key: str, value: Any, valid: tuple[str, ...]) -> str | None:
+    """The problem of ``value`` when it is not one of ``valid``; None when it is."""
+    return None if value in valid else f"{key}: unknown {value!r}; valid: {', '.join(valid)}"
+
+
 # ----------------------------------------------------------------------------- inference
 CALIBRATIONS = ("top2", "all")
 
@@ -23,17 +32,11 @@ def sigma_values(spec: Any, key: str = "inference.sigma") -> list[float]:
     """Sigmas from a number, a list, a ``"0.3,0.5"`` string, or ``{"log_range": [lo, hi], "num": n}``."""
     if spec is None:
         return []
-    if isinstance(spec, (int, float)) and not isinstance(spec, bool):
-        values = [float(spec)]
-    elif isinstance(spec, str):
+    if isinstance(spec, str):
         try:
             values = [float(part) for part in spec.split(",") if part.strip()]
         except ValueError:
             raise ConfigError(f"{key}: expected numbers like 0.3,0.5,0.7, got {spec!r}") from None
-    elif isinstance(spec, (list, tuple)):
-        if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in spec):
-            raise ConfigError(f"{key}: expected a list of numbers, got {spec!r}")
-        values = [float(v) for v in spec]
     elif isinstance(spec, dict) and "log_range" in spec:
         try:
             low, high = map(float, spec["log_range"])
@@ -44,10 +47,13 @@ def sigma_values(spec: Any, key: str = "inference.sigma") -> list[float]:
             raise ConfigError(f"{key}: log_range needs 0 < low < high and num >= 2, got {dict(spec)}")
         values = [math.exp(math.log(low) + i * (math.log(high) - math.log(low)) / (num - 1)) for i in range(num)]
     else:
-        raise ConfigError(f"{key}: expected a number, a list, or {{\"log_range\": [lo, hi], \"num\": n}}; got {spec!r}")
+        values = list(spec) if isinstance(spec, (list, tuple)) else [spec]
+        if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
+            raise ConfigError(f"{key}: expected a number, a list of numbers, or "
+                              f"{{\"log_range\": [lo, hi], \"num\": n}}; got {spec!r}")
     if not values or any(v <= 0 or not math.isfinite(v) for v in values):
         raise ConfigError(f"{key}: sigma values must be positive, got {spec!r}")
-    return [round(v, 6) for v in values]
+    return [round(float(v), 6) for v in values]
 
 
 @dataclass(frozen=True)
@@ -62,44 +68,25 @@ class SlidingWindow:
     batch: int = 4
 
     def check(self) -> str | None:
-        if self.max_size < 0:
-            return f"max_size: must be >= 0, got {self.max_size}"
         if self.tile < 16 or self.tile % 16:
             return f"tile: must be a positive multiple of 16, got {self.tile}"
         if self.overlap < 0 or self.overlap % 4 or self.overlap >= self.tile:
             return f"overlap: must be a multiple of 4 in [0, tile), got {self.overlap}"
-        if self.batch < 1:
-            return f"batch: must be >= 1, got {self.batch}"
-        return None
+        return _least(self, 0, "max_size") or _least(self, 1, "batch")
 
     def applies(self, height: int, width: int) -> bool:
         return self.max_size > 0 and max(height, width) > self.max_size
 
 
 @dataclass(frozen=True)
-class InferenceSection:
-    sigma: Any
-    calibration: str = "top2"
-    sweep: Any = None
-    window: dict = field(default_factory=dict)
-    save_predictions: bool = False
-
-    def check(self) -> str | None:
-        if self.calibration not in CALIBRATIONS:
-            return f"calibration: {self.calibration!r}; valid: {', '.join(CALIBRATIONS)}"
-        return None
-
-
-@dataclass(frozen=True)
 class InferenceSettings:
-    """The resolved ``inference`` section.
+    """The ``inference`` section, resolved by :meth:`from_config`: ``sigma`` the calibration factor,
+    or None when ``inference.sigma`` lists several (a sweep whose best harmonic mIoU is the
+    headline); ``sweep`` the other sigmas evaluated in the same pass; ``calibration`` "top2"
+    (official) or "all". As configured, ``sigma`` and ``sweep`` are :func:`sigma_values` specs."""
 
-    ``sigma``: the configured calibration factor, or None when ``inference.sigma`` lists
-    several (a sweep whose best harmonic mIoU is the headline); ``sweep``: the other sigmas
-    evaluated in the same pass; ``calibration``: "top2" (official) or "all"."""
-
-    sigma: float | None
-    sweep: tuple[float, ...]
+    sigma: Any
+    sweep: Any = None
     calibration: str = "top2"
     window: SlidingWindow = SlidingWindow()
     save_predictions: bool = False
@@ -109,17 +96,18 @@ class InferenceSettings:
         """Every sigma an evaluation computes, the headline first."""
         return ([self.sigma] if self.sigma is not None else []) + list(self.sweep)
 
+    def check(self) -> str | None:
+        return _unknown("calibration", self.calibration, CALIBRATIONS)
+
     @classmethod
     def from_config(cls, section: dict | None, source: str = "config") -> "InferenceSettings":
-        raw = parse_section(InferenceSection, section, "inference", source)
+        raw = parse_section(cls, section, "inference", source)
         sigmas = sigma_values(raw.sigma)
         if not sigmas:
             raise ConfigError(f"inference.sigma: missing (file {source})")
-        extra = sigma_values(raw.sweep, "inference.sweep")
         sigma = sigmas[0] if len(sigmas) == 1 else None
-        sweep = sigmas if sigma is None else [s for s in extra if s != sigma]
-        window = parse_section(SlidingWindow, raw.window, "inference.window", source)
-        return cls(sigma, tuple(sweep), raw.calibration, window, raw.save_predictions)
+        sweep = sigmas if sigma is None else [s for s in sigma_values(raw.sweep, "inference.sweep") if s != sigma]
+        return replace(raw, sigma=sigma, sweep=tuple(sweep))
 
 
 # ----------------------------------------------------------------------------- data
@@ -139,7 +127,7 @@ class EmbeddingsSection:
     normalisation of each whole file, the names of their rows and ``{class: row name}`` aliases."""
 
     normalize: str | None
-    paths: Any = None
+    paths: str | list[str] | None = None
     names: Any = None
     aliases: dict | None = None
 
@@ -149,11 +137,9 @@ class EmbeddingsSection:
         return () if self.paths is None else (self.paths,) if isinstance(self.paths, str) else tuple(self.paths)
 
     def check(self) -> str | None:
-        if self.normalize not in (None, *NORMALIZATIONS):
-            return f"normalize: unknown {self.normalize!r}; valid: {', '.join(NORMALIZATIONS)}"
         if self.paths is not None and (not self.files or not all(isinstance(p, str) and p for p in self.files)):
             return f"paths: expected a file or a list of files, got {self.paths!r}"
-        return None
+        return None if self.normalize is None else _unknown("normalize", self.normalize, NORMALIZATIONS)
 
 
 @dataclass(frozen=True)
@@ -191,10 +177,8 @@ class SyntheticSection:
             return f"objects_per_image: {self.objects_per_image!r} must be [min, max] with 1 <= min <= max"
         if len(self.object_radius) != 2 or not 0 < self.object_radius[0] <= self.object_radius[1] < 1:
             return f"object_radius: {self.object_radius!r} must be [min, max] fractions of the image size in (0, 1)"
-        for key, least in (("image_size", 16), ("stripe_period", 2), ("num_train", 1), ("num_val", 1)):
-            if getattr(self, key) < least:
-                return f"{key}: {getattr(self, key)!r} must be at least {least}"
-        return None
+        return (_least(self, 16, "image_size") or _least(self, 2, "stripe_period")
+                or _least(self, 1, "num_train", "num_val"))
 
 
 @dataclass(frozen=True)
@@ -233,17 +217,6 @@ class DataSection:
     label_file: str | None = None
     label_classes: Any = None
 
-    @classmethod
-    def parse(cls, values: Any, source: str = "config") -> "DataSection":
-        """The checked section from its config object (nested ``embeddings`` and ``synthetic`` too)."""
-        if not isinstance(values, Mapping):
-            raise ConfigError(f"data: expected an object, got {values!r} (file {source})")
-        values = dict(values)
-        for key, kind in (("embeddings", EmbeddingsSection), ("synthetic", SyntheticSection)):
-            if values.get(key) is not None:
-                values[key] = parse_section(kind, values[key], f"data.{key}", source)
-        return parse_section(cls, values, "data", source)
-
     @property
     def holdout(self) -> dict | None:
         """``selection_split`` when it carves images from the training list (``{"holdout", "seed"}``)."""
@@ -251,28 +224,22 @@ class DataSection:
         return {"seed": 0, **spec} if isinstance(spec, Mapping) and "holdout" in spec else None
 
     def check(self) -> str | None:
-        if self.type not in DATASET_TYPES:
-            return f"type: unknown {self.type!r}; valid: {', '.join(DATASET_TYPES)}"
         synthetic = self.type == "Synthetic"
+        if self.type not in DATASET_TYPES:
+            return _unknown("type", self.type, DATASET_TYPES)
         if synthetic and self.root is not None:
             return "root: not used by Synthetic, set data.synthetic.cache_dir"
-        if not synthetic:
-            for key, value in (("synthetic", self.synthetic), ("layout", None if self.type == "Context" else
-                                                                 self.layout)):
-                if value is not None:
-                    return f"{key}: not used by type {self.type}"
-        if self.layout is not None and self.layout not in CONTEXT_LAYOUTS:
-            return f"layout: unknown {self.layout!r}; valid: {', '.join(CONTEXT_LAYOUTS)}"
+        if not synthetic and (self.synthetic is not None or (self.layout is not None and self.type != "Context")):
+            return f"{'synthetic' if self.synthetic is not None else 'layout'}: not used by type {self.type}"
         if self.scale_range is not None and (len(self.scale_range) != 2 or not all(
                 isinstance(v, (int, float)) for v in self.scale_range) or not 0 < self.scale_range[0]
                                               <= self.scale_range[1]):
             return f"scale_range: expected [low, high] with 0 < low <= high, got {list(self.scale_range)}"
-        for key in ("base_size", "crop_size"):
-            if getattr(self, key) is not None and getattr(self, key) < 1:
-                return f"{key}: must be positive, got {getattr(self, key)}"
         if not isinstance(self.unseen_classes, (str, list, tuple)):
             return f"unseen_classes: expected a preset name or a list, got {self.unseen_classes!r}"
-        return self._check_selection()
+        return (_least(self, 1, "base_size", "crop_size")
+                or (self.layout is not None and _unknown("layout", self.layout, CONTEXT_LAYOUTS))
+                or self._check_selection())
 
     def _check_selection(self) -> str | None:
         spec = self.selection_split
@@ -314,7 +281,7 @@ class DataSection:
 
 def as_data_section(data: "DataSection | Mapping", source: str = "config") -> DataSection:
     """``data`` itself when it is a checked section, else a ``data`` config object checked into one."""
-    return data if isinstance(data, DataSection) else DataSection.parse(data, source)
+    return data if isinstance(data, DataSection) else parse_section(DataSection, data, "data", source)
 
 
 # ----------------------------------------------------------------------------- training
@@ -341,23 +308,16 @@ class TrainerSection:
     test_after_train: bool = True
 
     def check(self) -> str | None:
-        for key in ("epochs", "save_period", "val_period", "log_step"):
-            if getattr(self, key) < 1:
-                return f"{key}: must be >= 1, got {getattr(self, key)}"
-        for key in ("early_stop", "tensorboard_images"):
-            if getattr(self, key) < 0:
-                return f"{key}: must be >= 0, got {getattr(self, key)}"
         parts = self.monitor.split()
         if self.monitor != "off" and (len(parts) != 2 or parts[0] not in ("min", "max")):
             return f"monitor: expected 'max <metric>', 'min <metric>' or 'off', got {self.monitor!r}"
-        unknown = [k for k in self.cpu_kernels if k not in CPU_KERNELS]
-        if unknown:
-            return f"cpu_kernels: unknown {unknown[0]!r}; valid: {', '.join(CPU_KERNELS)}"
         try:
             check_amp(self.amp)
         except ConfigError as err:
             return str(err)
-        return None
+        return (_least(self, 1, "epochs", "save_period", "val_period", "log_step")
+                or _least(self, 0, "early_stop", "tensorboard_images")
+                or next(filter(None, (_unknown("cpu_kernels", k, CPU_KERNELS) for k in self.cpu_kernels)), None))
 
 
 @dataclass(frozen=True)
@@ -372,12 +332,7 @@ class LoaderSection:
     shuffle: bool = True
 
     def check(self) -> str | None:
-        for key in ("batch_size", "val_batch_size"):
-            if getattr(self, key) < 1:
-                return f"{key}: must be >= 1, got {getattr(self, key)}"
-        if self.num_workers < 0:
-            return f"num_workers: must be >= 0, got {self.num_workers}"
-        return None
+        return _least(self, 1, "batch_size", "val_batch_size") or _least(self, 0, "num_workers")
 
 
 @dataclass(frozen=True)
@@ -389,34 +344,29 @@ class SchedulerSection:
     interval: str = "epoch"
 
     def check(self) -> str | None:
-        if self.type.lower() not in ("poly", "constant"):
-            return f"type: unknown {self.type!r}; valid: poly, constant"
-        if self.interval not in ("epoch", "step"):
-            return f"interval: must be \"epoch\" or \"step\", got {self.interval!r}"
-        return None
+        return (_unknown("type", self.type.lower(), ("poly", "constant"))
+                or _unknown("interval", self.interval, ("epoch", "step")))
 
 
 @dataclass(frozen=True)
-class OptimizerSection:
-    """``optimizer`` / ``optimizer_gen``: a torch.optim class and its arguments; the visual
-    encoder's head (ASPP + decoder) learns at ``head_lr_mult`` x the base ``args.lr``."""
+class EncoderSection:
+    """``model``, ``semantic_encoder`` and ``optimizer_gen``: a class and its arguments."""
 
     type: str
-    args: dict
+    args: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class OptimizerSection(EncoderSection):
+    """``optimizer``: a torch.optim class and its arguments; the visual encoder's head (ASPP +
+    decoder) learns at ``head_lr_mult`` x the base ``args.lr``."""
+
     head_lr_mult: float = 10.0
 
     @property
     def lr(self) -> float:
         """The base learning rate (``args.lr``; 0.01 when absent, torch's SGD has no default)."""
         return float(self.args.get("lr", 0.01))
-
-
-@dataclass(frozen=True)
-class EncoderSection:
-    """``model`` / ``semantic_encoder``: a class of the project and its arguments."""
-
-    type: str
-    args: dict
 
 
 @dataclass(frozen=True)
@@ -435,30 +385,19 @@ class LossSection:
     def check(self) -> str | None:
         if not 0 < self.ratio <= 1:
             return f"ratio: must be in (0, 1], got {self.ratio}"
-        if self.sc_distance_epsilon < 0:
-            return f"sc_distance_epsilon: must be >= 0, got {self.sc_distance_epsilon}"
-        return None
+        return _least(self, 0, "sc_distance_epsilon")
 
 
-TOP_LEVEL = ("name", "seed", "data", "data_loader", "model", "semantic_encoder", "optimizer", "optimizer_gen",
-             "lr_scheduler", "loss", "inference", "trainer")
+# The config's sections by key (the other top-level keys, ``name`` and ``seed``, are plain values).
+SECTIONS: dict[str, type] = {"data": DataSection, "data_loader": LoaderSection, "model": EncoderSection,
+                             "semantic_encoder": EncoderSection, "optimizer": OptimizerSection,
+                             "optimizer_gen": EncoderSection, "lr_scheduler": SchedulerSection, "loss": LossSection,
+                             "inference": InferenceSettings, "trainer": TrainerSection}
+TOP_LEVEL = ("name", "seed", *SECTIONS)
 # Written by a run into its config.json (what ``auto`` resolved to on that machine); ignored when read.
 RESOLVED_KEY = "resolved"
 
-# What ``-o`` may set: {section: {key: None (a value) | FREE (anything below) | nested schema}}.
-CONFIG_SCHEMA: dict[str, Any] = {
-    "name": None, "seed": None,
-    "data": {**section_keys(DataSection), "embeddings": section_keys(EmbeddingsSection),
-             "synthetic": section_keys(SyntheticSection), "expected_counts": FREE, "selection_split": FREE},
-    "data_loader": section_keys(LoaderSection),
-    "model": {"type": None, "args": FREE},
-    "semantic_encoder": {"type": None, "args": FREE},
-    "optimizer": {"type": None, "args": FREE, "head_lr_mult": None},
-    "optimizer_gen": {"type": None, "args": FREE},
-    "lr_scheduler": section_keys(SchedulerSection),
-    "loss": section_keys(LossSection),
-    "inference": {**section_keys(InferenceSection), "sweep": FREE, "window": section_keys(SlidingWindow)},
-    "trainer": section_keys(TrainerSection),
-}
-
-
+# What ``-o`` may set: {section: {key: None (a value) | NULLABLE | FREE (anything below) | nested schema}}.
+CONFIG_SCHEMA: dict[str, Any] = {"name": None, "seed": None, **{key: section_keys(kind)
+                                                                for key, kind in SECTIONS.items()}}
+CONFIG_SCHEMA["data"]["selection_split"] = CONFIG_SCHEMA["inference"]["sweep"] = FREE

@@ -8,7 +8,7 @@ import typing
 from typing import Any, Mapping, TypeVar
 
 from utils.errors import ConfigError
-from utils.parse_config import NULLABLE
+from utils.parse_config import FREE, NULLABLE
 
 T = TypeVar("T")
 
@@ -17,34 +17,41 @@ def _accepts(hint: Any, value: Any) -> bool:
     """Whether ``value`` fits the type hint (``int``, ``float``, ``bool``, ``str``, unions, Any)."""
     if hint is Any:
         return True
-    origin = typing.get_origin(hint)
-    if origin in (typing.Union, types.UnionType):
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
         return any(_accepts(arg, value) for arg in typing.get_args(hint))
-    if hint is type(None):
-        return value is None
-    if hint is bool:
-        return isinstance(value, bool)
-    if hint is int:
-        return isinstance(value, int) and not isinstance(value, bool)
+    if isinstance(value, bool) and hint in (int, float):
+        return False
     if hint is float:
-        return isinstance(value, (int, float)) and not isinstance(value, bool)
-    if origin in (list, tuple):
+        return isinstance(value, (int, float))
+    kind = typing.get_origin(hint) or hint   # list[str] -> list
+    if kind in (list, tuple):
         return isinstance(value, (list, tuple))
-    if origin is dict or hint is dict:
-        return isinstance(value, dict)
-    return isinstance(value, hint) if isinstance(hint, type) else True
+    return isinstance(value, kind) if isinstance(kind, type) else True
 
 
-def section_keys(cls: type) -> dict[str, str | None]:
-    """The keys a section dataclass accepts (schema node for overrides): NULLABLE for those whose
-    type admits None, else None."""
-    hints = typing.get_type_hints(cls)
-    return {field.name: NULLABLE if _accepts(hints[field.name], None) else None for field in dataclasses.fields(cls)}
+def _section_type(hint: Any) -> type | None:
+    """The section dataclass a field holds (``S`` or ``S | None``), else None."""
+    return next((kind for kind in (hint, *typing.get_args(hint)) if dataclasses.is_dataclass(kind)), None)
+
+
+def section_keys(cls: type) -> dict[str, Any]:
+    """The keys a section dataclass accepts, as a node of the override schema: a nested section's
+    keys, FREE for an object, NULLABLE for a key that may be null, else None."""
+    keys = {}
+    for name, hint in typing.get_type_hints(cls).items():
+        kind = _section_type(hint)
+        if kind is not None:
+            keys[name] = section_keys(kind)
+        elif hint is not Any and _accepts(hint, {}):
+            keys[name] = FREE
+        else:
+            keys[name] = NULLABLE if _accepts(hint, None) else None
+    return keys
 
 
 def parse_section(cls: type[T], values: Mapping | None, name: str, source: str = "config") -> T:
-    """Build the dataclass ``cls`` from config section ``name``; fields without a default are
-    required. Values are type-checked against the annotations (ints are accepted as floats)."""
+    """Build the dataclass ``cls`` (and its nested sections) from config section ``name``, then run
+    its ``check()``; fields without a default are required, values must fit the annotations."""
     if values is not None and not isinstance(values, Mapping):
         raise ConfigError(f"{name}: expected an object, got {values!r} (file {source})")
     values = dict(values or {})
@@ -59,14 +66,14 @@ def parse_section(cls: type[T], values: Mapping | None, name: str, source: str =
             if field.default is dataclasses.MISSING and field.default_factory is dataclasses.MISSING:
                 raise ConfigError(f"{name}.{key}: missing (file {source})")
             continue
-        value = values[key]
-        if not _accepts(hints[key], value):
+        value, kind = values[key], _section_type(hints[key])
+        if kind is not None and value is not None:
+            value = parse_section(kind, value, f"{name}.{key}", source)
+        elif not _accepts(hints[key], value):
             raise ConfigError(f"{name}.{key}: invalid value {value!r} (file {source})")
         kwargs[key] = float(value) if hints[key] is float else value
-    settings = cls(**kwargs)
-    check = getattr(settings, "check", None)
-    if check is not None:
-        problem = check()
-        if problem:
-            raise ConfigError(f"{name}.{problem} (file {source})")
-    return settings
+    section = cls(**kwargs)
+    problem = section.check() if hasattr(section, "check") else None
+    if problem:
+        raise ConfigError(f"{name}.{problem} (file {source})")
+    return section

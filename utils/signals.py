@@ -1,11 +1,9 @@
 """SIGINT and SIGTERM (what Ctrl-C, SLURM and Kubernetes send) end a run cleanly.
 
-Outside a :meth:`StopSignals.deferred` section a signal stops the run at once (start-up, a
-``--test`` evaluation: nothing to save). Inside it, the signal is only recorded: the training
-loop polls :attr:`StopSignals.requested` at its safe points (after a step, between evaluation
-batches, never inside a checkpoint write), saves a resumable checkpoint and stops. Once the
-run has ended (:meth:`StopSignals.end`) further signals are ignored: a run that finished exits
-0, one that stopped exits with the status of the signal that stopped it.
+Outside a :meth:`StopSignals.deferred` section a signal stops the run at once (nothing to save).
+Inside it, the signal is only recorded: the training loop polls :attr:`StopSignals.requested` at
+its safe points, saves a resumable checkpoint and stops. Once the run has ended
+(:meth:`StopSignals.end`) further signals are ignored, so they cannot change its exit status.
 """
 from __future__ import annotations
 
@@ -20,12 +18,9 @@ HANDLED = (signal.SIGINT, signal.SIGTERM)
 
 
 class StopSignals:
-    """Handlers for SIGINT/SIGTERM, installed for the life of a ``with`` block.
-
-    ``keep``: leave the handlers installed after the block (ignoring signals): for a process
-    that ends right after it (a command line, a DDP worker), so that a late signal (a launcher
-    terminating the other workers, a scheduler's signal after the run finished) cannot turn
-    its exit status into a kill by that signal."""
+    """Handlers for SIGINT/SIGTERM, installed for the life of a ``with`` block; ``keep``: leave
+    them installed after it, ignoring signals (a process that ends right after the block, whose
+    exit status a late signal must not turn into a kill)."""
 
     def __init__(self, keep: bool = False) -> None:
         self.signum: int | None = None

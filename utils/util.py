@@ -1,6 +1,7 @@
 """Small file helpers shared by the whole project: one-line errors, JSON, atomic writes."""
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -27,22 +28,18 @@ def read_json(path: str | Path) -> Any:
         raise ConfigError(f"{path}: invalid JSON at line {err.lineno} column {err.colno}: {err.msg}") from None
 
 
-def current_umask() -> int:
-    """This process's umask, read without changing it (Linux: /proc/self/status)."""
+def file_mode() -> int:
+    """The permissions new files get under this process's umask (0o666 & ~umask), read without
+    changing it where /proc/self/status tells it."""
     try:
         for line in Path("/proc/self/status").read_text().splitlines():
             if line.startswith("Umask:"):
-                return int(line.split()[1], 8)
+                return 0o666 & ~int(line.split()[1], 8)
     except (OSError, ValueError):
         pass
     umask = os.umask(0o022)   # elsewhere: read it by setting it, then put it back
     os.umask(umask)
-    return umask
-
-
-def file_mode() -> int:
-    """The permissions new files get under the current umask (0o666 & ~umask)."""
-    return 0o666 & ~current_umask()
+    return 0o666 & ~umask
 
 
 def storage_error(err: OSError, path: Path, what: str = "write") -> StorageError:
@@ -82,9 +79,8 @@ class _WriteRecorder:
 
 def atomic_write(path: Path, write: Callable) -> None:
     """Write through a temporary file in the same folder (``.<name>.*.tmp``), fsync, then rename
-    over ``path``: a crash or a full disk never leaves a half-written ``path``, and the previous
-    file stays intact. The new file follows the umask. OS errors become one-line StorageErrors
-    (the temporary file is removed)."""
+    over ``path``: a crash or a full disk never leaves a half-written ``path``. The file follows
+    the umask; OS errors become one-line StorageErrors."""
     path = Path(path)
     make_dirs(path.parent)
     tmp, recorder = None, None
@@ -109,17 +105,12 @@ def atomic_write(path: Path, write: Callable) -> None:
             os.unlink(tmp)
 
 
-def remove_stale_temporaries(folder: Path) -> list[Path]:
+def remove_stale_temporaries(folder: Path) -> None:
     """Delete the ``.*.tmp`` files :func:`atomic_write` leaves when its process is killed
     (call only when no other process writes into ``folder``)."""
-    removed = []
     for path in Path(folder).glob(f".*{TMP_SUFFIX}"):
-        try:
+        with contextlib.suppress(OSError):
             path.unlink()
-            removed.append(path)
-        except OSError:
-            pass
-    return removed
 
 
 def write_text(text: str, path: str | Path) -> None:
@@ -130,8 +121,7 @@ def write_text(text: str, path: str | Path) -> None:
 
 def write_json(content: Any, path: str | Path) -> None:
     """Write JSON atomically (indent 4, key order kept)."""
-    data = json.dumps(content, indent=4, sort_keys=False).encode() + b"\n"
-    atomic_write(Path(path), lambda handle: handle.write(data))
+    write_text(json.dumps(content, indent=4, sort_keys=False) + "\n", path)
 
 
 def atomic_torch_save(obj: Any, path: str | Path) -> None:

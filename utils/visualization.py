@@ -9,15 +9,9 @@ from PIL import Image
 
 def palette(num_classes: int = 256) -> torch.Tensor:
     """The Pascal VOC colour map (num_classes x 3, uint8); index 255 (ignore) is white."""
-    colours = torch.zeros(max(num_classes, 256), 3, dtype=torch.uint8)
-    for index in range(colours.shape[0]):
-        value, r, g, b = index, 0, 0, 0
-        for shift in range(7, -1, -1):
-            r |= ((value >> 0) & 1) << shift
-            g |= ((value >> 1) & 1) << shift
-            b |= ((value >> 2) & 1) << shift
-            value >>= 3
-        colours[index] = torch.tensor([r, g, b], dtype=torch.uint8)
+    index = torch.arange(max(num_classes, 256)).unsqueeze(1)
+    # bit 3k + c of the index is bit 7 - k of channel c (r, g, b)
+    colours = sum(((index >> (3 * k + torch.arange(3))) & 1) << (7 - k) for k in range(8)).to(torch.uint8)
     colours[255] = 255
     return colours
 
