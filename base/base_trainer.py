@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import math
-from abc import abstractmethod
 from pathlib import Path
 
 from utils.run_dir import BEST_NAME, epoch_checkpoint_name
@@ -15,10 +14,9 @@ logger = logging.getLogger("joem")
 class BaseTrainer:
     """Runs ``_train_epoch`` for each epoch, tracks the monitored metric, saves checkpoints.
 
-    ``settings``: the ``trainer`` section (``epochs``, ``save_period``, ``monitor``,
-    ``early_stop``). Subclasses implement ``_train_epoch(epoch) -> dict`` (with the monitored
-    key when the epoch was evaluated), ``_save_checkpoint(path, epoch)`` and may override
-    ``_epoch_done(epoch)`` (called after each epoch's checkpoints).
+    ``settings``: the ``trainer`` section (``epochs``, ``save_period``, ``monitor``, ``early_stop``).
+    Subclasses implement ``_train_epoch(epoch) -> dict`` (with the monitored key when the epoch was
+    evaluated) and ``_save_checkpoint(path, epoch)``, and may override ``_epoch_done(epoch)``.
     """
 
     def __init__(self, settings, run_dir: Path, is_main: bool = True):
@@ -38,14 +36,6 @@ class BaseTrainer:
         self.completed_epoch = 0
         self.best_path: Path | None = None
 
-    @abstractmethod
-    def _train_epoch(self, epoch: int) -> dict:
-        raise NotImplementedError
-
-    @abstractmethod
-    def _save_checkpoint(self, path: Path, epoch: int) -> None:
-        raise NotImplementedError
-
     def _epoch_done(self, epoch: int) -> None:
         """Called once an epoch and its checkpoints are done."""
 
@@ -60,17 +50,14 @@ class BaseTrainer:
             self.epoch = epoch
             log = self._train_epoch(epoch)
             self.completed_epoch = epoch
-            best = False
             if self.mnt_mode != "off" and self.mnt_metric in log:
                 if self._improved(log[self.mnt_metric]):
-                    self.mnt_best, self.not_improved, best = log[self.mnt_metric], 0, True
+                    self.mnt_best, self.not_improved, self.best_path = log[self.mnt_metric], 0, self.run_dir / BEST_NAME
+                    if self.is_main:
+                        self._save_checkpoint(self.best_path, epoch)
+                        logger.info("saved %s (%s = %.2f)", BEST_NAME, self.mnt_metric, self.mnt_best)
                 else:
                     self.not_improved += 1
-            if best:
-                self.best_path = self.run_dir / BEST_NAME
-            if self.is_main and best:
-                self._save_checkpoint(self.best_path, epoch)
-                logger.info("saved %s (%s = %.2f)", BEST_NAME, self.mnt_metric, self.mnt_best)
             stopping = bool(self.early_stop) and self.not_improved >= self.early_stop
             if self.is_main and (epoch % self.save_period == 0 or epoch == self.epochs or stopping):
                 self._save_checkpoint(self.run_dir / epoch_checkpoint_name(epoch), epoch)   # the final weights too

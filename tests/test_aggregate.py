@@ -33,34 +33,31 @@ def _run_dir(tmp_path, name, seed, records, sweep=None, sigma=0.5):
     return run
 
 
-def _row(seed, seen, unseen, harmonic, ausuc=None, best=None, wall=None):
-    best = best or {}
+def _row(seed, seen, unseen, harmonic, ausuc=None, wall=None):
     return {"seed": seed, "run_dir": f"r{seed}", "sigma": 0.5, "mIoU_seen": seen, "mIoU_unseen": unseen,
-            "mIoU_harmonic": harmonic, "best_sigma": best.get("sigma"), "best_mIoU_seen": best.get("seen"),
-            "best_mIoU_unseen": best.get("unseen"), "best_mIoU_harmonic": best.get("harmonic"), "ausuc": ausuc,
-            "wall_s": wall}
+            "mIoU_harmonic": harmonic, "ausuc": ausuc, "wall_s": wall}
 
 
 SWEEP = {"calibration": "top2", "rows": [], "ends": {}, "ausuc_curve": [], "ausuc": 0.4321,
          "best": {"sigma": 0.316228, "mIoU_seen": 70.0, "mIoU_unseen": 40.0, "mIoU_harmonic": 50.9091}}
 
 
-def test_read_run_takes_headline_test_record_and_sweep_best(tmp_path):
+def test_read_run_takes_headline_test_record_and_ausuc_not_the_sweeps_best(tmp_path):
     records = [_record("val", 0.5, 1, 2, 3, ausuc=0.1, best_sigma=0.1),
                _record("test", 0.5, 72.5, 35.0, 47.2, ausuc=0.4321, best_sigma=0.316228),
                _record("test", 0.316228, 70.0, 40.0, 50.9091), _record("test", 10.0, 80.0, 0.0, 0.0)]
     row = read_run(_run_dir(tmp_path, "run", 7, records, SWEEP), wall_s=12.5)
     assert row["seed"] == 7 and row["sigma"] == 0.5 and row["wall_s"] == 12.5
     assert (row["mIoU_seen"], row["mIoU_unseen"], row["mIoU_harmonic"]) == (72.5, 35.0, 47.2)
-    assert row["best_sigma"] == 0.316228 and row["ausuc"] == 0.4321
-    assert (row["best_mIoU_seen"], row["best_mIoU_unseen"], row["best_mIoU_harmonic"]) == (70.0, 40.0, 50.9091)
+    assert row["ausuc"] == 0.4321
+    assert not any(key.startswith("best") for key in row)   # chosen on the reported split: no result
 
 
 def test_read_run_without_sweep_gives_none(tmp_path):
     records = [_record("val", 0.5, 1, 2, 3), _record("test", 0.5, 60.0, None, None)]
     row = read_run(_run_dir(tmp_path, "run", 3, records))
     assert row["mIoU_seen"] == 60.0 and row["mIoU_unseen"] is None and row["mIoU_harmonic"] is None
-    assert row["best_sigma"] is None and row["ausuc"] is None and row["wall_s"] is None
+    assert row["ausuc"] is None and row["wall_s"] is None
 
 
 def test_read_run_names_a_broken_metrics_line(tmp_path):
@@ -91,9 +88,8 @@ def test_mean_and_sample_std_by_hand():
 
 
 def test_aggregate_means_stds_and_harmonic_passthrough():
-    rows = [_row(1, 60.0, 20.0, 30.0, 0.30, {"sigma": 0.1, "seen": 50, "unseen": 30, "harmonic": 37.5}, 10.0),
-            _row(2, 62.0, 40.0, 48.0, 0.40, {"sigma": 0.3, "seen": 52, "unseen": 32, "harmonic": 39.6}, 12.0),
-            _row(3, 67.0, 60.0, 63.0, 0.50, {"sigma": 0.5, "seen": 54, "unseen": 34, "harmonic": 41.7}, 14.0)]
+    rows = [_row(1, 60.0, 20.0, 30.0, 0.30, 10.0), _row(2, 62.0, 40.0, 48.0, 0.40, 12.0),
+            _row(3, 67.0, 60.0, 63.0, 0.50, 14.0)]
     doc = aggregate(rows, command=["python", "-m", "trainer.multiseed"], config="c.json")
     assert doc["n"] == 3 and doc["seeds"] == [1, 2, 3] and doc["sigma"] == 0.5
     assert doc["means"]["mIoU_seen"] == pytest.approx(63.0)
@@ -103,12 +99,11 @@ def test_aggregate_means_stds_and_harmonic_passthrough():
     assert doc["means"]["mIoU_harmonic"] == pytest.approx(47.0)
     assert doc["stds"]["mIoU_harmonic"] == pytest.approx(math.sqrt((17 ** 2 + 1 + 16 ** 2) / 2))
     assert doc["means"]["ausuc"] == pytest.approx(0.4) and doc["stds"]["ausuc"] == pytest.approx(0.1)
-    assert doc["means"]["best_sigma"] == pytest.approx(0.3) and doc["means"]["wall_s"] == pytest.approx(12.0)
-    assert doc["means"]["best_mIoU_harmonic"] == pytest.approx(39.6)
+    assert doc["means"]["wall_s"] == pytest.approx(12.0)
     assert "ddof=1" in doc["std"] and doc["config"] == "c.json" and doc["failed"] == []
     table = aggregate_markdown(doc)
     assert "| mean ± std | 63.00 ± 3.61 | 40.00 ± 20.00 | 47.00 ± 16.52 |" in table
-    assert "| 2 | 62.00 | 40.00 | 48.00 | 0.3 |" in table and "ddof=1" in table
+    assert "| 2 | 62.00 | 40.00 | 48.00 | 0.4000 | 12.0 |" in table and "ddof=1" in table
 
 
 def test_single_seed_has_no_std():
@@ -119,10 +114,10 @@ def test_single_seed_has_no_std():
 
 def test_missing_sweep_values_are_na():
     doc = aggregate([_row(1, 60.0, 20.0, 30.0), _row(2, 62.0, 40.0, 48.0, ausuc=0.5)])
-    assert doc["means"]["best_sigma"] is None and doc["counts"]["best_sigma"] == 0
+    assert doc["means"]["wall_s"] is None and doc["counts"]["wall_s"] == 0
     assert doc["means"]["ausuc"] == 0.5 and doc["stds"]["ausuc"] is None and doc["counts"]["ausuc"] == 1
     table = aggregate_markdown(doc)
-    assert "| 1 | 60.00 | 20.00 | 30.00 | n/a | n/a | n/a | n/a | n/a | n/a |" in table
+    assert "| 1 | 60.00 | 20.00 | 30.00 | n/a | n/a |" in table
     assert "0.5000 ± n/a (n=1)" in table
 
 

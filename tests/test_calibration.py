@@ -6,7 +6,7 @@ import torch
 
 from model.inference import GroupNearest
 from model.metric import ausuc
-from trainer.sweep import summarize
+from trainer.evaluate import summarize
 from utils.errors import ConfigError
 from utils.schema import sigma_values
 

@@ -135,6 +135,9 @@ def test_sigma_sweep_in_one_pass_writes_table_plot_and_ausuc(trained, capsys):
     assert row["mIoU_harmonic"] == single["mIoU_harmonic"] and row["mIoU_unseen"] == single["mIoU_unseen"]
     records = read_metrics(sweep_run)
     assert len(records) == 3 and sum("ausuc" in r for r in records) == 1
+    # the reported split never picks its own sweep's best: the checkpoint chose no sigma, so the first listed
+    headline = next(r for r in records if "ausuc" in r)
+    assert headline["sigma"] == 0.3 and "best_sigma" not in headline
 
 
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, cache, monkeypatch, capsys):

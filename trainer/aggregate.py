@@ -16,10 +16,9 @@ from utils.run_dir import AGGREGATE_NAME, CONFIG_NAME, FINISHED, METRICS_NAME, S
 from utils.schema import InferenceSettings
 from utils.util import read_json, write_json, write_text
 
-# (key, column label, format): the per-seed values averaged over seeds.
+# (key, column label, format): the per-seed values averaged over seeds. No "best sigma" column: a sweep's
+# best is chosen on the split it reports, so it is no result (the sweep files keep it for reading).
 METRICS = [("mIoU_seen", "seen", ".2f"), ("mIoU_unseen", "unseen", ".2f"), ("mIoU_harmonic", "harmonic", ".2f"),
-           ("best_sigma", "best σ", ".4g"), ("best_mIoU_seen", "seen @best", ".2f"),
-           ("best_mIoU_unseen", "unseen @best", ".2f"), ("best_mIoU_harmonic", "harmonic @best", ".2f"),
            ("ausuc", "AUSUC", ".4f"), ("wall_s", "wall (s)", ".1f")]
 STD_NOTE = "std is the sample standard deviation (ddof=1); n/a for a single seed"
 HARMONIC_NOTE = "harmonic: mean of the per-seed harmonic mIoU (not the harmonic mean of the mean seen and unseen mIoU)"
@@ -36,7 +35,7 @@ def headline_test_record(records: Sequence[dict], sigma: float | None) -> dict |
 
 
 def read_run(run_dir: str | Path, wall_s: float | None = None) -> dict:
-    """One seed's row: seed, headline test mIoU at the configured sigma, sweep best and AUSUC, wall time (or None)."""
+    """One seed's row: seed, headline test mIoU at the configured sigma, the sweep's AUSUC, wall time (or None)."""
     run_dir, metrics = Path(run_dir), Path(run_dir) / METRICS_NAME
     config = read_json(run_dir / CONFIG_NAME)
     lines = metrics.read_text().splitlines() if metrics.is_file() else []
@@ -49,11 +48,9 @@ def read_run(run_dir: str | Path, wall_s: float | None = None) -> dict:
     record = headline_test_record(records, sigma) or {}
     sweep_path = run_dir / f"{sweep_name('test')}.json"
     sweep = read_json(sweep_path) if sweep_path.is_file() else {}
-    best = sweep.get("best", {})
-    row = {"seed": config.get("seed"), "run_dir": str(run_dir), "sigma": record.get("sigma")}
-    for key in ("mIoU_seen", "mIoU_unseen", "mIoU_harmonic"):
-        row[key], row[f"best_{key}"] = record.get(key), best.get(key)
-    return {**row, "best_sigma": best.get("sigma"), "ausuc": sweep.get("ausuc"), "wall_s": wall_s}
+    return {"seed": config.get("seed"), "run_dir": str(run_dir), "sigma": record.get("sigma"),
+            **{key: record.get(key) for key in ("mIoU_seen", "mIoU_unseen", "mIoU_harmonic")},
+            "ausuc": sweep.get("ausuc"), "wall_s": wall_s}
 
 
 def seed_run_folders(folder: str | Path) -> dict[int, Path]:
@@ -69,10 +66,8 @@ def is_finished(run_dir: str | Path) -> bool:
 
 
 def update_aggregate(folder: str | Path, outcomes: Sequence[dict] = (), **info: Any) -> dict | None:
-    """Aggregate every finished seed folder of ``folder`` into its aggregate.md/.json and print it; the
-    other seed folders and failed ``outcomes`` (seed, exit_code, run_dir, wall_s, reason?) are listed as
-    failed; wall times and ``info`` (command, config, mode, title) default to the earlier aggregate's.
-    None: no seed finished (nothing written)."""
+    """Aggregate ``folder``'s finished seed folders into aggregate.md/.json (printed), the others and failed
+    ``outcomes`` listed as failed; wall times and ``info`` default to the earlier aggregate's. None: none finished."""
     path = Path(folder) / f"{AGGREGATE_NAME}.json"
     earlier = read_json(path) if path.is_file() else {}
     walls = {**{row.get("run_dir"): row.get("wall_s") for row in earlier.get("rows", [])},
@@ -140,8 +135,8 @@ def aggregate_markdown(doc: dict) -> str:
     rows = [[_fmt(row.get("seed"), ""), *(_fmt(row.get(key), spec) for key, _, spec in METRICS)] for row in doc["rows"]]
     rows.append(["mean ± std", *(format_mean_std(doc["means"][key], doc["stds"][key], doc["counts"][key], doc["n"],
                                                  spec) for key, _, spec in METRICS)])
-    notes = [f"{doc['note']}; seen/unseen/harmonic mIoU (%) of the test split at {at}; '@best': at the sweep's best "
-             f"sigma (sweep_test.json); n/a: not measured. Mean ± std over seeds; {STD_NOTE}. {HARMONIC_NOTE}."]
+    notes = [f"{doc['note']}; seen/unseen/harmonic mIoU (%) of the test split at {at}; AUSUC: sigma-free "
+             f"(sweep_test.json); n/a: not measured. Mean ± std over seeds; {STD_NOTE}. {HARMONIC_NOTE}."]
     notes += ["", f"Command: `{' '.join(doc['command'])}`"] if doc.get("command") else []
     return _markdown(doc.get("title") or "Multi-seed aggregate", ["seed", *(label for _, label, _ in METRICS)], rows,
                      notes)
@@ -170,7 +165,7 @@ def compare_markdown(doc: dict) -> str:
                      [f"Mean ± std over seeds; {STD_NOTE}. Last column: difference of means."])
 
 
-def _compare_command(args: argparse.Namespace) -> int:
+def _compare_command(args: argparse.Namespace) -> None:
     labels = [part.strip() for part in args.labels.split(",")] if args.labels else ["A", "B"]
     if len(labels) != 2 or not all(labels):
         raise ConfigError(f"--labels expects two names like JoEm,CE-only, got {args.labels!r}")
@@ -183,15 +178,13 @@ def _compare_command(args: argparse.Namespace) -> int:
     if args.out:
         write_text(compare_markdown(result), Path(args.out))
         write_json(result, Path(args.out).with_suffix(".json"))
-    return 0
 
 
-def _recompute_command(args: argparse.Namespace) -> int:
+def _recompute_command(args: argparse.Namespace) -> None:
     if not Path(args.folder).is_dir():
         raise ConfigError(f"{args.folder}: not a folder")
     if update_aggregate(args.folder) is None:
         raise ConfigError(f"{args.folder}: no seed folder (seedN or test_seedN) whose run.json says {FINISHED}")
-    return 0
 
 
 def build_parser() -> ArgParser:

@@ -1,21 +1,22 @@
 """Building a run from its request: data, class split, encoders (with the ``-r`` weights), loaders,
-the precision resolved for the device; every check runs here, before the run folder exists."""
+the precision resolved for the device; every check runs here, before the run folder exists. A run
+continued from a checkpoint: which checkpoint of a folder, and the config changes it applies or refuses."""
 from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Iterator, Mapping
 
 import torch
 
 from data_loader import DataBundle, build_dataloader, prepare_data
 from model.builder import build_encoders, load_encoder_weights, place
-from trainer.parallel import to_sync_bn
-from trainer.resume import check_resume_changes
 from utils.amp import Precision, resolve_precision
-from utils.checkpoint import check_compatible
+from utils.checkpoint import check_compatible, load_checkpoint, run_checkpoint
 from utils.distributed import DistContext
-from utils.errors import ConfigError
+from utils.errors import ConfigError, NothingToDo
+from utils.run_dir import FINISHED, checkpoint_files, read_status
 from utils.seeding import seed_everything
 from utils.settings import Settings
 from utils.signals import StopSignals
@@ -25,9 +26,8 @@ logger = logging.getLogger("joem")
 
 @dataclass
 class RunRequest:
-    """What the command line asks for: the checked settings, the run folder, the ``-r`` checkpoint
-    (its path and content, official files converted), whether the run continues in that folder
-    (``in_place``) and whether it only evaluates (``test_only``)."""
+    """What the command line asks for: checked settings, run folder, the ``-r`` checkpoint (path, content),
+    whether the run continues in that folder (``in_place``) and whether it only evaluates (``test_only``)."""
 
     settings: Settings
     run_dir: Path
@@ -77,8 +77,9 @@ def assemble(request: RunRequest, ctx: DistContext, stop: StopSignals) -> RunPar
     if checkpoint is not None:
         load_encoder_weights(model, semantic_encoder, checkpoint, request.resume)
     place(model, semantic_encoder, ctx.device, settings.trainer.channels_last)
-    if ctx.distributed and ctx.device.type == "cuda":
-        to_sync_bn(model)
+    if ctx.distributed and ctx.device.type == "cuda":   # SyncBatchNorm outside a frozen backbone (CPU: BN per process)
+        for name in ("aspp", "decoder", *(() if getattr(model, "freeze_backbone_bn", True) else ("backbone",))):
+            setattr(model, name, torch.nn.SyncBatchNorm.convert_sync_batchnorm(getattr(model, name)))
     loader = settings.loader
     loader_args = {"num_workers": loader.num_workers, "pin_memory": loader.pin_memory,
                    "persistent_workers": loader.persistent_workers, "seed": settings.seed}
@@ -92,3 +93,65 @@ def assemble(request: RunRequest, ctx: DistContext, stop: StopSignals) -> RunPar
     stop.check()
     return RunParts(settings, precision, bundle, model, semantic_encoder, train_loader,
                     evaluation(bundle.selection_set), evaluation(bundle.val_set), changes)
+
+
+# Keys a resumed run may not change: the optimizer state, the position in the schedule or in
+# the epoch would no longer fit. (Architecture, classes and split are checked elsewhere.)
+REFUSED = {"optimizer.type": "the saved optimizer state belongs to the old optimizer",
+           "optimizer_gen.type": "the saved optimizer state belongs to the old optimizer",
+           "lr_scheduler.interval": "the schedule's position counts epochs or steps"}
+MID_EPOCH_REFUSED = {"data_loader.batch_size": "the interrupted epoch was split into batches of the old size",
+                     "seed": "the interrupted epoch's order was drawn from the old seed"}
+
+
+def find_resumable(folder: Path, test: bool = False) -> tuple[Path, dict] | None:
+    """What ``-r RUN_DIR`` continues, with its content: the newest checkpoint that loads and holds a
+    training state (others skipped with a warning); ``test``: the one the run is tested with."""
+    if test:
+        path, note = run_checkpoint(folder)
+        logger.info("evaluating %s (%s)", path, note)
+        return path, load_checkpoint(path)
+    if read_status(folder).get("status") == FINISHED:
+        raise NothingToDo(f"{folder}: the run is already finished; nothing to resume")
+    for path in checkpoint_files(folder):
+        try:
+            checkpoint = load_checkpoint(path)
+        except ConfigError as err:
+            logger.warning("skipping %s", err)
+            continue
+        if "optimizer" in checkpoint and "visual_encoder" in checkpoint:
+            return path, checkpoint
+        logger.warning("skipping %s: no training state in it", path)
+    return None
+
+
+def _flatten(tree: Any, prefix: str = "") -> Iterator[tuple[str, Any]]:
+    if isinstance(tree, Mapping) and tree:
+        for key, value in tree.items():
+            yield from _flatten(value, f"{prefix}.{key}" if prefix else str(key))
+    else:
+        yield prefix, tree
+
+
+def config_changes(before: Mapping, after: Mapping) -> dict[str, tuple[Any, Any]]:
+    """``{dotted key: (old, new)}`` for every leaf that differs between two configs."""
+    old, new = dict(_flatten(before)), dict(_flatten(after))
+    missing = object()
+    return {key: (old.get(key), new.get(key)) for key in sorted(set(old) | set(new))
+            if old.get(key, missing) != new.get(key, missing)}
+
+
+def check_resume_changes(before: Mapping, after: Mapping, mid_epoch: bool, path: Path) -> dict[str, tuple]:
+    """The config changes a resumed run makes: refused ones are a one-line error naming the key and
+    why; the others are logged (they are applied by the run) and returned."""
+    changes = config_changes(before, after)
+    refused = {**REFUSED, **(MID_EPOCH_REFUSED if mid_epoch else {})}
+    for key, (old, new) in changes.items():
+        if key in refused:
+            where = " in the middle of an epoch" if key in MID_EPOCH_REFUSED else ""
+            raise ConfigError(f"{key}: cannot change from {old!r} to {new!r} when resuming {path}{where} "
+                              f"({refused[key]})")
+    for key, (old, new) in changes.items():
+        if key != "trainer.save_dir":
+            logger.info("resuming with a changed setting: %s %r -> %r (applied)", key, old, new)
+    return changes

@@ -1,14 +1,8 @@
 """A figure of predictions on validation images: photo, ground truth, prediction, one row each.
 
-    python -m trainer.figures -r CHECKPOINT [-c CONFIG] [--count 4] --out docs/images/predictions.png
-
-Images come from the config's validation split (the checkpoint's config by default), spread
-over the split among those with unseen-class pixels; predictions come from
-:class:`segmentation.segmenter.Segmenter` (the path ``--test`` and ``predict.py`` use) at the
-checkpoint's sigma and calibration, on the dataset's own decoding of each image (the one its
-label is aligned with: datasets ignore EXIF orientation). The legend marks unseen classes with
-``*``; white is ignored/void.
-"""
+Images: the config's validation split (by default the checkpoint's config), spread over those with
+unseen-class pixels, as the dataset decodes them (the decoding their labels are aligned with);
+predictions: :class:`segmentation.segmenter.Segmenter` (what ``--test`` and ``predict.py`` use)."""
 from __future__ import annotations
 
 import argparse
@@ -28,8 +22,8 @@ from utils.visualization import colorize, palette
 
 
 def pick_samples(val_set, unseen: set[int], count: int) -> list[int]:
-    """``count`` samples spread evenly over the split (in order), among those with unseen-class
-    pixels when there are such samples (neighbouring video frames look alike)."""
+    """``count`` samples spread evenly over the split (neighbouring video frames look alike), among
+    those with unseen-class pixels when there are such samples."""
     candidates = [index for index in range(len(val_set))   # labels only: no image is decoded here
                   if np.isin(val_set.read_label(index), list(unseen)).any()] or list(range(len(val_set)))
     step = len(candidates) / min(count, len(candidates))

@@ -1,8 +1,7 @@
 """One training per seed (or a test-only evaluation of each seed's checkpoint), then their aggregate.
 
-Every seed is ``trainer.cli.main(default_config, [*args, "--seed", N, "--run_id", GROUP/seedN])``, the
-single-run code path, in this process one after another (several GPU ids: one worker process per GPU).
-"""
+Every seed is one run of the single-run code path (what ``trainer.cli.main(default_config, [*args, "--seed",
+N, "--run_id", GROUP/seedN])`` runs), in this process one after another (several GPU ids: one process per GPU)."""
 from __future__ import annotations
 
 import argparse
@@ -13,9 +12,9 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from trainer import cli
+from trainer import session
 from trainer.aggregate import is_finished, seed_run_folders, update_aggregate
-from trainer.options import build_arg_parser, option_strings, overrides_of
+from trainer.options import build_arg_parser, overrides_of
 from utils.checkpoint import run_checkpoint
 from utils.cli import ArgParser, error_exit
 from utils.distributed import device_ids, parse_devices
@@ -26,19 +25,13 @@ from utils.settings import Settings
 from utils.signals import StopSignals
 
 PROG = "python -m trainer.multiseed"
-OWN = ("-h", "--help", "-c", "--config", "-d", "--device", "--test", "--seeds", "--group", "--from", "--name",
-       "-r", "--resume", "--run_id", "--seed")   # its own options, and those it sets per seed
 Job = tuple[int, Path, list[str]]   # a seed, its run folder and its trainer.cli arguments
 
 
 def build_parser() -> ArgParser:
     """This command's own options; every other argument goes to each seed's run."""
-    runs = ", ".join(flag for flag in option_strings(build_arg_parser(None)) if flag not in OWN)
     parser = ArgParser(prog=PROG, description="one training per seed (or --from GROUP --test: evaluate each seed's "
-                       "checkpoint), then mean ± sample std (ddof=1) over seeds in aggregate.md/.json",
-                       epilog="exit status: 0 every seed succeeded; 1 some failed (the aggregate covers the others); "
-                       "all failed: their common exit code, else 1; 2 bad arguments (nothing runs); 130/143 stopped. "
-                       f"Options of every run (python -m trainer.cli -h): {runs}")
+                       "checkpoint), then mean ± sample std (ddof=1) over seeds in aggregate.md/.json")
     parser.add_argument("-c", "--config", default=None, help="training config JSON")
     parser.add_argument("--seeds", default=None, help="distinct seeds >= 0, e.g. 1,2,3 (with --from: which ones)")
     parser.add_argument("-d", "--device", default=None,
@@ -47,6 +40,12 @@ def build_parser() -> ArgParser:
     parser.add_argument("--from", dest="source", default=None, help="the group folder of a multi-seed training")
     parser.add_argument("--test", action="store_true", help="with --from: evaluate each finished seed's checkpoint")
     parser.add_argument("--name", default=None, help="with --from: this evaluation's folder in the group")
+    own = {*parser._option_string_actions, "-r", "--resume", "--run_id", "--seed"}   # and those it sets per seed
+    runs = ", ".join(flag for action in build_arg_parser(None)._actions for flag in action.option_strings
+                     if flag not in own)
+    parser.epilog = ("exit status: 0 every seed succeeded; 1 some failed (the aggregate covers the others); all "
+                     "failed: their common exit code, else 1; 2 bad arguments (nothing runs); 130/143 stopped. "
+                     f"Options of every run (python -m trainer.cli -h): {runs}")
     return parser
 
 
@@ -120,11 +119,11 @@ def device_queues(jobs: list[Job], device: str | None) -> list[list[Job]]:
 
 
 def run_seed(seed: int, folder: Path, argv: list[str], default_config: str | None) -> dict:
-    """One seed through ``trainer.cli.main`` in this process: its seed, run folder, exit code and wall time."""
+    """One seed's run in this process: its seed, run folder, exit code and wall time."""
     print(f"seed {seed}: trainer.cli {' '.join(argv)}", flush=True)
     start, outcome = time.perf_counter(), {"seed": seed, "run_dir": str(folder)}
     try:
-        outcome["exit_code"] = cli.main(default_config, argv)
+        outcome["exit_code"] = session.launch(default_config, argv)
     except Interrupted:
         raise
     except Exception as err:   # a bug in one seed: reported, the other seeds go on
@@ -177,7 +176,7 @@ def run_queues(queues: list[list[Job]], default_config: str | None) -> list[dict
 def _run(argv: list[str], default_config: str | None) -> int:
     args, passthrough = build_parser().parse_known_args(argv)
     folder, jobs = plan(args, passthrough, default_config)
-    mode, hint = ("test", "--name") if args.source else ("train", "--group")
+    mode, hint, what = ("test", "--name", "test-only evaluation") if args.source else ("train", "--group", "training")
     created, lock = not folder.exists(), RunLock(folder, GROUP_LOCK_NAME, "group folder", hint)
     lock.acquire()   # a second command on the same folder is refused here, before any seed runs
     try:
@@ -189,9 +188,9 @@ def _run(argv: list[str], default_config: str | None) -> int:
         if max(codes) > 128:
             print("stopped by a signal: no aggregate written", file=sys.stderr)
             return max(codes)
-        title = f"{folder.name}: {'training' if mode == 'train' else 'test-only evaluation'}"
         config = args.config or (None if args.source else default_config)
-        doc = update_aggregate(folder, outcomes, command=[PROG, *argv], config=config, mode=mode, title=title)
+        doc = update_aggregate(folder, outcomes, command=[PROG, *argv], config=config, mode=mode,
+                               title=f"{folder.name}: {what}")
         if doc is None:
             print(f"error: no seed folder of {folder} says finished; no aggregate written", file=sys.stderr)
         if all(codes) and len(set(codes)) == 1:

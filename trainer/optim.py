@@ -5,28 +5,21 @@ import torch
 
 from data_loader.loader import steps_per_epoch
 from utils.parse_config import construct
-from utils.schema import OptimizerSection
 from utils.settings import Settings
-
-
-def param_groups(model: torch.nn.Module, spec: OptimizerSection) -> list[dict]:
-    """The visual encoder's parameter groups: backbone at ``spec.lr``, ASPP + decoder at
-    ``spec.head_lr_mult`` x that."""
-    return model.param_groups(spec.lr, spec.head_lr_mult)
 
 
 def build_optimizers(settings: Settings, model: torch.nn.Module,
                      semantic_encoder: torch.nn.Module) -> tuple[torch.optim.Optimizer, torch.optim.Optimizer]:
     """SGD-style optimizer for the visual encoder (1x backbone, ``head_lr_mult`` x ASPP+decoder)
     and the semantic encoder's optimizer (``optimizer_gen``, constant LR as official)."""
-    return (construct(torch.optim, settings.optimizer, "optimizer", param_groups(model, settings.optimizer)),
+    groups = model.param_groups(settings.optimizer.lr, settings.optimizer.head_lr_mult)
+    return (construct(torch.optim, settings.optimizer, "optimizer", groups),
             construct(torch.optim, settings.optimizer_gen, "optimizer_gen", semantic_encoder.parameters()))
 
 
 class PolySchedule:
-    """Poly LR in closed form, ``base_lr * (1 - position / total) ** power`` (a LambdaLR whose
-    factor depends only on the position), so a resumed run of another length only needs the new
-    total: :meth:`rebase` puts every group at the new schedule's value for the current position."""
+    """Poly LR in closed form, ``base_lr * (1 - position / total) ** power``, so a resumed run of another
+    length only needs the new total (:meth:`rebase`: every group at the new schedule's current value)."""
 
     def __init__(self, optimizer: torch.optim.Optimizer, total: int, power: float):
         self.total, self.power = max(1, int(total)), float(power)
@@ -42,8 +35,7 @@ class PolySchedule:
         return {**self.scheduler.state_dict(), "total": self.total, "power": self.power}
 
     def load_state_dict(self, state: dict) -> int | None:
-        """Continue from ``state``; returns the saved total when it differs from this one (the
-        run's length changed), after re-basing the LRs onto this schedule."""
+        """Continue from ``state`` (re-based on this total); returns the saved total when it differs."""
         saved_total = state.get("total", state.get("total_iters"))
         self.scheduler.load_state_dict({k: v for k, v in state.items() if k not in ("total", "power", "total_iters")})
         self.rebase()

@@ -95,20 +95,12 @@ def build_arg_parser(default_config: str | None) -> ArgParser:
     return parser
 
 
-def _dest(flags: list) -> str:
-    return next((f for f in flags if f.startswith("--")), flags[0]).lstrip("-").replace("-", "_")
-
-
 def overrides_of(args: argparse.Namespace) -> dict:
     """The command line's config overrides, in order: -o assignments, then the shortcuts."""
     overrides = dict(parse_assignment(text) for text in args.override)
-    overrides.update({opt.target: getattr(args, _dest(opt.flags)) for opt in OVERRIDES
-                      if getattr(args, _dest(opt.flags)) is not None})
+    for opt in OVERRIDES:   # each shortcut is one --long_option
+        if (value := getattr(args, opt.flags[0][2:])) is not None:
+            overrides[opt.target] = value
     if args.save_predictions:
         overrides["inference.save_predictions"] = True
     return overrides
-
-
-def option_strings(parser: argparse.ArgumentParser) -> list[str]:
-    """Every option string of ``parser`` (e.g. for another command's help)."""
-    return [flag for action in parser._actions for flag in action.option_strings]

@@ -1,8 +1,9 @@
-"""Where a run's results go: console and train.log tables, metrics.jsonl, sweep files,
-prediction masks and TensorBoard (scalars, sweep curve, images)."""
+"""Where a run's results go: console and train.log tables, metrics.jsonl, a calibration sweep's table,
+figure and files, prediction masks and TensorBoard (scalars, sweep curve, images)."""
 from __future__ import annotations
 
 import contextlib
+import csv
 import json
 import logging
 import os
@@ -13,7 +14,6 @@ from typing import Callable, Iterator, Sequence
 import torch
 
 from data_loader.transforms import denormalize
-from trainer.sweep import format_sweep_table, sweep_figure, write_sweep
 from utils.run_dir import METRICS_NAME, TENSORBOARD_NAME, backup_path, predictions_name, sweep_name
 from utils.util import json_safe, storage_error, write_text
 from utils.visualization import colorize, save_mask
@@ -44,9 +44,60 @@ def format_class_table(record: dict, unseen_names: Sequence[str]) -> str:
     return "\n".join(lines)
 
 
+def format_sweep_table(summary: dict) -> str:
+    """sigma | seen | unseen | harmonic, the best row marked, then AUSUC."""
+    lines = [f"{'sigma':>8s} {'seen':>7s} {'unseen':>7s} {'harm.':>7s}"]
+    for row in summary["rows"]:
+        mark = "  <- best" if row is summary["best"] else ""
+        lines.append(f"{row['sigma']:8.4g} " + " ".join(
+            f"{row[k]:7.2f}" for k in ("mIoU_seen", "mIoU_unseen", "mIoU_harmonic")) + mark)
+    for name, end in summary["ends"].items():
+        lines.append(f"{name:>8s} {end['mIoU_seen']:7.2f} {end['mIoU_unseen']:7.2f}")
+    lines.append(f"AUSUC (calibrated stacking 1e-3..1e3, ends included): {summary['ausuc']:.4f}")
+    return "\n".join(lines)
+
+
+def sweep_figure(summary: dict, title: str = ""):
+    """Matplotlib figure of the seen-vs-unseen mIoU curve with the best sigma marked."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    figure, axis = plt.subplots(figsize=(5.2, 4.2), dpi=110)
+    stacking = sorted(summary["ausuc_curve"], key=lambda r: -r["sigma"])   # seen end -> unseen end
+    curve = [summary["ends"]["seen_only"], *stacking, summary["ends"]["unseen_only"]]
+    axis.plot([r["mIoU_unseen"] for r in curve], [r["mIoU_seen"] for r in curve], ".-", color="0.65", lw=1, ms=3,
+              zorder=1, label="calibrated stacking, 1e-3..1e3 (AUSUC)")
+    rule = {"top2": "top-2", "all": "all-class"}[summary["calibration"]]
+    axis.plot([r["mIoU_unseen"] for r in summary["rows"]], [r["mIoU_seen"] for r in summary["rows"]], "o-",
+              c="tab:blue", ms=4, lw=1, zorder=2, label=f"sigma sweep ({rule} calibration)")
+    best = summary["best"]
+    axis.scatter([best["mIoU_unseen"]], [best["mIoU_seen"]], marker="*", s=180, c="tab:red", zorder=3,
+                 label=f"best harmonic: sigma {best['sigma']:.3g} ({best['mIoU_harmonic']:.1f})")
+    axis.set(xlabel="unseen mIoU (%)", ylabel="seen mIoU (%)", xlim=(0, 100), ylim=(0, 100))
+    axis.grid(alpha=0.3)
+    axis.legend(loc="upper right", fontsize=8)
+    axis.set_title(f"{title}AUSUC {summary['ausuc']:.4f}", fontsize=10)
+    figure.tight_layout()
+    return figure
+
+
+def write_sweep(run_dir: Path, summary: dict, stem: str) -> list[Path]:
+    """Write ``<stem>.json``, ``<stem>.csv`` and ``<stem>.png`` into the run directory."""
+    paths = [Path(run_dir) / f"{stem}{suffix}" for suffix in (".json", ".csv", ".png")]
+    paths[0].write_text(json.dumps(summary, indent=2) + "\n")
+    with paths[1].open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=["sigma", "mIoU_seen", "mIoU_unseen", "mIoU_harmonic"])
+        writer.writeheader()
+        writer.writerows(summary["rows"])
+    figure = sweep_figure(summary, title=f"{stem}: ")
+    figure.savefig(paths[2])
+    import matplotlib.pyplot as plt
+    plt.close(figure)
+    return paths
+
+
 class Reporter:
-    """Writes one run's results (main process only; the other processes get ``is_main=False``
-    and write nothing). ``tensorboard``: open a SummaryWriter in ``run_dir/tensorboard``."""
+    """Writes one run's results (the main process only); ``tensorboard``: also into ``run_dir/tensorboard``."""
 
     def __init__(self, run_dir: Path, unseen_names: Sequence[str], is_main: bool = True, tensorboard: bool = False,
                  log_step: int = 50, precision: str | None = None):
@@ -66,17 +117,12 @@ class Reporter:
 
     @contextlib.contextmanager
     def _tensorboard_errors(self, what: str = "write into") -> Iterator[None]:
-        """A failed TensorBoard write (its events are written by a thread that reports the error
-        at the next call) is a one-line StorageError naming the folder."""
+        """A failed TensorBoard write (reported by its writer thread at the next call) is a one-line StorageError."""
         try:
             yield
         except OSError as err:
             self.writer = None   # nothing more is written there (closing it would fail again)
             raise storage_error(err, self.run_dir / TENSORBOARD_NAME, what) from None
-
-    @property
-    def wants_images(self) -> bool:
-        return self.writer is not None
 
     def training_step(self, global_step: int, losses: dict[str, torch.Tensor]) -> None:
         if self.writer is not None and global_step % self.log_step == 0:
@@ -99,8 +145,8 @@ class Reporter:
 
     def evaluation(self, epoch: int, split_name: str, main: dict, records: list[dict], summary: dict | None,
                    samples: list[dict]) -> None:
-        """Tables, metrics.jsonl (one line per sigma; the headline line carries the sweep's AUSUC
-        and best sigma), the sweep's files and TensorBoard for one evaluation."""
+        """Tables, metrics.jsonl (one line per sigma, the headline one with the sweep's AUSUC and best
+        sigma), the sweep's files and TensorBoard for one evaluation."""
         if not self.is_main:
             return
         logger.info("%s (epoch %d, sigma %g):\n%s", split_name, epoch, main["sigma"], format_metrics_table(main))
@@ -127,13 +173,13 @@ class Reporter:
                 self.writer.flush()
 
     def keep_records_until(self, epoch: int) -> None:
-        """A run continued in its folder from the end of ``epoch``: evaluations it will redo are
-        moved out of ``metrics.jsonl`` (the whole earlier file is kept as ``metrics.previous-N.jsonl``)."""
+        """A run continued in its folder from the end of ``epoch``: the evaluations it redoes leave
+        ``metrics.jsonl`` (the earlier file is kept as ``metrics.previous-N.jsonl``)."""
         if not self.is_main or not self.metrics_path.is_file():
             return
-        lines = self.metrics_path.read_text().splitlines()
-        kept = [line for line in lines if line.strip() and json.loads(line).get("epoch", 0) <= epoch]
-        if len(kept) == len([line for line in lines if line.strip()]):
+        lines = [line for line in self.metrics_path.read_text().splitlines() if line.strip()]
+        kept = [line for line in lines if json.loads(line).get("epoch", 0) <= epoch]
+        if len(kept) == len(lines):
             return
         backup = backup_path(self.metrics_path)
         self.metrics_path.rename(backup)
@@ -142,14 +188,10 @@ class Reporter:
                     METRICS_NAME, len(lines) - len(kept), epoch, backup.name)
 
     def prediction_writer(self, split_name: str) -> Callable[[str, torch.Tensor], None]:
-        """A function saving each image's predicted labels as ``predictions_<split>/<name>.png``
-        (palette PNG, values = class indices; every process writes its own shard)."""
+        """A function saving each image's labels as the palette PNG ``predictions_<split>/<name>.png``."""
         folder = self.run_dir / predictions_name(split_name)
         folder.mkdir(parents=True, exist_ok=True)
-
-        def write(name: str, labels: torch.Tensor) -> None:
-            save_mask(labels, folder / f"{Path(name).name}.png")
-        return write
+        return lambda name, labels: save_mask(labels, folder / f"{Path(name).name}.png")
 
     def final(self, record: dict) -> None:
         """The last console lines: the headline mIoUs and where metrics.jsonl is."""
@@ -169,9 +211,8 @@ class Reporter:
 
 
 def _quiet_writer_threads() -> None:
-    """TensorBoard's writer thread re-raises a failed write (a full disk, a read-only folder) after
-    storing it for the next call, and Python prints that thread's traceback; the run reports it as
-    one line at that next call (:meth:`Reporter._tensorboard_errors`), so the traceback is left out."""
+    """Leave out the traceback Python prints when TensorBoard's writer thread re-raises a failed write
+    (the run reports it as one line at the next call: :meth:`Reporter._tensorboard_errors`)."""
     previous = threading.excepthook
     if getattr(previous, "quiet_writer_threads", False):
         return
@@ -184,8 +225,7 @@ def _quiet_writer_threads() -> None:
 
 
 def append_text(path: Path, text: str) -> None:
-    """Append ``text`` to a file in one write; a failure (full disk, read-only folder) is a
-    one-line StorageError and leaves the file as it was (no partial line)."""
+    """Append ``text`` in one write; a failure is a one-line StorageError and leaves the file as it was."""
     size = path.stat().st_size if path.is_file() else None
     try:
         with open(path, "a") as handle:

@@ -1,7 +1,7 @@
 """One JoEm optimisation step (CE + BAR + alpha * SC), shared by the Trainer and the benchmarks."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Callable
 
 import torch
@@ -24,34 +24,24 @@ class StepSettings:
     @classmethod
     def of(cls, settings: Settings) -> "StepSettings":
         """The step of a run's settings (its ``loss`` section, precision and memory format)."""
-        loss = settings.loss
-        args = {"ratio": loss.ratio, "temperature": loss.temperature, "alpha": loss.alpha,
-                "sc_divide_by_num_classes": loss.sc_divide_by_num_classes,
-                "sc_distance_epsilon": loss.sc_distance_epsilon, "ce_weight": loss.ce_weight,
-                "bar_weight": loss.bar_weight}
-        return cls(args, loss.bar_detach_features, settings.trainer.amp, settings.trainer.channels_last)
+        args = {k: v for k, v in asdict(settings.loss).items() if k != "bar_detach_features"}   # joem_loss keywords
+        return cls(args, settings.loss.bar_detach_features, settings.trainer.amp, settings.trainer.channels_last)
 
 
 def norms_finite(tensors: list[torch.Tensor]) -> bool:
-    """Whether every tensor's L2 norm (float32) is finite: no NaN or Inf, and no value so large
-    that the norm overflows (|x| beyond ~1e19: a diverged update)."""
+    """Whether every tensor's float32 L2 norm is finite: no NaN, Inf or value beyond ~1e19 (a diverged update)."""
     if not tensors:
         return True
     norms = torch._foreach_norm([t.float() if t.dtype != torch.float32 else t for t in tensors])
     return bool(torch.isfinite(torch.stack(norms)).all())
 
 
-def _grads(*modules: torch.nn.Module) -> list[torch.Tensor]:
-    return [p.grad for module in modules for p in module.parameters() if p.grad is not None]
-
-
 def train_step(model: Callable, semantic_encoder: torch.nn.Module, optimizer: torch.optim.Optimizer,
                optimizer_gen: torch.optim.Optimizer, scaler: torch.amp.GradScaler, images: torch.Tensor,
                labels: torch.Tensor, embeddings: torch.Tensor, seen_object: torch.Tensor, settings: StepSettings,
                after_backward: Callable[[], None] | None = None) -> dict[str, torch.Tensor]:
-    """Forward the visual encoder under autocast, losses in float32, both optimizers step through
-    the GradScaler (fp16). ``after_backward`` runs between backward and the optimizer steps (the
-    distributed gradient average of the semantic encoder). Returns the detached losses."""
+    """Forward under autocast, losses in float32, both optimizers step through the GradScaler (fp16);
+    ``after_backward``: between backward and the steps (the semantic encoder's gradient average)."""
     if settings.channels_last:
         images = images.contiguous(memory_format=torch.channels_last)
     with autocast_context(images.device, settings.amp):
@@ -68,7 +58,7 @@ def train_step(model: Callable, semantic_encoder: torch.nn.Module, optimizer: to
     if after_backward is not None:
         after_backward()
     if not scaler.is_enabled():   # fp16: the GradScaler skips steps with overflowing gradients itself
-        if not norms_finite(_grads(model, semantic_encoder)):
+        if not norms_finite([p.grad for m in (model, semantic_encoder) for p in m.parameters() if p.grad is not None]):
             raise NonFiniteLoss(f"gradient (loss {total.item():.4g})")
     scaler.step(optimizer)
     scaler.step(optimizer_gen)

@@ -1,6 +1,5 @@
-"""The one JoEm Trainer: the training loop (epochs of steps, per-epoch seeding, validation on the
-model-selection split), its checkpoints (what they hold, how a run continues from one) and its
-stops (a signal: a resumable checkpoint at the next safe point; divergence: nothing saved)."""
+"""The one JoEm Trainer: the training loop (epochs of steps, per-epoch seeding, validation on the selection
+split), its checkpoints and resume, its stops (a signal: a resumable checkpoint; divergence: nothing saved)."""
 from __future__ import annotations
 
 import json
@@ -9,18 +8,19 @@ import time
 from pathlib import Path
 
 import torch
+from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from base.base_trainer import BaseTrainer
 from data_loader.loader import steps_per_epoch
+from model.builder import load_encoder_weights
 from trainer.assemble import RunParts
 from trainer.evaluate import Validation, validate
-from trainer.optim import build_optimizers, build_scheduler, param_groups
-from trainer.parallel import gradient_average, training_forward
+from trainer.optim import build_optimizers, build_scheduler
 from trainer.reporting import Reporter
 from trainer.step import StepSettings, norms_finite, train_step
 from utils.amp import amp_dtype
-from utils.checkpoint import architecture, rng_state, save_checkpoint, set_rng_state
+from utils.checkpoint import architecture, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from utils.distributed import (
     AgreedBatches,
     DistContext,
@@ -40,9 +40,8 @@ SELECTION, TEST = "selection", "test"   # the evaluations' split names (metrics.
 
 
 class Trainer(BaseTrainer):
-    """CE + BAR + alpha * SC training of both encoders of ``parts`` (a built run), with validation
-    on the selection split (when there is one) and checkpoints in ``run_dir``; ``stop``: the run's
-    signal handlers (polled after every step and evaluation batch)."""
+    """CE + BAR + alpha * SC training of both encoders of ``parts`` (a built run), checkpoints in ``run_dir``;
+    ``stop``: the run's signal handlers (polled after every step and evaluation batch)."""
 
     def __init__(self, parts: RunParts, run_dir: Path, ctx: DistContext, reporter: Reporter,
                  stop: StopSignals | None = None):
@@ -50,9 +49,15 @@ class Trainer(BaseTrainer):
         super().__init__(settings.trainer, run_dir, ctx.is_main)
         self.settings, self.ctx, self.split, self.device = settings, ctx, parts.bundle.split, ctx.device
         self.model, self.semantic_encoder = parts.model, parts.semantic_encoder
+        self.encoders = {"visual_encoder": self.model, "semantic_encoder": self.semantic_encoder}
         self.step_settings = StepSettings.of(settings)
-        self.forward = training_forward(self.model, ctx, settings.trainer.compile)
-        self.after_backward = gradient_average(self.semantic_encoder, ctx)
+        self.forward = self.model   # what the training step calls (evaluation keeps calling the plain model)
+        if ctx.distributed:
+            ids = [ctx.device.index] if ctx.device.type == "cuda" else None
+            self.forward = DistributedDataParallel(self.model, device_ids=ids)
+        if settings.trainer.compile:
+            self.forward = torch.compile(self.forward)
+        self.after_backward = self._average_semantic_gradients if ctx.distributed else None
         self.embeddings = parts.bundle.embeddings.to(self.device)
         self.seen_object = torch.tensor(self.split.seen_object, device=self.device)
         self.train_loader, self.selection_loader, self.test_loader = (parts.train_loader, parts.selection_loader,
@@ -87,15 +92,11 @@ class Trainer(BaseTrainer):
             self.scheduler.step()
         return losses
 
-    def _begin_epoch(self, epoch: int, start_step: int = 0) -> None:
-        """Per-epoch seeding: the same epoch sees the same data order, augmentation and dropout
-        whether the run was resumed or not; a resumed epoch starts at ``start_step``."""
-        seed = epoch_seed(self.settings.seed, epoch, self.ctx.rank)
-        seed_everything(seed)
-        if self.train_loader.generator is not None:   # the loader's own draws (worker seeds)
-            self.train_loader.generator.manual_seed(seed)
-        # the position counts the samples of every process (an epoch resumed with another number continues there)
-        self.train_loader.sampler.set_epoch(epoch, start_step * self.train_loader.batch_size * self.ctx.world_size)
+    def _average_semantic_gradients(self) -> None:
+        """Between backward and the optimizer steps: the semantic encoder (not DDP-wrapped) averaged."""
+        for param in self.semantic_encoder.parameters():
+            if param.grad is not None:
+                all_reduce_sum(param.grad).div_(self.ctx.world_size)
 
     def _stop_requested(self) -> bool:
         """Whether a signal asks the run to stop (every process agrees on the same step and signal)."""
@@ -120,7 +121,13 @@ class Trainer(BaseTrainer):
         """The epoch's training steps (from ``progress["step"]`` when resuming inside it); returns
         the mean losses and steps the epoch's LR schedule."""
         start_step = progress["step"] if progress else 0
-        self._begin_epoch(epoch, start_step)
+        # per-epoch seeding: an epoch sees the same data order, augmentation and dropout, resumed or not
+        seed = epoch_seed(self.settings.seed, epoch, self.ctx.rank)
+        seed_everything(seed)
+        if self.train_loader.generator is not None:   # the loader's own draws (worker seeds)
+            self.train_loader.generator.manual_seed(seed)
+        # the position counts the samples of every process (an epoch resumed with another number continues there)
+        self.train_loader.sampler.set_epoch(epoch, start_step * self.train_loader.batch_size * self.ctx.world_size)
         if progress is not None and self.resume_rng is not None:
             set_rng_state(self.resume_rng)   # dropout continues exactly where it stopped
         self.model.train()
@@ -159,12 +166,12 @@ class Trainer(BaseTrainer):
             self._interrupt(epoch, None)
 
     def validate(self, epoch: int, split_name: str) -> dict:
-        """Evaluate the current weights on the selection split (or, for ``"test"``, the reported one)
-        and report (see :func:`trainer.evaluate.validate`); the encoders return to training mode."""
+        """Evaluate and report the current weights on the selection split (``"test"``: the reported one)."""
         loader, stop = (self.test_loader if split_name == TEST else self.selection_loader), self.stop
         if self.ctx.distributed:   # the processes agree before every batch whether to stop
             loader, stop = AgreedBatches(loader, self.stop, self.device), None
-        record = validate(self.validation, loader, epoch=epoch, split_name=split_name, stop=stop)
+        record = validate(self.validation, loader, epoch=epoch, split_name=split_name, stop=stop,
+                          chosen_sigma=self.best_sigma)
         self.best_sigma = record.get("best_sigma", self.best_sigma)
         self.model.train()
         self.semantic_encoder.train()
@@ -173,8 +180,6 @@ class Trainer(BaseTrainer):
     def test(self) -> dict:
         """The final test on the reported split: the checkpoint chosen on the selection split (this
         run's, or the resumed run's when this one saved none), else the final weights."""
-        from model.builder import load_encoder_weights
-        from utils.checkpoint import load_checkpoint
         best = self.best_path
         if self.ctx.distributed:
             torch.distributed.barrier()
@@ -183,7 +188,7 @@ class Trainer(BaseTrainer):
         if best is not None and best.is_file():
             checkpoint = load_checkpoint(best)
             load_encoder_weights(self.model, self.semantic_encoder, checkpoint, best)
-            epoch = int(checkpoint["epoch"])
+            epoch, self.best_sigma = int(checkpoint["epoch"]), checkpoint.get("best_sigma")
             logger.info("final test with %s (epoch %d, chosen on the selection split)", best, epoch)
         else:
             logger.info("final test with the weights of epoch %d (no checkpoint selection)", epoch)
@@ -191,9 +196,8 @@ class Trainer(BaseTrainer):
 
     # --- stops ------------------------------------------------------------------------------------
     def _interrupt(self, epoch: int, progress: dict | None) -> None:
-        """Save ``checkpoint-interrupted.pth`` (the position inside ``epoch``, or its end when
-        ``progress`` is None; every process's own state in it) and stop with :class:`Interrupted`
-        (on every process once the file is written)."""
+        """Save ``checkpoint-interrupted.pth`` (the position inside ``epoch``, or its end when ``progress``
+        is None) and raise :class:`Interrupted` on every process once the file is written."""
         if progress is not None:
             progress = {"epoch": epoch, "steps_per_epoch": self.steps_per_epoch, **progress}
         path = self.run_dir / INTERRUPTED_NAME
@@ -210,46 +214,34 @@ class Trainer(BaseTrainer):
                 raise ConfigError(f"the interrupted checkpoint was not written by process 0 ({message})")
         if failure is not None:
             raise failure
-        if progress is None:
-            where = f"the end of epoch {epoch}"
-        elif progress["phase"] == "validate":
-            where = f"epoch {epoch}'s validation (it reruns on resume)"
-        else:
-            where = f"epoch {epoch}, step {progress['step']}/{self.steps_per_epoch}"
-        raise Interrupted(self.stop.signum or 2, f"stopped at {where}: saved {path}; resume with -r {self.run_dir}")
+        raise Interrupted(self.stop.signum or 2, f"stopped at {_position(progress, epoch)}: saved {path}; resume "
+                                                 f"with -r {self.run_dir}")
 
     def _last_good(self) -> str:
         """The newest checkpoint on disk (every saved checkpoint has finite weights), for messages."""
-        files = checkpoint_files(self.run_dir) if self.run_dir.is_dir() else []
-        newest = files[0] if files else self.resumed_from
+        newest = next(iter(checkpoint_files(self.run_dir)), self.resumed_from)
         if newest is None:
             return "no checkpoint was written yet (nothing to resume from)"
         return f"the last good checkpoint is {newest}"
 
     # --- checkpoints --------------------------------------------------------------------------------
     def _rank_state(self, sums: dict | None = None) -> dict:
-        """What differs between the processes of a run: its RNG states (CPU and CUDA: dropout), the
-        loss sums of the epoch so far, and its encoders' buffers (batch-norm statistics are per process
-        on CPU; validation uses them)."""
+        """What differs between the processes: RNG states (dropout), the epoch's loss sums so far and the
+        encoders' buffers (batch-norm statistics are per process on CPU; validation uses them)."""
         return {"rng": rng_state(), "sums": dict(sums or {}),
                 "buffers": {part: {name: buffer.detach().cpu() for name, buffer in module.named_buffers()}
-                            for part, module in self._encoders().items()}}
-
-    def _encoders(self) -> dict[str, torch.nn.Module]:
-        return {"visual_encoder": self.model, "semantic_encoder": self.semantic_encoder}
+                            for part, module in self.encoders.items()}}
 
     def _save_checkpoint(self, path: Path, epoch: int, progress: dict | None = None, ranks: list | None = None) -> None:
-        """Write a checkpoint, never one whose weights are not finite (or overflow float32): both
-        encoders and optimizers, the LR schedule, the scaler, the last completed ``epoch`` (and
-        ``progress``: where in an unfinished epoch the run stopped; ``ranks``: every process's own
-        state), the monitored best, config, class split and embeddings. A newer checkpoint
-        supersedes (removes) an interrupted checkpoint this run resumed from."""
+        """Write a checkpoint (never one whose weights are not finite): the training state after ``epoch``
+        (``progress``: where in an unfinished epoch the run stopped; ``ranks``: every process's own state),
+        config, class split and embeddings. It supersedes (removes) the interrupted checkpoint."""
         if not norms_finite([*self.model.parameters(), *self.semantic_encoder.parameters()]):
             raise TrainingDiverged(f"the weights are not finite after epoch {self.epoch}, step {self.global_step}: "
                                    f"{path.name} was not written; {self._last_good()}")
         save_checkpoint(
             path, epoch=epoch, progress=progress, world_size=self.ctx.world_size, ranks=ranks,
-            **{part: module.state_dict() for part, module in self._encoders().items()},
+            **{part: module.state_dict() for part, module in self.encoders.items()},
             optimizer=self.optimizer.state_dict(), optimizer_gen=self.optimizer_gen.state_dict(),
             lr_scheduler=self.scheduler.state_dict() if self.scheduler is not None else None,
             scaler=self.scaler.state_dict(), monitor_best=self.mnt_best, not_improved=self.not_improved,
@@ -259,25 +251,21 @@ class Trainer(BaseTrainer):
             embeddings=self.embeddings.detach().cpu(), architecture=architecture(self.settings),
             precision=self.settings.precision)
         logger.debug("saved %s", path)
-        if path.name != INTERRUPTED_NAME:
-            self._discard_interrupted(path)
-
-    def _discard_interrupted(self, newer: Path) -> None:
-        """Remove the interrupted checkpoint once ``newer`` (written later in the run) supersedes it."""
-        path = self.run_dir / INTERRUPTED_NAME
+        if path.name == INTERRUPTED_NAME:
+            return
+        interrupted = self.run_dir / INTERRUPTED_NAME
         try:
-            path.unlink()
+            interrupted.unlink()
         except FileNotFoundError:
-            return
+            pass
         except OSError as err:
-            logger.warning("could not remove %s (superseded by %s): %s", path, newer.name, err.strerror or err)
-            return
-        logger.info("removed %s (superseded by %s)", path, newer.name)
+            logger.warning("could not remove %s (superseded by %s): %s", interrupted, path.name, err.strerror or err)
+        else:
+            logger.info("removed %s (superseded by %s)", interrupted, path.name)
 
     def resume(self, checkpoint: dict, path: Path, changes: dict | None = None) -> None:
-        """Continue from a full training checkpoint read from ``path`` whose weights are loaded:
-        optimizers, LR schedule (re-based when the run's length changed), scaler, position (epoch, or
-        the step of an interrupted epoch), best metric, RNG; then the config ``changes`` to the optimizers."""
+        """Continue from the training checkpoint of ``path`` (its weights already loaded): optimizers, LR
+        schedule, scaler, position, best metric, RNG; then the config ``changes`` to the optimizers."""
         self.resumed_from = Path(path)
         self.optimizer.load_state_dict(checkpoint["optimizer"])
         self.optimizer_gen.load_state_dict(checkpoint["optimizer_gen"])
@@ -306,16 +294,14 @@ class Trainer(BaseTrainer):
             set_rng_state(checkpoint["rng"])
             self.resume_rng = checkpoint["rng"]
         self.progress = self._restore_rank(checkpoint, progress)
-        where = (f"epoch {progress['epoch']}, step {progress['step']}/{progress['steps_per_epoch']}"
-                 f"{' (validation)' if progress['phase'] == 'validate' else ''}" if progress
-                 else f"the end of epoch {checkpoint['epoch']}")
-        logger.info("resumed at %s (best %s = %s)", where, self.mnt_metric, self.mnt_best)
+        logger.info("resumed at %s (best %s = %s)", _position(progress, checkpoint["epoch"]), self.mnt_metric,
+                    self.mnt_best)
 
     def _apply_optimizer_changes(self, changes: dict) -> None:
         """Config changes of the optimizers' arguments on top of their restored state."""
         settings = self.settings
         if any(key.startswith("optimizer.") for key in changes):
-            fresh = param_groups(self.model, settings.optimizer)
+            fresh = self.model.param_groups(settings.optimizer.lr, settings.optimizer.head_lr_mult)
             for group, new in zip(self.optimizer.param_groups, fresh):
                 group.update({k: v for k, v in settings.optimizer.args.items() if k in group and k != "lr"})
                 group["initial_lr"] = group["lr"] = new["lr"]
@@ -327,16 +313,15 @@ class Trainer(BaseTrainer):
                 group.update({k: v for k, v in settings.optimizer_gen.args.items() if k in group})
 
     def _restore_rank(self, checkpoint: dict, progress: dict | None) -> dict | None:
-        """This process's own state from the checkpoint's per-process entries (same number of
-        processes: exact); with another number of processes, the run continues from the same sample
-        position, with a warning that it is not bit-exact. Returns the progress to continue from."""
+        """This process's own state from the checkpoint (exact with the same number of processes; with
+        another, from the same sample position, not bit-exact). Returns the progress to continue from."""
         ranks, world = checkpoint.get("ranks"), self.ctx.world_size
         saved_world = int(checkpoint.get("world_size") or (len(ranks) if ranks else world))
         if saved_world == world:
             if ranks:
                 mine = ranks[self.ctx.rank]
                 self.resume_rng = mine["rng"]
-                for part, module in self._encoders().items():
+                for part, module in self.encoders.items():
                     for name, value in mine["buffers"][part].items():
                         module.get_buffer(name).copy_(value)
                 if progress is not None:
@@ -354,3 +339,12 @@ class Trainer(BaseTrainer):
                        "with an uninterrupted run (the batches are split over the processes differently)",
                        world, saved_world, where)
         return progress
+
+
+def _position(progress: dict | None, epoch: int) -> str:
+    """Where a run stopped (or resumes): the end of ``epoch``, a step of an epoch or its validation."""
+    if progress is None:
+        return f"the end of epoch {epoch}"
+    if progress["phase"] == "validate":
+        return f"epoch {progress['epoch']}'s validation (it reruns on resume)"
+    return f"epoch {progress['epoch']}, step {progress['step']}/{progress['steps_per_epoch']}"
