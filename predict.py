@@ -44,8 +44,8 @@ def build_parser() -> ArgParser:
     parser = ArgParser(description="Segment images with a trained JoEm model and any class list.",
                        epilog="Exit status: 0 ok, 1 some images were unreadable (skipped), 2 usage/config error.")
     parser.add_argument("-r", "--resume", "--checkpoint", dest="checkpoint", required=True,
-                        help="checkpoint of this project (model_best.pth, checkpoint-epochN.pth, or a run folder: "
-                             "its model_best.pth, else its newest checkpoint) or an official "
+                        help="checkpoint of this project (checkpoint-epochN.pth, model_best.pth, or a run folder: its "
+                             "final weights, or model_best.pth when it selected on a selection split) or an official "
                              "JoEm model_best_fe.pth / fe_checkpoint-epochN.pth (its gen_ file beside it; needs -c)")
     parser.add_argument("-c", "--config", default=None,
                         help="config naming classes, split and embeddings (only for official JoEm checkpoints)")

@@ -1,6 +1,6 @@
 """The networks (visual and semantic encoders), their builder and CPU kernels, losses, distance
-maths, the one Predictor (images -> distances -> labels) and the metrics; no file I/O but the
-builder's reading of weight files, nothing from data_loader."""
+maths, the one Predictor (images -> distances -> labels) and the metrics; no file I/O (the builder
+reads weight files through utils.checkpoint), nothing from data_loader."""
 from model.semantic_encoder import SemanticEncoder
 from model.visual_encoder import DeepLabV3Plus
 

@@ -10,7 +10,7 @@ import torch
 from model.kernels import apply_kernels
 from model.semantic_encoder import SemanticEncoder
 from model.visual_encoder import DeepLabV3Plus
-from utils.checkpoint import load_state
+from utils.checkpoint import load_checkpoint, load_state
 from utils.errors import ConfigError
 from utils.parse_config import construct
 from utils.schema import EncoderSection
@@ -46,13 +46,11 @@ def load_pretrained_backbone(backbone: torch.nn.Module, path: str | Path) -> Non
     ``backbone.*``, ``module.`` prefixes removed). Every backbone tensor must be there and nothing
     else: a one-line ConfigError names the missing and unexpected keys."""
     where = f"model.args.{PRETRAINED_KEY}: {path}"
-    if not Path(path).is_file():
-        raise ConfigError(f"{where}: file not found")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # noqa: BLE001 - one line naming the file
-        raise ConfigError(f"{where}: cannot read it ({type(err).__name__}: {err})") from None
-    state = state.get("state_dict", state) if isinstance(state, dict) else state
+        state = load_checkpoint(path)
+    except ConfigError as err:
+        raise ConfigError(f"model.args.{PRETRAINED_KEY}: {err}") from None
+    state = state.get("state_dict", state)
     if not isinstance(state, dict):
         raise ConfigError(f"{where}: does not hold a state_dict")
     state = {k.removeprefix("module."): v for k, v in state.items()}

@@ -61,12 +61,8 @@ def tile_starts(length: int, tile: int, step: int) -> list[int]:
 
     The last tile ends exactly at ``length``; a side not longer than ``tile`` is one span.
     """
-    if length <= tile:
-        return [0]
-    starts = list(range(0, length - tile + 1, step))
-    if starts[-1] != length - tile:
-        starts.append(length - tile)
-    return starts
+    starts = list(range(0, max(length - tile, 0) + 1, step))
+    return starts if starts[-1] >= length - tile else [*starts, length - tile]
 
 
 def tile_boxes(height: int, width: int, tile: int, overlap: int) -> list[tuple[int, int, int, int]]:
@@ -74,11 +70,6 @@ def tile_boxes(height: int, width: int, tile: int, overlap: int) -> list[tuple[i
     step = tile - overlap
     th, tw = min(tile, height), min(tile, width)
     return [(top, left, th, tw) for top in tile_starts(height, tile, step) for left in tile_starts(width, tile, step)]
-
-
-def padded_size(height: int, width: int) -> tuple[int, int]:
-    """The image size the sliding window works on: sides rounded up to the feature stride."""
-    return height + -height % FEATURE_STRIDE, width + -width % FEATURE_STRIDE
 
 
 def sliding_window_features(model: torch.nn.Module, images: torch.Tensor, window: SlidingWindow,
@@ -170,7 +161,8 @@ class Predictor:
         """How many tiles an image of this size is encoded in (1: the whole image)."""
         if self.window is None or not self.window.applies(height, width):
             return 1
-        return len(tile_boxes(*padded_size(height, width), self.window.tile, self.window.overlap))
+        return len(tile_boxes(height + -height % FEATURE_STRIDE, width + -width % FEATURE_STRIDE, self.window.tile,
+                              self.window.overlap))
 
     def bands(self, images: torch.Tensor) -> Iterator[Band]:
         """Distances and labels of every pixel of ``images`` (N x 3 x H x W, normalised, one size),
@@ -178,7 +170,7 @@ class Predictor:
         ``torch.inference_mode()``."""
         height, width = images.shape[-2:]
         if self.window is not None and self.window.applies(height, width):
-            pad_h, pad_w = padded_size(height, width)
+            pad_h, pad_w = height + -height % FEATURE_STRIDE, width + -width % FEATURE_STRIDE
             padded = F.pad(images, (0, pad_w - width, 0, pad_h - height))  # zeros: the mean colour
             features = sliding_window_features(self.model, padded, self.window, self.amp, self.channels_last)
             size = (pad_h, pad_w)

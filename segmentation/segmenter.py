@@ -1,7 +1,7 @@
 """The Python segmenter: a trained JoEm model, any class list, images in, label maps out.
 
     from segmentation.segmenter import Segmenter
-    segmenter = Segmenter.from_checkpoint("saved/synthetic_zs3/<run>/model_best.pth")
+    segmenter = Segmenter.from_checkpoint("saved/synthetic_zs3/<run>")   # a run folder or a .pth
     labels = segmenter("photo.jpg")                     # H x W int64 class indices
     segmenter.names                                     # class of each index
 
@@ -186,8 +186,8 @@ class Segmenter:
     @classmethod
     def from_checkpoint(cls, checkpoint: str | Path, config: dict | str | Path | None = None,
                         device: str | torch.device | None = None, **options) -> "Segmenter":
-        """Load a checkpoint of this project (or a run folder: its ``model_best.pth``, else its newest
-        checkpoint; ``.checkpoint`` and ``.checkpoint_note`` say which), or an official JoEm
+        """Load a checkpoint of this project (or a run folder: the checkpoint ``--test`` evaluates, see
+        ``utils.checkpoint.run_checkpoint``; ``.checkpoint`` and ``.checkpoint_note`` say which), or an official JoEm
         ``*_fe.pth`` (with its ``*_gen.pth`` beside it and ``config``, a dict or a config file, naming
         classes, split and embeddings)."""
         note = None

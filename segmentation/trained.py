@@ -16,15 +16,10 @@ from utils.errors import ConfigError
 from utils.settings import Settings, as_settings
 
 
-def read_model_checkpoint(path: str | Path, config: Settings | Mapping | None = None, source: str = "config") -> dict:
-    """A checkpoint of this project, or an official JoEm fe_/gen_ pair converted with ``config``
-    (settings or a config dict, naming the classes, split and embeddings an official file does not hold)."""
-    return as_project_checkpoint(load_checkpoint(path), path, config, source)
-
-
 def as_project_checkpoint(checkpoint: dict, path: str | Path, config: Settings | Mapping | None = None,
                           source: str = "config") -> dict:
-    """A checkpoint file's content in this project's format (see :func:`read_model_checkpoint`)."""
+    """A checkpoint file's content in this project's format: an official JoEm fe_/gen_ pair is converted
+    with ``config`` (settings or a config dict naming the classes, split and embeddings it does not hold)."""
     if is_official(checkpoint):
         if config is None:
             raise ConfigError(f"{path}: an official JoEm checkpoint holds no class list or split; "
@@ -62,7 +57,7 @@ def load_trained_model(path: str | Path, device: torch.device | str = "cpu", con
     converted on the fly and need ``config`` (settings or a config dict). ``checkpoint``: its
     content, when already read."""
     if checkpoint is None:
-        checkpoint = read_model_checkpoint(path, config, config_source)
+        checkpoint = as_project_checkpoint(load_checkpoint(path), path, config, config_source)
     settings = Settings.of_trained(checkpoint["config"], f"{path} (its config)")
     split = ClassSplit.from_dict(checkpoint["class_split"])
     embeddings = checkpoint.get("embeddings")

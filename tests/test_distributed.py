@@ -14,6 +14,7 @@ ROOT = Path(__file__).resolve().parents[1]
 DETERMINISTIC = {  # no random augmentation, dropout or batch statistics: ranks compose exactly
     "data__scale_range": [1.0, 1.0], "data__hflip": False, "data_loader__shuffle": False,
     "model__args__dropout": False, "model__args__freeze_bn": True, "trainer__epochs": 1,
+    "model__args__head_init": "kaiming_fan_in",   # the official init diverges at lr 0.1 on the head from scratch
     "trainer__test_after_train": False,
     # SGD: updates are linear in the gradients (Adam would amplify float-rounding noise of near-zero gradients)
     "optimizer": {"type": "SGD", "args": {"lr": 0.01, "momentum": 0.9}, "head_lr_mult": 10},

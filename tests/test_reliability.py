@@ -29,7 +29,7 @@ from utils.util import atomic_write
 pytestmark = pytest.mark.slow   # real training subprocesses: run with `pytest -m slow tests`
 ROOT = Path(__file__).resolve().parents[1]
 DRIVER = ROOT / "tests" / "fault_driver.py"
-FAST = {"data__synthetic__num_train": 24, "data__synthetic__num_val": 3, "data_loader__val_batch_size": 1,
+FAST = {"data__synthetic__num_train": 30, "data__synthetic__num_val": 3, "data_loader__val_batch_size": 1,
         "trainer__epochs": 2,
         "trainer__save_period": 2, "trainer__test_after_train": False,
         "optimizer": {"type": "SGD", "args": {"lr": 0.01, "momentum": 0.9}, "head_lr_mult": 1}}
@@ -266,7 +266,7 @@ def test_bad_validation_files_are_found_at_start(tmp_path, capsys):
     (root / "JPEGImages" / "v1.jpg").write_bytes(jpeg[: len(jpeg) // 2])     # truncated
     Image.new("L", (7, 7)).save(root / "SegmentationClass" / "v2.png")       # size mismatch
     config = json.loads(write_tiny_config(tmp_path, tmp_path / "cache").read_text())
-    config["data"] = voc_cfg(root, emb)
+    config["data"], config["trainer"]["monitor"] = voc_cfg(root, emb), "off"   # the reported split, read at start
     path = tmp_path / "voc.json"
     path.write_text(json.dumps(config))
     assert cli_main(argv=["-c", str(path), "-d", "cpu"]) == 2
