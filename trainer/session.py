@@ -86,7 +86,7 @@ def _worker(rank: int | None, world_size: int | None, args: argparse.Namespace, 
             ctx = distributed.init_process(distributed.parse_devices(args.device), rank, world_size)
             start_logging(ctx.is_main)
             if args.test and args.resume is None:
-                raise ConfigError("--test needs a checkpoint: add -r path/to/model_best.pth")
+                raise ConfigError("--test needs a checkpoint: add -r RUN_DIR (or -r a checkpoint .pth)")
             run_id = distributed.broadcast_object(run_id or args.run_id or new_run_id())
             run(resolve_run(args, default_config, test_run_id(run_id) if args.test else run_id), ctx, stop)
         except NothingToDo as done:
