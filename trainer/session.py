@@ -162,7 +162,7 @@ def protocol(request: RunRequest, parts: RunParts) -> dict:
     data, bundle = parts.settings.data, parts.bundle
     if request.test_only:
         selection = "none (the -r checkpoint is tested)"
-    elif bundle.selection_set is not None and parts.settings.trainer.monitor != "off":
+    elif parts.settings.selects_checkpoint:
         selection = f"{bundle.selection} by {parts.settings.trainer.monitor}"
     else:
         selection = bundle.selection if bundle.selection_set is None else \

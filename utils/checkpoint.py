@@ -68,7 +68,7 @@ def run_checkpoint(folder: str | Path) -> tuple[Path, str]:
             settings = Settings.of_trained(read_json(config), str(config))
         except ConfigError:   # an unreadable config: its final weights
             settings = None
-        if settings and settings.data.selection_split is not None and settings.trainer.monitor != "off":
+        if settings and settings.selects_checkpoint:
             return best, "the run's checkpoint chosen on its selection split"
     epochs = epoch_checkpoints(folder)
     if not epochs:

@@ -91,7 +91,7 @@ class Settings:
         problem = data.missing(training)
         if problem:
             raise ConfigError(f"{problem} (file {source})")
-        if training and trainer.monitor != "off" and data.selection_split is None:
+        if training and trainer.monitor != "off" and data.selection_split is None:   # see selects_checkpoint
             raise ConfigError(f"trainer.monitor: {trainer.monitor!r} chooses a checkpoint, which needs "
                               "data.selection_split (a split other than the reported data.val_split); use \"off\" "
                               f"to test the last epoch's weights, as the official code (file {source})")
@@ -102,6 +102,11 @@ class Settings:
         """The settings of a trained model's recorded config, for inference: the encoders, the
         ``inference`` section and how the ``trainer`` section evaluates (precision, memory format)."""
         return cls.from_config(config, source, recorded=True, training=False)
+
+    @property
+    def selects_checkpoint(self) -> bool:
+        """Whether the run chooses its checkpoint (``trainer.monitor``) on a selection split of its own."""
+        return self.data.selection_split is not None and self.trainer.monitor != "off"
 
     def with_precision(self, precision: Precision) -> "Settings":
         """These settings with ``trainer.amp`` resolved for the run's device."""
