@@ -318,6 +318,22 @@ def test_run_lock_is_exclusive_and_a_stale_one_is_taken_over(tmp_path):
     second.release()
 
 
+def test_a_lock_taken_a_moment_ago_is_refused_naming_its_holder(tmp_path):
+    """The race CI met: the holder has the flock but has not yet written its line."""
+    import fcntl
+    import threading
+
+    from utils.errors import RunFolderBusy
+    from utils.run_dir import RunLock
+    with open(tmp_path / "run.lock", "a+") as holder:
+        fcntl.flock(holder.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        writer = threading.Timer(0.3, lambda: (holder.write("pid 4242 on host h since t\n"), holder.flush()))
+        writer.start()
+        with pytest.raises(RunFolderBusy, match="in use by pid 4242 on host h since t; wait for it to end"):
+            RunLock(tmp_path).acquire()
+        writer.join()
+
+
 @pytest.mark.slow
 def test_a_signal_after_the_run_finished_is_ignored(setup):
     tmp, config, runs = setup

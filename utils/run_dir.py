@@ -115,6 +115,18 @@ def read_status(folder: Path) -> dict:
     return status if isinstance(status, dict) else {}
 
 
+def _holder(handle, patience_s: float = 2.0) -> str:
+    """The line a lock's holder writes ("pid N on host H since T"); a holder that has only just taken
+    the lock writes it within moments, so an empty file is read again for up to ``patience_s``."""
+    deadline = time.monotonic() + patience_s
+    while True:
+        handle.seek(0)
+        text = handle.read().strip()
+        if text or time.monotonic() > deadline:
+            return text or "another process"
+        time.sleep(0.02)
+
+
 class RunLock:
     """An exclusive lock on a run folder (or, with ``name``, ``what`` and ``hint`` set, a
     multi-seed group folder) for as long as this object holds it."""
@@ -136,10 +148,10 @@ class RunLock:
             try:
                 fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
             except OSError as err:
-                handle.seek(0)
-                holder = handle.read().strip() or "another process"
+                busy = err.errno in (errno.EAGAIN, errno.EACCES)
+                holder = _holder(handle) if busy else ""
                 handle.close()
-                if err.errno in (errno.EAGAIN, errno.EACCES):
+                if busy:
                     raise RunFolderBusy(f"{self.folder}: {self.what} in use by {holder}; wait for it to end, or "
                                         f"choose another {self.hint}") from None
                 raise storage_error(err, self.path, "lock") from None
